@@ -1,0 +1,140 @@
+"""HDF5 event files (step1 output): chunked writing under a temporary name, chunked reading.
+
+The layout is the one of common/schema.py. Writers append event chunks to resizable
+datasets, so memory holds one chunk whatever the file size; readers iterate in chunks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from common.schema import FORMAT_VERSION, OBJECTS, features_for
+
+COMPRESSION = dict(compression="gzip", compression_opts=1, shuffle=True)
+
+
+class H5EventWriter:
+    """Append chunks of events: {'common/jets/pt': (n, max_objects) array, ...}.
+
+    Open under a temporary name; `close(metadata)` writes /metadata and renames the file.
+    A writer that is dropped without close() leaves no file under the final name."""
+
+    def __init__(self, path: str | os.PathLike, chunk_events: int = 4096):
+        self.final = Path(path)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp{os.getpid()}")
+        self.file = h5py.File(self.tmp, "w")
+        self.chunk_events = chunk_events
+        self.n_events = 0
+
+    def append(self, arrays: dict[str, np.ndarray]) -> None:
+        n = {len(a) for a in arrays.values()}
+        if len(n) != 1:
+            raise ValueError(f"chunk arrays disagree on the number of events: {sorted(n)}")
+        n = n.pop()
+        for key, arr in arrays.items():
+            arr = np.asarray(arr)
+            if key not in self.file:
+                self.file.create_dataset(key, shape=(0,) + arr.shape[1:], maxshape=(None,) + arr.shape[1:],
+                                         dtype=arr.dtype, chunks=(min(self.chunk_events, max(n, 1)),) + arr.shape[1:],
+                                         **COMPRESSION)
+            ds = self.file[key]
+            if ds.shape[0] != self.n_events:
+                raise ValueError(f"dataset {key} is missing from an earlier chunk")
+            ds.resize(self.n_events + n, axis=0)
+            ds[self.n_events :] = arr
+        self.n_events += n
+
+    def close(self, metadata: dict) -> Path:
+        meta = self.file.require_group("metadata")
+        for key, value in metadata.items():
+            meta.attrs[key] = encode_attr(value)
+        meta.attrs["n_events"] = self.n_events
+        meta.attrs["format_version"] = FORMAT_VERSION
+        self.file.close()
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.tmp.exists():  # close() was not reached: drop the temporary file
+            self.abort()
+        return False
+
+
+def encode_attr(value):
+    """HDF5 attributes hold scalars and flat arrays; dicts and lists of strings go as JSON."""
+    if isinstance(value, (dict, list, tuple)) and not (
+        isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value)
+    ):
+        return json.dumps(value, sort_keys=True)
+    if value is None:
+        return ""
+    return value
+
+
+def decode_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    with h5py.File(path, "r") as f:
+        if "metadata" not in f:
+            raise ValueError("not a step1 HDF5 file (no /metadata)")
+        return {k: decode_attr(v) for k, v in f["metadata"].attrs.items()}
+
+
+def n_events(path: str | os.PathLike) -> int:
+    return int(read_metadata(path)["n_events"])
+
+
+def object_datasets(obj: str, experiment: str) -> list[str]:
+    """Every dataset path step1 writes for `obj` in a file of `experiment`."""
+    keys = [f"{f.group}/{obj}/{f.name}" for f in features_for(obj, experiment)]
+    if not OBJECTS[obj].per_event:
+        keys += [f"common/{obj}/mask", f"common/{obj}/n"]
+    return keys
+
+
+def iter_chunks(path: str | os.PathLike, keys: Sequence[str], step: int = 65536,
+                start: int = 0, stop: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Yield (first event index, {key: array}) for consecutive event ranges of `step` events."""
+    with h5py.File(path, "r") as f:
+        missing = [k for k in keys if k not in f]
+        if missing:
+            raise KeyError(f"{path}: missing dataset(s) {', '.join(missing)}")
+        total = f[keys[0]].shape[0] if keys else 0
+        stop = total if stop is None else min(stop, total)
+        for lo in range(start, stop, step):
+            hi = min(lo + step, stop)
+            yield lo, {k: f[k][lo:hi] for k in keys}
+
+
+def read_rows(path: str | os.PathLike, keys: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Read the given (sorted, unique) event rows of each dataset."""
+    rows = np.asarray(rows)
+    with h5py.File(path, "r") as f:
+        return {k: f[k][rows] for k in keys}

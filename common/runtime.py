@@ -1,0 +1,164 @@
+"""What every step script shares at run time: exit codes, one-line errors, atomic outputs,
+batch sharding, seeds and provenance (code version, settings)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class InputError(Exception):
+    """A bad input: the message is one line naming the cause (the file is added by the caller)."""
+
+
+def error_line(path: str | os.PathLike, cause: object) -> str:
+    cause = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"error: {path}: {cause}"
+
+
+def die(message: str, code: int = EXIT_USAGE) -> None:
+    """Print one line to stderr and exit (2 = bad usage by default)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _call(fn: Callable, item) -> tuple[object, str | None]:
+    try:
+        return fn(item), None
+    except InputError as exc:
+        return None, str(exc)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, EOFError) as exc:
+        # Real readers (uproot, h5py) raise these for corrupt input; keep one line, but let
+        # a developer see the trace when they ask for it.
+        if os.environ.get("TOKEVENT_DEBUG"):
+            traceback.print_exc()
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def process_inputs(items: Sequence, fn: Callable, workers: int = 1, label: Callable = str) -> tuple[list, list[str]]:
+    """Run fn on every item (in `workers` processes); a failure is reported and does not stop the others.
+
+    Returns (results of the successful items, error lines of the failed ones)."""
+    results, errors = [], []
+    if workers > 1 and len(items) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            outcomes = list(pool.map(_call, [fn] * len(items), items))
+    else:
+        outcomes = [_call(fn, item) for item in items]
+    for item, (result, err) in zip(items, outcomes):
+        if err is None:
+            results.append(result)
+        else:
+            line = error_line(label(item), err)
+            print(line, file=sys.stderr)
+            errors.append(line)
+    return results, errors
+
+
+def exit_code(errors: Iterable) -> int:
+    errors = list(errors)
+    if errors:
+        print(f"{len(errors)} input(s) failed:", file=sys.stderr)
+        for line in errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def atomic_output(final: str | os.PathLike):
+    """Yield a temporary path next to `final`; rename it to `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'K/N' (1-based K) -> (K, N). None -> (1, 1)."""
+    if not text:
+        return 1, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be K/N with integers, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
+
+
+def select_shard(items: Sequence, shard: str | None) -> list:
+    """The items of batch job K of N: every N-th item of the sorted list, starting at K-1.
+    Deterministic, so N jobs together cover every item exactly once."""
+    k, n = parse_shard(shard)
+    return sorted(items, key=str)[k - 1 :: n]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+def git_hash() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(script: str, args, inputs: Iterable = ()) -> dict:
+    """What an output records about how it was made: script, settings, inputs, code version."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} if args is not None else {}
+    return {"script": script, "settings": settings, "inputs": [str(p) for p in inputs],
+            "git_hash": git_hash(), "python": sys.version.split()[0]}
+
+
+def expand_inputs(paths: Iterable[str]) -> list[str]:
+    """Keep the user's order; a directory stands for the files inside it (sorted)."""
+    out = []
+    for p in paths:
+        pp = Path(p)
+        out.extend(sorted(str(x) for x in pp.iterdir() if x.is_file()) if pp.is_dir() else [str(p)])
+    return out

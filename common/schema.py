@@ -1,0 +1,238 @@
+"""The one definition of what an event holds: objects, their features, kinds, units, type ids.
+
+Every step reads this module: step1 writes exactly these HDF5 datasets, step2 builds one
+tokenizer per object from the features flagged `tokenize`, the sequence builder takes its
+type ids and order from here, and the plots label axes with the units given here.
+
+HDF5 layout (format_version 1): `/<group>/<object>/<feature>` where group is `common`,
+`atlas` or `cms`. Per-object datasets are (n_events, max_objects), pT-sorted, zero padded,
+with `common/<object>/mask` (bool) and `common/<object>/n` (int32). Per-event objects
+(met, event) are (n_events,). `/metadata` holds attributes only (METADATA_KEYS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+MISSING_INT = -1  # fill of an absent integer feature (flags, categories); floats use NaN
+
+# ---------------------------------------------------------------------------------------
+# Feature kinds: they decide the tokenizer's preprocessing and loss.
+#   continuous : float; `transform` is "quantile" (-> normal), "log_standard" or "standard"
+#   angle      : phi; encoded as (cos, sin), decoded with atan2
+#   score      : one member of a bounded triplet (`score_group`) that sums to 1
+#                (log-ratios in, softmax out)
+#   flag       : 0/1; BCE loss
+#   category   : small set of integer values (`categories`); cross-entropy loss
+#   id         : bookkeeping integer (event number, ...), never tokenized
+# ---------------------------------------------------------------------------------------
+KINDS = ("continuous", "angle", "score", "flag", "category", "id")
+TRANSFORMS = ("quantile", "log_standard", "standard")
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    group: str  # "common", "atlas" or "cms"
+    kind: str
+    unit: str = ""
+    tokenize: bool = False  # an input of the object's tokenizer
+    transform: str = "quantile"  # continuous only
+    score_group: str = ""  # score only: the triplet it belongs to
+    categories: tuple[int, ...] = ()  # category only: the legal values
+    optional: bool = True  # non-kinematic: filled with NaN (MISSING_INT for integers) and listed in missing_features when absent
+    doc: str = ""
+
+    @property
+    def dtype(self) -> str:
+        if self.kind in ("flag", "category"):
+            return "int8" if max(map(abs, self.categories or (1,))) < 127 else "int16"
+        if self.kind == "id":
+            return "int64"
+        return "float32"
+
+    @property
+    def path(self) -> str:
+        """Dataset path below the object, e.g. 'atlas/jets/GN2_pb' (object filled in by caller)."""
+        return f"{self.group}/{{obj}}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ObjectType:
+    name: str
+    type_id: int  # token_type_ids value in the event sequence
+    per_event: bool  # True: one value per event (met, event); False: a padded list
+    features: tuple[Feature, ...] = field(default_factory=tuple)
+
+    def feature(self, name: str, group: str | None = None) -> Feature:
+        for f in self.features:
+            if f.name == name and (group is None or f.group == group):
+                return f
+        raise KeyError(f"{self.name} has no feature {name!r}")
+
+    def in_group(self, group: str) -> tuple[Feature, ...]:
+        return tuple(f for f in self.features if f.group == group)
+
+    @property
+    def token_features(self) -> tuple[Feature, ...]:
+        return tuple(f for f in self.features if f.tokenize)
+
+    def score_groups(self) -> dict[str, tuple[Feature, ...]]:
+        groups: dict[str, list[Feature]] = {}
+        for f in self.features:
+            if f.kind == "score":
+                groups.setdefault(f.score_group, []).append(f)
+        return {k: tuple(v) for k, v in groups.items()}
+
+
+def _kin(with_charge: bool = False) -> tuple[Feature, ...]:
+    kin = (
+        Feature("pt", "common", "continuous", "GeV", True, optional=False, doc="transverse momentum"),
+        Feature("eta", "common", "continuous", "", True, transform="standard", optional=False, doc="pseudorapidity"),
+        Feature("phi", "common", "angle", "rad", True, optional=False, doc="azimuth"),
+    )
+    if with_charge:
+        kin += (Feature("charge", "common", "category", "e", True, categories=(-1, 1), optional=False),)
+    return kin
+
+
+def _iso(tokenize: bool = True) -> Feature:
+    return Feature("trk_iso03", "common", "continuous", "", tokenize,
+                   doc="sum pT of tracks (dR<0.3, pT>0.5 GeV, |z0 sin theta|<3 mm) / object pT")
+
+
+def _flag(name: str, group: str = "atlas", tokenize: bool = False, doc: str = "") -> Feature:
+    return Feature(name, group, "flag", "", tokenize, categories=(0, 1), doc=doc)
+
+
+def _cont(name: str, group: str = "atlas", unit: str = "", tokenize: bool = False,
+          transform: str = "quantile", doc: str = "") -> Feature:
+    return Feature(name, group, "continuous", unit, tokenize, transform=transform, doc=doc)
+
+
+def _score(name: str, triplet: str, group: str = "atlas", tokenize: bool = True) -> Feature:
+    return Feature(name, group, "score", "", tokenize, score_group=triplet)
+
+
+ELECTRONS = ObjectType("electrons", 4, False, _kin(True) + (
+    _iso(),
+    _flag("LHLoose", tokenize=True), _flag("LHMedium", tokenize=True), _flag("LHTight", tokenize=True),
+    _cont("topoetcone20", unit="GeV"), _cont("ptvarcone30", unit="GeV"),
+    _cont("mass", unit="GeV", doc="electron mass as stored by the reconstruction"),
+    # CMS NanoAOD
+    Feature("cutBased", "cms", "category", "", categories=(0, 1, 2, 3, 4), doc="0 fail .. 4 tight"),
+    _cont("pfRelIso03_all", "cms"), _flag("mvaIso_WP90", "cms"),
+))
+
+MUONS = ObjectType("muons", 5, False, _kin(True) + (
+    _iso(),
+    Feature("quality", "atlas", "category", "", True, categories=(0, 1, 2, 3),
+            doc="0 Tight, 1 Medium, 2 Loose, 3 VeryLoose (decoded from the packed quality bits)"),
+    Feature("muonType", "atlas", "category", "", True, categories=(0, 1, 2, 3, 4),
+            doc="0 Combined, 1 MuonStandAlone, 2 SegmentTagged, 3 CaloTagged, 4 SiliconAssociatedForward"),
+    _flag("passIDCuts"),
+    _cont("topoetcone20", unit="GeV"), _cont("ptvarcone30", unit="GeV"),
+    # CMS NanoAOD
+    _flag("looseId", "cms"), _flag("mediumId", "cms"), _flag("tightId", "cms"),
+    _cont("pfRelIso04_all", "cms"),
+))
+
+TAUS = ObjectType("taus", 11, False, _kin(True) + (
+    _flag("is_1prong", "common", tokenize=True, doc="one charged track"),
+    Feature("NNDecayMode", "atlas", "category", "", True, categories=(0, 1, 2, 3, 4, 5),
+            doc="0 1p0n, 1 1p1n, 2 1pXn, 3 3p0n, 4 3pXn, 5 other"),
+    _cont("RNNJetScore", tokenize=True, doc="tau-vs-jet ID score in [0,1]"),
+    _cont("RNNEleScore", tokenize=True, doc="tau-vs-electron ID score in [0,1]"),
+    # CMS NanoAOD
+    Feature("decayMode", "cms", "category", "", categories=(0, 1, 2, 10, 11)),
+    _cont("rawDeepTau2018v2p5VSjet", "cms"),
+))
+
+PHOTONS = ObjectType("photons", 8, False, _kin(False) + (
+    _iso(),
+    _flag("isLoose", tokenize=True), _flag("isTight", tokenize=True),
+    Feature("author", "atlas", "category", "", categories=(0, 1, 2, 4, 8, 16, 32, 64, 128),
+            doc="egamma author bit (4 photon, 8 ambiguous, 16 converted ...)"),
+    _cont("topoetcone20", unit="GeV"), _cont("topoetcone40", unit="GeV"), _cont("ptcone20", unit="GeV"),
+    # CMS NanoAOD
+    Feature("cutBased", "cms", "category", "", categories=(0, 1, 2, 3)),
+    _cont("pfRelIso03_all", "cms"),
+))
+
+JETS = ObjectType("jets", 6, False, _kin(False) + (
+    Feature("mass", "common", "continuous", "GeV", True, optional=False),
+    Feature("n_trk", "common", "continuous", "", True, transform="log_standard",
+            doc="number of tracks with pT > 500 MeV"),
+    _score("DL1d_pb", "DL1d"), _score("DL1d_pc", "DL1d"), _score("DL1d_pu", "DL1d"),
+    _score("GN2_pb", "GN2"), _score("GN2_pc", "GN2"), _score("GN2_pu", "GN2"),
+    _cont("QG_nTracks", tokenize=True, transform="log_standard"),
+    _cont("QG_tracksWidth", tokenize=True),
+    _cont("QG_tracksC1", tokenize=True),
+    # CMS NanoAOD
+    _cont("btagDeepFlavB", "cms"), _cont("btagDeepFlavCvL", "cms"), _cont("qgl", "cms"),
+    Feature("jetId", "cms", "category", "", categories=(0, 1, 2, 3, 4, 5, 6, 7)),
+    Feature("hadronFlavour", "cms", "category", "", categories=(0, 4, 5)),
+))
+
+TRACKS = ObjectType("tracks", 9, False, _kin(False) + (
+    Feature("d0", "common", "continuous", "mm", True, optional=False, doc="transverse impact parameter"),
+    Feature("z0", "common", "continuous", "mm", True, optional=False,
+            doc="longitudinal impact parameter w.r.t. the primary vertex"),
+    _cont("qOverP", unit="1/GeV", tokenize=True),
+    _cont("chiSquared", tokenize=True),
+    _cont("nDoF", tokenize=True, transform="standard", doc="standard-only: a log hurts (seeds' finding)"),
+))
+
+MET = ObjectType("met", 7, True, (
+    Feature("pt", "common", "continuous", "GeV", True, optional=False),
+    Feature("phi", "common", "angle", "rad", True, optional=False),
+    Feature("sumet", "common", "continuous", "GeV", True, optional=False),
+))
+
+EVENT = ObjectType("event", 10, True, (
+    Feature("pvx", "common", "continuous", "mm", optional=False),
+    Feature("pvy", "common", "continuous", "mm", optional=False),
+    Feature("pvz", "common", "continuous", "mm", optional=False),
+    Feature("mu", "common", "continuous", "", optional=False, doc="average interactions per crossing"),
+    Feature("experiment_id", "common", "category", "", categories=(0, 1), optional=False, doc="0 ATLAS, 1 CMS"),
+    Feature("is_simulation", "common", "flag", "", categories=(0, 1), optional=False),
+    Feature("weight", "common", "continuous", "", optional=False, doc="nominal generator weight"),
+    Feature("event_number", "atlas", "id"), Feature("run_number", "atlas", "id"),
+    Feature("mcChannelNumber", "atlas", "id"),
+    Feature("event", "cms", "id"), Feature("run", "cms", "id"), Feature("luminosityBlock", "cms", "id"),
+))
+
+# Sequence order of DESIGN.md: [CLS] [EVENT] e.. [SEP] mu.. [SEP] tau.. [SEP] gamma.. [SEP] jet.. [SEP] track.. [SEP] [MET]
+OBJECTS: dict[str, ObjectType] = {o.name: o for o in (ELECTRONS, MUONS, TAUS, PHOTONS, JETS, TRACKS, MET, EVENT)}
+SEQUENCE_OBJECTS = ("electrons", "muons", "taus", "photons", "jets", "tracks")  # SEP after each
+TOKENIZED_OBJECTS = SEQUENCE_OBJECTS + ("met",)
+LIST_OBJECTS = tuple(o.name for o in OBJECTS.values() if not o.per_event)
+
+# Special tokens and type ids (DESIGN.md).
+PAD, CLS, SEP, MASK = 0, 1, 2, 3
+N_SPECIAL = 4
+SPECIAL_TYPE_ID = {"PAD": 0, "CLS": 1, "SEP": 2, "MASK": 3}
+TYPE_IDS = {**SPECIAL_TYPE_ID, **{o.name: o.type_id for o in OBJECTS.values()}}
+
+EXPERIMENT_ID = {"atlas": 0, "cms": 1}
+GROUPS = ("common", "atlas", "cms")
+
+METADATA_KEYS = (
+    "experiment", "format_version", "input_file", "n_events", "git_hash", "pt_cuts", "max_objects",
+    "common_iso_cone", "common_iso_pt_floor_gev", "common_iso_z0sintheta_cut_mm", "process", "dsid",
+    "cross_section_pb", "sum_weights", "missing_features", "met_definition",
+)
+
+# trk_iso03 definition (DESIGN.md), shared by the converter and the detector simulation.
+ISO_CONE = 0.3
+ISO_PT_FLOOR_GEV = 0.5
+ISO_Z0SINTHETA_CUT_MM = 3.0
+
+
+def features_for(obj: str, experiment: str) -> tuple[Feature, ...]:
+    """The features an HDF5 file of this experiment holds for `obj`: common + its own group."""
+    return tuple(f for f in OBJECTS[obj].features if f.group in ("common", experiment))
+
+
+def dataset_path(obj: str, feature: Feature) -> str:
+    return f"{feature.group}/{obj}/{feature.name}"

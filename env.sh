@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Source this file: it creates the project's virtual environment (.venv) when it is missing
+# or when requirements.txt changed since it was made, then activates it.
+#   VENV=/path/to/venv  use another location;  PYTHON=python3.11  use another interpreter.
+_here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${VENV:-$_here/.venv}"
+PYTHON="${PYTHON:-python3}"
+_stamp="$VENV/.requirements.sha256"
+_want="$(sha256sum "$_here/requirements.txt" | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
+    echo "[env] creating $VENV from requirements.txt (first run only)" >&2
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+        || echo "[env] warning: the project is tested with Python 3.11, this is $("$PYTHON" --version)" >&2
+    "$PYTHON" -m venv "$VENV" || return 1 2>/dev/null || exit 1
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2 || true
+    "$VENV/bin/python" -m pip install --quiet -r "$_here/requirements.txt" >&2 || {
+        echo "[env] error: pip install -r requirements.txt failed" >&2; return 1 2>/dev/null || exit 1; }
+    echo "$_want" > "$_stamp"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+export PYTHONPATH="$_here${PYTHONPATH:+:$PYTHONPATH}"
+export MPLBACKEND=Agg
+unset _here _stamp _want
