@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The whole chain on the built-in sample: generate -> convert -> tokenize -> pretrain -> fine-tune
+# -> plots -> one HTML report. Creates the environment on first use.
+#
+#   bash run_all.sh                        # defaults below
+#   EVENTS=20000 RUN=runs/big bash run_all.sh
+#
+# Every setting is an environment variable with its default here. A rerun reuses finished step
+# outputs (delete a step's folder, or set OVERWRITE=1, to redo it). A failed step stops the chain
+# and names the step and its log.
+set -euo pipefail
+
+EVENTS="${EVENTS:-5000}"            # events generated per process
+PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"
+SIGNAL="${SIGNAL:-hzz4l}"
+BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
+RUN="${RUN:-runs/default}"          # output folder of this run
+SAMPLE_DIR="${SAMPLE_DIR:-data/raw}"  # generated ROOT files, shared and cached between runs
+DEVICE="${DEVICE:-auto}"            # auto | cpu | cuda
+SEED="${SEED:-1}"
+WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"
+OVERWRITE="${OVERWRITE:-0}"
+
+cd "$(dirname "$0")"
+source ./env.sh
+mkdir -p "$RUN/logs" "$SAMPLE_DIR"
+overwrite=()
+[ "$OVERWRITE" = 1 ] && overwrite=(--overwrite)
+t_start=$SECONDS
+
+# run_step NAME DONE_FILE COMMAND... : skip when DONE_FILE exists, else run with a log.
+run_step() {
+    local name="$1" done_file="$2"; shift 2
+    local log="$RUN/logs/$name.log"
+    if [ -e "$done_file" ] && [ "$OVERWRITE" != 1 ]; then
+        echo "[run_all] $name: done already ($done_file), skipping"
+        return 0
+    fi
+    echo "[run_all] $name: running (log: $log)"
+    local t0=$SECONDS
+    if ! "$@" > >(tee "$log") 2> >(tee -a "$log" >&2); then
+        echo "[run_all] FAILED at step '$name'. See its log: $log" >&2
+        exit 1
+    fi
+    echo "[run_all] $name: finished in $((SECONDS - t0)) s"
+}
+
+# 0. the built-in sample (cached in SAMPLE_DIR: a rerun does not regenerate it)
+for p in $PROCESSES; do
+    run_step "step0_$p" "$SAMPLE_DIR/$p.root" \
+        python step0_generate.py --process "$p" --events "$EVENTS" --seed "$SEED" \
+            --workers "$WORKERS" --out "$SAMPLE_DIR/$p.root"
+done
+raw=()
+for p in $PROCESSES; do raw+=("$SAMPLE_DIR/$p.root"); done
+
+# 1. ROOT -> HDF5
+h5=()
+for p in $PROCESSES; do h5+=("$RUN/h5/$p.h5"); done
+run_step step1_convert "${h5[-1]}" \
+    python step1_convert.py "${raw[@]}" --out-dir "$RUN/h5" --workers "$WORKERS" --seed "$SEED" "${overwrite[@]}"
+
+# 2. tokenizers, then token sequences
+run_step step2_fit "$RUN/tok/vocab_inputs.json" \
+    python step2_tokenize.py fit --h5 "${h5[@]}" --out-dir "$RUN/tok" --seed "$SEED" --device "$DEVICE"
+parquet=()
+for p in $PROCESSES; do parquet+=("$RUN/tokens/$p.parquet"); done
+run_step step2_apply "${parquet[-1]}" \
+    python step2_tokenize.py apply --h5 "${h5[@]}" --tokenizers "$RUN/tok" --out-dir "$RUN/tokens" \
+        --seed "$SEED" "${overwrite[@]}"
+
+# 3. masked-token pretraining
+run_step step3_pretrain "$RUN/pretrain/metrics.json" \
+    python step3_pretrain.py --parquet "${parquet[@]}" --out-dir "$RUN/pretrain" --seed "$SEED" --device "$DEVICE"
+
+# 4. fine-tuning, baselines, protocols
+run_step step4_finetune "$RUN/finetune/metrics.json" \
+    python step4_finetune.py --parquet "${parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
+        --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
+        --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE"
+
+# plots of the sample, then the report (always rebuilt: it is cheap)
+run_step plot_sample "$RUN/plots/sample/.done" \
+    python plotting/plot_sample.py --h5 "${h5[@]}" --out-dir "$RUN/plots/sample"
+run_step report "" \
+    python plotting/report.py --run-dir "$RUN" --sample-dir "$SAMPLE_DIR" --out "$RUN/report.html"
+
+echo "[run_all] all steps done in $((SECONDS - t_start)) s. Report: $RUN/report.html"
