@@ -1,0 +1,446 @@
+"""ATLAS DAOD_PHYSLITE reading: TTree `CollectionTree` (Run 2 / Run 3) and RNTuple `EventData` (Athena 25).
+
+BRANCHES below is the ONE place that says which file branch feeds which schema feature:
+candidates in order, the first that exists in the file wins. Names are written in the TTree
+spelling `<Container>AuxDyn.<var>`; an RNTuple spells them `<Container>AuxDyn:<var>` (derived).
+A step0 file (Pythia8 + parametric detector) is read by the same code as a real file.
+
+Units: PHYSLITE stores MeV; features whose schema unit is GeV are divided by 1000, q/p (1/MeV)
+multiplied by 1000. Lengths are mm, angles rad, as stored.
+"""
+from __future__ import annotations
+
+import awkward as ak
+import numpy as np
+
+from common import physics
+from common.runtime import InputError
+from common.schema import EXPERIMENT_ID, ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, MISSING_INT, OBJECTS
+
+TREES = {"CollectionTree": "ttree", "EventData": "rntuple"}
+
+_E, _MU, _TAU, _PH = "AnalysisElectronsAuxDyn.", "AnalysisMuonsAuxDyn.", "AnalysisTauJetsAuxDyn.", "AnalysisPhotonsAuxDyn."
+_JET, _BTAG, _TRK = "AnalysisJetsAuxDyn.", "BTagging_AntiKt4EMPFlowAuxDyn.", "InDetTrackParticlesAuxDyn."
+_PV, _EVT, _MET = "PrimaryVerticesAuxDyn.", "EventInfoAuxDyn.", "MET_Core_AnalysisMETAuxDyn."
+
+# ---------------------------------------------------------------------------------------------
+# schema feature -> candidate branches (first that exists wins). Features not listed here are
+# computed (trk_iso03, is_1prong, n_trk, track pt/eta, met, pv*, weight, is_simulation ...) from INPUTS.
+# ---------------------------------------------------------------------------------------------
+BRANCHES: dict[str, dict[str, list[str]]] = {
+    "electrons": {
+        "pt": [_E + "pt"], "eta": [_E + "eta"], "phi": [_E + "phi"], "charge": [_E + "charge"],
+        "LHLoose": [_E + "DFCommonElectronsLHLoose"],
+        "LHMedium": [_E + "DFCommonElectronsLHMedium"],
+        "LHTight": [_E + "DFCommonElectronsLHTight"],
+        "topoetcone20": [_E + "topoetcone20"],
+        "ptvarcone30": [_E + "ptvarcone30_Nonprompt_All_MaxWeightTTVALooseCone_pt1000",
+                        _E + "ptvarcone30_Nonprompt_All_MaxWeightTTVALooseCone_pt500", _E + "ptvarcone30"],
+        "mass": [_E + "m"],
+    },
+    "muons": {
+        "pt": [_MU + "pt"], "eta": [_MU + "eta"], "phi": [_MU + "phi"], "charge": [_MU + "charge"],
+        "quality": [_MU + "quality"],  # packed bits: quality = bits & 3, passesIDCuts = bits & 8 (xAOD Muon_v1)
+        "muonType": [_MU + "muonType"],
+        "passIDCuts": [_MU + "DFCommonMuonPassIDCuts"],  # else decoded from the quality bits
+        "topoetcone20": [_MU + "topoetcone20"],
+        "ptvarcone30": [_MU + "ptvarcone30_Nonprompt_All_MaxWeightTTVA_pt1000",
+                        _MU + "ptvarcone30_Nonprompt_All_MaxWeightTTVA_pt500", _MU + "ptvarcone30"],
+    },
+    "taus": {
+        "pt": [_TAU + "pt"], "eta": [_TAU + "eta"], "phi": [_TAU + "phi"], "charge": [_TAU + "charge"],
+        "NNDecayMode": [_TAU + "NNDecayMode", _TAU + "PanTau_DecayMode"],
+        "RNNJetScore": [_TAU + "RNNJetScore", _TAU + "RNNJetScoreSigTrans"],  # GNTau (Run 3) is another tagger: not substituted
+        "RNNEleScore": [_TAU + "RNNEleScore", _TAU + "RNNEleScoreSigTrans_v1", _TAU + "RNNEleScoreSigTrans"],
+    },
+    "photons": {
+        "pt": [_PH + "pt"], "eta": [_PH + "eta"], "phi": [_PH + "phi"],
+        "isLoose": [_PH + "DFCommonPhotonsIsEMLoose"], "isTight": [_PH + "DFCommonPhotonsIsEMTight"],
+        "author": [_PH + "author"],
+        "topoetcone20": [_PH + "topoetcone20"], "topoetcone40": [_PH + "topoetcone40"], "ptcone20": [_PH + "ptcone20"],
+    },
+    "jets": {
+        "pt": [_JET + "pt"], "eta": [_JET + "eta"], "phi": [_JET + "phi"], "mass": [_JET + "m"],
+        "n_trk": [_JET + "NumTrkPt500"],  # one count per primary vertex: the hard-scatter PV's entry is taken
+        # b-tagging: BTagging container entries reached through AnalysisJetsAuxDyn.btaggingLink
+        "DL1d_pb": [_BTAG + "DL1dv01_pb", _BTAG + "DL1dv00_pb"],
+        "DL1d_pc": [_BTAG + "DL1dv01_pc", _BTAG + "DL1dv00_pc"],
+        "DL1d_pu": [_BTAG + "DL1dv01_pu", _BTAG + "DL1dv00_pu"],
+        "GN2_pb": [_BTAG + "GN2v01_pb", _BTAG + "GN2v00_pb"],
+        "GN2_pc": [_BTAG + "GN2v01_pc", _BTAG + "GN2v00_pc"],
+        "GN2_pu": [_BTAG + "GN2v01_pu", _BTAG + "GN2v00_pu"],
+        "QG_nTracks": [_JET + "DFCommonJets_QGTagger_NTracks"],
+        "QG_tracksWidth": [_JET + "DFCommonJets_QGTagger_TracksWidth"],
+        "QG_tracksC1": [_JET + "DFCommonJets_QGTagger_TracksC1"],
+    },
+    "tracks": {  # no pt/eta stored: pt = sin(theta)/|q/p|, eta from theta; z0 re-expressed w.r.t. the PV
+        "phi": [_TRK + "phi"], "d0": [_TRK + "d0"], "z0": [_TRK + "z0"],
+        "qOverP": [_TRK + "qOverP"], "chiSquared": [_TRK + "chiSquared"], "nDoF": [_TRK + "numberDoF"],
+    },
+    "event": {
+        "mu": [_EVT + "averageInteractionsPerCrossing", _EVT + "actualInteractionsPerCrossing"],
+        "event_number": [_EVT + "eventNumber"], "run_number": [_EVT + "runNumber"],
+        "mcChannelNumber": [_EVT + "mcChannelNumber"],
+    },
+}
+
+# Inputs that computed features are made from. `required` ones are kinematic: their absence is an error.
+INPUTS: dict[str, tuple[list[str], bool]] = {
+    "track_theta": ([_TRK + "theta"], True),
+    "track_vz": ([_TRK + "vz"], False),  # z of the track reference point; 0 when absent
+    "pv_x": ([_PV + "x"], True), "pv_y": ([_PV + "y"], True), "pv_z": ([_PV + "z"], True),
+    "pv_type": ([_PV + "vertexType"], True),  # 1 = primary (hard-scatter) vertex
+    "jet_btag_link": ([_JET + "btaggingLink"], False),  # ElementLink: real, or uproot-split _m_persKey/_m_persIndex
+    "tau_track_links": ([_TAU + "tauTrackLinks"], False),  # ElementLinks into TauTracks
+    "tau_track_flags": (["TauTracksAuxDyn.flagSet"], False),  # bit 5 = classifiedCharged
+    "met_mpx": ([_MET + "mpx"], True), "met_mpy": ([_MET + "mpy"], True), "met_sumet": ([_MET + "sumet"], True),
+    "met_source": ([_MET + "source"], True),  # MissingETBase source bits of each core term
+    "mc_weights": ([_EVT + "mcEventWeights"], False),  # nominal = first entry
+    "event_type": ([_EVT + "eventTypeBitmask"], False),  # bit 0 = IS_SIMULATION
+}
+
+# Optional one-entry TTree with what a real file keeps in AMI/CutBookkeepers (step0 writes it):
+#   process (string), dsid (int64), cross_section_pb (float64), sum_weights (float64)
+METADATA_TREE = "GeneratorMetaData"
+
+TAU_TRACK_CHARGED_BIT = 5  # xAOD::TauJetParameters::classifiedCharged
+MUON_QUALITY_MASK, MUON_PASS_ID_BIT = 3, 8
+MET_SOFT_BIT, MET_TRACK_BIT = 0x20, 0x4000  # MissingETBase::Source: SoftEvent, Track signal
+MET_JET_PT_MIN_GEV, MET_OR_DR = 20.0, 0.2
+MET_DEFINITION = (
+    "approximate MET: minus the vector sum of the pT of the stored electrons, muons and photons passing the "
+    "converter pT cuts and of jets with pT > 20 GeV not within dR < 0.2 of such an electron or photon, plus the "
+    "PHYSLITE core track soft term (MET_Core_AnalysisMET term with source bits SoftEvent|Track, PVSoftTrkCore); "
+    "sumet = scalar sum of the same objects' pT plus the soft term's sumet. No taus, no calibration, no "
+    "full overlap removal: not the METMaker result."
+)
+ISO_SELF_DR = 0.01  # the charged lepton's own track is the nearest track within this dR
+
+SCALE = {"GeV": 1e-3, "1/GeV": 1e3}  # PHYSLITE MeV -> schema unit
+
+
+# ---------------------------------------------------------------------------------------------
+# File access, shared with the NanoAOD reader
+# ---------------------------------------------------------------------------------------------
+def open_tree(path, trees: dict[str, str]):
+    """(uproot TTree or RNTuple, its name, the open file) of the first of `trees` that `path` holds;
+    InputError (one line) for a missing, non-ROOT or truncated file or one without such a tree."""
+    import uproot
+
+    try:
+        f = uproot.open(path)
+    except FileNotFoundError:
+        raise InputError("file not found") from None
+    except Exception as exc:  # uproot raises many types for a non-ROOT or truncated file
+        raise InputError(f"not a readable ROOT file ({type(exc).__name__}: {_first_line(exc)})") from None
+    try:
+        names = {k.split(";")[0] for k in f.keys(recursive=False)}
+    except Exception as exc:
+        raise InputError(f"unreadable ROOT directory ({type(exc).__name__}: {_first_line(exc)})") from None
+    for name, kind in trees.items():
+        if name in names:
+            try:
+                return f[name], name, f
+            except Exception as exc:
+                raise InputError(f"cannot read tree {name} ({type(exc).__name__}: {_first_line(exc)})") from None
+    raise InputError(f"no known tree ({', '.join(trees)}) in file")
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def tree_keys(tree) -> set[str]:
+    """Column names: every TTree branch (split subbranches included); an RNTuple's top-level fields
+    (listing its subfields recursively costs seconds in uproot 5.7; links are read as whole records)."""
+    return set(tree.keys(recursive=True)) if hasattr(tree, "branches") else set(tree.keys(recursive=False))
+
+
+def spelled(name: str, kind: str) -> str:
+    """File spelling of a TTree-style branch name."""
+    return name.replace(".", ":", 1) if kind == "rntuple" else name
+
+
+def first_present(candidates: list[str], keys: set[str], kind: str) -> str | None:
+    for c in candidates:
+        if spelled(c, kind) in keys:
+            return spelled(c, kind)
+    return None
+
+
+def link_columns(base: str, keys: set[str], kind: str) -> tuple[str | None, str | None]:
+    """(key column, index column) of an ElementLink branch as this file stores it:
+    real TTree split `B/B.m_persIndex`, uproot-written split `B_m_persIndex`, or a branch / RNTuple
+    field `B` read whole as records {m_persKey, m_persIndex}."""
+    b = spelled(base, kind)
+    for key_col, idx_col in ((f"{b}/{b}.m_persKey", f"{b}/{b}.m_persIndex"), (f"{b}_m_persKey", f"{b}_m_persIndex")):
+        if idx_col in keys:
+            return (key_col if key_col in keys else None), idx_col
+    return (None, b) if b in keys else (None, None)
+
+
+def link_index(index_array, key_array=None):
+    """Index part of an ElementLink column (records or plain ints); -1 where the link is invalid (key 0)."""
+    idx = _member(index_array, "m_persIndex")
+    key = _member(key_array if key_array is not None else index_array, "m_persKey")
+    idx = ak.values_astype(idx, np.int64)
+    return idx if key is None else ak.where(key != 0, idx, -1)
+
+
+def column(chunk, name: str):
+    """A read column of a chunk, by its file name."""
+    return chunk[name]
+
+
+def _member(array, suffix):
+    if array is None:
+        return None
+    fields = ak.fields(array)
+    if not fields:
+        return array if suffix == "m_persIndex" else None
+    match = [f for f in fields if f.endswith(suffix)]
+    return array[match[0]] if match else None
+
+
+def read_generator_metadata(f) -> dict:
+    """process / dsid / cross_section_pb / sum_weights from the optional METADATA_TREE ({} when absent)."""
+    if METADATA_TREE not in {k.split(";")[0] for k in f.keys(recursive=False)}:
+        return {}
+    t = f[METADATA_TREE]
+    out = {}
+    for name in ("process", "dsid", "cross_section_pb", "sum_weights"):
+        if name in t.keys():
+            value = t[name].array(library="np", entry_stop=1)
+            if len(value):
+                v = value[0]
+                out[name] = v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan for one file: which columns to read, what is missing
+# ---------------------------------------------------------------------------------------------
+class PhysliteReader:
+    experiment = "atlas"
+
+    def __init__(self, tree, kind: str, pt_cuts: dict[str, float]):
+        self.tree, self.kind, self.pt_cuts = tree, kind, pt_cuts
+        keys = tree_keys(tree)
+        self.columns: dict[tuple[str, str], str] = {}  # (obj, feature or input) -> file column
+        self.missing: list[str] = []  # dataset paths NaN/MISSING_INT-filled
+        for obj, table in BRANCHES.items():
+            for feat, candidates in table.items():
+                col = first_present(candidates, keys, self.kind)
+                if col is not None:
+                    self.columns[(obj, feat)] = col
+                elif not OBJECTS[obj].feature(feat).optional and obj != "event":  # mu may be absent
+                    raise InputError(f"missing kinematic branch {spelled(candidates[0], kind)}")
+        for name, (candidates, required) in INPUTS.items():
+            if name in ("jet_btag_link", "tau_track_links"):
+                key_col, idx_col = link_columns(candidates[0], keys, kind)
+                if idx_col:
+                    self.columns[("link", name)] = idx_col
+                    if key_col:
+                        self.columns[("link_key", name)] = key_col
+                continue
+            col = first_present(candidates, keys, self.kind)
+            if col is not None:
+                self.columns[("input", name)] = col
+            elif required:
+                raise InputError(f"missing kinematic branch {spelled(candidates[0], kind)}")
+        if ("tracks", "qOverP") not in self.columns:
+            raise InputError(f"missing kinematic branch {spelled(_TRK + 'qOverP', kind)}")
+        self.missing = self._missing_features()
+
+    def has(self, obj, feat) -> bool:
+        return (obj, feat) in self.columns
+
+    def _missing_features(self) -> list[str]:
+        missing = []
+        for obj, table in BRANCHES.items():
+            for feat in table:
+                if not self.has(obj, feat) and not (obj == "muons" and feat == "passIDCuts" and self.has("muons", "quality")):
+                    missing.append(f"{OBJECTS[obj].feature(feat).group}/{obj}/{feat}")
+        btag_ok = self.has("link", "jet_btag_link")
+        if not btag_ok:  # scores exist but cannot be matched to jets
+            missing += [f"atlas/jets/{f}" for f in BRANCHES["jets"] if f[:4] in ("DL1d", "GN2_") and self.has("jets", f)]
+        if not (self.has("link", "tau_track_links") and self.has("input", "tau_track_flags")) and not self.has("taus", "NNDecayMode"):
+            missing.append("common/taus/is_1prong")
+        if not self.has("input", "mc_weights") and not self.has("input", "event_type"):
+            missing.append("common/event/weight")
+        return sorted(set(missing))
+
+    def sources(self) -> dict[str, str]:
+        """What each feature/input was read from (recorded in /metadata)."""
+        return {"/".join(k): v for k, v in self.columns.items()}
+
+    @property
+    def n_events(self) -> int:
+        return int(self.tree.num_entries)
+
+    def chunks(self, step: int):
+        """Raw chunks of `step` events: only the columns this file needs."""
+        return self.tree.iterate(sorted(set(self.columns.values())), step_size=step, library="ak")
+
+    # -----------------------------------------------------------------------------------------
+    def convert(self, chunk) -> dict:
+        """{dataset path: jagged awkward (list objects) or numpy (per event)} in schema units."""
+        col = lambda o, f: column(chunk, self.columns[(o, f)])  # noqa: E731
+        n = len(chunk)
+        out: dict = {}
+
+        # primary vertex: the first vertexType 1 of each event
+        pv_index = physics.first_index_where(col("input", "pv_type") == 1)
+        pv = {a: _np_float(physics.pick_per_event(col("input", f"pv_{a}"), pv_index)) for a in "xyz"}
+        out.update({"common/event/pvx": pv["x"], "common/event/pvy": pv["y"], "common/event/pvz": pv["z"]})
+
+        # tracks: pt and eta from the perigee parameters, z0 w.r.t. the primary vertex
+        theta, qop = col("input", "track_theta"), col("tracks", "qOverP")
+        vz = col("input", "track_vz") if self.has("input", "track_vz") else 0.0
+        trk = {"pt": physics.track_pt_from_qoverp(qop, theta) * 1e-3, "eta": physics.eta_from_theta(theta),
+               "phi": col("tracks", "phi"), "d0": col("tracks", "d0"),
+               "z0": col("tracks", "z0") + vz - ak.Array(np.nan_to_num(pv["z"]))}  # no PV: w.r.t. z = 0
+        for feat, value in trk.items():
+            out[f"common/tracks/{feat}"] = value
+        for feat in ("qOverP", "chiSquared", "nDoF"):
+            out[f"atlas/tracks/{feat}"] = self._feature(chunk, "tracks", feat, like=theta)
+
+        # plain features of every object (units from the schema)
+        for obj in ("electrons", "muons", "taus", "photons", "jets"):
+            ref = col(obj, "pt")
+            for feat in BRANCHES[obj]:
+                f = OBJECTS[obj].feature(feat)
+                if feat == "n_trk" or feat[:4] in ("DL1d", "GN2_"):
+                    continue
+                out[f"{f.group}/{obj}/{feat}"] = self._feature(chunk, obj, feat, like=ref)
+
+        # muon quality bits
+        if self.has("muons", "quality"):
+            bits = ak.values_astype(col("muons", "quality"), np.int64)
+            out["atlas/muons/quality"] = bits & MUON_QUALITY_MASK
+            if not self.has("muons", "passIDCuts"):
+                out["atlas/muons/passIDCuts"] = ak.values_astype((bits & MUON_PASS_ID_BIT) > 0, np.int64)
+
+        # jets: track count at the hard-scatter PV, b-tag scores through btaggingLink
+        jets_pt = col("jets", "pt")
+        out["common/jets/n_trk"] = self._ntrk_at_pv(chunk, pv_index, jets_pt)
+        btag_index = (link_index(col("link", "jet_btag_link"),
+                                 col("link_key", "jet_btag_link") if self.has("link_key", "jet_btag_link") else None)
+                      if self.has("link", "jet_btag_link") else None)
+        for feat in BRANCHES["jets"]:
+            if feat[:4] in ("DL1d", "GN2_"):
+                if btag_index is not None and self.has("jets", feat):
+                    scores = physics.gather(col("jets", feat), btag_index)
+                    out[f"atlas/jets/{feat}"] = ak.fill_none(ak.values_astype(scores, np.float32), np.nan)
+                else:
+                    out[f"atlas/jets/{feat}"] = _fill_like(jets_pt, np.nan)
+
+        out["common/taus/is_1prong"] = self._is_1prong(chunk, col("taus", "pt"))
+
+        # track isolation of electrons, muons, photons (their own track removed for the charged leptons)
+        for obj, self_dr in (("electrons", ISO_SELF_DR), ("muons", ISO_SELF_DR), ("photons", 0.0)):
+            out[f"common/{obj}/trk_iso03"] = physics.track_isolation(
+                out[f"common/{obj}/eta"], out[f"common/{obj}/phi"], out[f"common/{obj}/pt"],
+                trk["eta"], trk["phi"], trk["pt"], trk["z0"], theta,
+                ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, self_dr=self_dr)
+
+        out.update(self._met(chunk, out))
+        out.update(self._event(chunk, n))
+        return out
+
+    def _feature(self, chunk, obj, feat, like=None):
+        f = OBJECTS[obj].feature(feat)
+        if not self.has(obj, feat):
+            return _fill_like(like, np.nan if f.dtype == "float32" else MISSING_INT)
+        values = column(chunk, self.columns[(obj, feat)])
+        if f.dtype == "float32":
+            values = ak.values_astype(values, np.float64) * SCALE.get(f.unit, 1.0)
+        return values
+
+    def _ntrk_at_pv(self, chunk, pv_index, jets_pt):
+        if not self.has("jets", "n_trk"):
+            return _fill_like(jets_pt, np.nan)
+        per_vertex = column(chunk, self.columns[("jets", "n_trk")])  # (events, jets, vertices)
+        if per_vertex.ndim == 2:  # one count per jet (a writer that cannot store vector<vector<int>>)
+            return ak.values_astype(per_vertex, np.float64)
+        pv = ak.Array(pv_index) + ak.zeros_like(jets_pt, dtype=np.int64)  # broadcast per jet
+        ok = (pv >= 0) & (pv < ak.num(per_vertex, axis=2))
+        picked = ak.firsts(per_vertex[ak.local_index(per_vertex, axis=2) == pv], axis=2)
+        return ak.fill_none(ak.where(ok, ak.values_astype(picked, np.float64), np.nan), np.nan)
+
+    def _is_1prong(self, chunk, taus_pt):
+        """Number of tau tracks classified as charged == 1; else from the decay mode (0-2: one prong)."""
+        if self.has("link", "tau_track_links") and self.has("input", "tau_track_flags"):
+            links = link_index(column(chunk, self.columns[("link", "tau_track_links")]),
+                               column(chunk, self.columns[("link_key", "tau_track_links")])
+                               if self.has("link_key", "tau_track_links") else None)
+            flags = ak.values_astype(column(chunk, self.columns[("input", "tau_track_flags")]), np.int64)
+            n_links = ak.num(links, axis=2)
+            flat = ak.flatten(links, axis=2)  # (events, all links of the event's taus)
+            charged = ak.fill_none((physics.gather(flags, flat) >> TAU_TRACK_CHARGED_BIT) & 1, 0)
+            n_charged = ak.sum(ak.unflatten(charged, ak.flatten(n_links), axis=1), axis=2)
+            return ak.values_astype(n_charged == 1, np.int8)
+        if self.has("taus", "NNDecayMode"):
+            mode = column(chunk, self.columns[("taus", "NNDecayMode")])
+            return ak.values_astype((mode >= 0) & (mode <= 2), np.int8)
+        return _fill_like(taus_pt, MISSING_INT)
+
+    def _met(self, chunk, out) -> dict:
+        """The approximation of MET_DEFINITION."""
+        px, py, sumet = np.zeros(len(chunk)), np.zeros(len(chunk)), np.zeros(len(chunk))
+        sel = {o: out[f"common/{o}/pt"] > self.pt_cuts.get(o, 0.0) for o in ("electrons", "muons", "photons")}
+        jets_ok = out["common/jets/pt"] > MET_JET_PT_MIN_GEV
+        for o in ("electrons", "photons"):
+            near = physics.overlaps(out["common/jets/eta"], out["common/jets/phi"],
+                                    out[f"common/{o}/eta"][sel[o]], out[f"common/{o}/phi"][sel[o]], MET_OR_DR)
+            jets_ok = jets_ok & ~near
+        for o, keep in (*sel.items(), ("jets", jets_ok)):
+            pt, phi = out[f"common/{o}/pt"][keep], out[f"common/{o}/phi"][keep]
+            opx, opy = physics.vector_sum(pt, phi)
+            px, py = px - opx, py - opy
+            sumet += ak.to_numpy(ak.sum(pt, axis=1))
+        source = ak.values_astype(column(chunk, self.columns[("input", "met_source")]), np.int64)
+        soft = ((source & MET_SOFT_BIT) > 0) & ((source & MET_TRACK_BIT) > 0)
+        for name, acc in (("met_mpx", "x"), ("met_mpy", "y"), ("met_sumet", "s")):
+            term = ak.to_numpy(ak.sum(ak.values_astype(column(chunk, self.columns[("input", name)])[soft], np.float64), axis=1)) * 1e-3
+            if acc == "x":
+                px = px + term
+            elif acc == "y":
+                py = py + term
+            else:
+                sumet = sumet + term
+        return {"common/met/pt": np.hypot(px, py).astype(np.float32), "common/met/phi": np.arctan2(py, px).astype(np.float32),
+                "common/met/sumet": sumet.astype(np.float32)}
+
+    def _event(self, chunk, n) -> dict:
+        col = lambda o, f: column(chunk, self.columns[(o, f)])  # noqa: E731
+        out = {"common/event/experiment_id": np.full(n, EXPERIMENT_ID["atlas"], np.int8)}
+        if self.has("input", "event_type"):
+            is_sim = (ak.to_numpy(col("input", "event_type")).astype(np.int64) & 1).astype(np.int8)
+        elif self.has("event", "mcChannelNumber"):
+            is_sim = (ak.to_numpy(col("event", "mcChannelNumber")) > 0).astype(np.int8)
+        else:
+            is_sim = np.full(n, MISSING_INT, np.int8)
+        out["common/event/is_simulation"] = is_sim
+        if self.has("input", "mc_weights"):
+            weight = _np_float(ak.firsts(col("input", "mc_weights"), axis=1))
+        else:
+            weight = np.where(is_sim == 0, 1.0, np.nan)  # real data: unit weight
+        out["common/event/weight"] = weight.astype(np.float32)
+        out["common/event/mu"] = (ak.to_numpy(col("event", "mu")).astype(np.float32) if self.has("event", "mu")
+                                  else np.full(n, np.nan, np.float32))
+        for feat in ("event_number", "run_number", "mcChannelNumber"):
+            out[f"atlas/event/{feat}"] = (ak.to_numpy(col("event", feat)).astype(np.int64) if self.has("event", feat)
+                                          else np.full(n, MISSING_INT, np.int64))
+        return out
+
+
+def _np_float(values) -> np.ndarray:
+    return ak.to_numpy(ak.fill_none(ak.values_astype(values, np.float64), np.nan))
+
+
+def _fill_like(like, value):
+    """A jagged array shaped like `like`, every entry `value` (NaN or MISSING_INT)."""
+    dtype = np.float64 if isinstance(value, float) else np.int64
+    return ak.full_like(like, value, dtype=dtype)

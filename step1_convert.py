@@ -1,0 +1,199 @@
+"""Step 1: ATLAS DAOD_PHYSLITE (TTree CollectionTree or RNTuple EventData) and CMS NanoAOD (TTree Events)
+-> one HDF5 file per input with /common, /atlas or /cms, and /metadata (layout: common/schema.py).
+
+    python step1_convert.py data/raw/*.root --out-dir data/h5
+    python step1_convert.py /eos/.../DAOD_PHYSLITE/ --out-dir h5 --workers 4 --shard 3/10
+
+Objects pass a pT cut, are sorted by pT and padded to max_objects per type (mask, n); chunks of
+--step events are read with uproot and appended to the HDF5 file, so memory stays flat.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+from tqdm import tqdm
+
+from common import nanoaod, physics, physlite
+from common.h5io import H5EventWriter
+from common.runtime import (EXIT_USAGE, InputError, die, exit_code, expand_inputs, parse_shard, process_inputs,
+                            provenance, select_shard)
+from common.schema import (ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS, MISSING_INT, OBJECTS,
+                           features_for)
+
+# ----------------------------------------------------------------------------------------------
+PT_CUTS = {"electrons": 7.0, "muons": 5.0, "taus": 20.0, "photons": 10.0, "jets": 20.0, "tracks": 0.5}  # GeV
+MAX_OBJECTS = {"electrons": 6, "muons": 6, "taus": 4, "photons": 6, "jets": 15, "tracks": 30}
+OUT_DIR = "data/h5"
+EXPERIMENT = "auto"
+STEP = 20000  # events per chunk
+WORKERS = 1
+SEED = 0
+READERS = {"atlas": (physlite.TREES, physlite.PhysliteReader), "cms": (nanoaod.TREES, nanoaod.NanoAODReader)}
+MET_DEFINITION = {"atlas": physlite.MET_DEFINITION, "cms": nanoaod.MET_DEFINITION}
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="ROOT files or directories of them")
+    p.add_argument("--out-dir", default=OUT_DIR, help="one <input stem>.h5 per input goes here")
+    p.add_argument("--experiment", choices=("auto", "atlas", "cms"), default=EXPERIMENT,
+                   help="auto: CollectionTree/EventData -> ATLAS PHYSLITE, Events -> CMS NanoAOD")
+    p.add_argument("--pt-cuts", default="", help=f"per-object pT cuts in GeV, e.g. jets=25,tracks=1 (defaults {PT_CUTS})")
+    p.add_argument("--max-objects", default="", help=f"per-object maximum stored, e.g. jets=10 (defaults {MAX_OBJECTS})")
+    p.add_argument("--step", type=int, default=STEP, help="events per chunk (memory ~ step)")
+    p.add_argument("--workers", type=int, default=WORKERS, help="files converted in parallel")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--seed", type=int, default=SEED, help="recorded; the conversion itself is deterministic")
+    p.add_argument("--shard", default=None, help="K/N: convert only batch job K's share of the sorted inputs")
+    p.add_argument("--process", default=None, help="process name for /metadata (else from the file, else 'unknown')")
+    p.add_argument("--dsid", type=int, default=None, help="dataset id (else mcChannelNumber)")
+    p.add_argument("--cross-section", type=float, default=None, help="cross-section in pb (else from the file, else NaN)")
+    return p.parse_args(argv)
+
+
+def per_object(text: str, defaults: dict, flag: str, cast) -> dict:
+    """'jets=25,tracks=1' on top of the defaults."""
+    out = dict(defaults)
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in defaults or not value:
+            die(f"{flag}: expected OBJECT=VALUE with OBJECT in {', '.join(defaults)}, got {item!r}")
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            die(f"{flag}: {item!r} is not a number")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+def open_reader(path: str, experiment: str, pt_cuts: dict):
+    """(reader, experiment, uproot file): the format is found from the tree the file holds."""
+    if not os.path.exists(path):
+        raise InputError("file not found")
+    trees = {name: (exp, kind) for exp, (table, _) in READERS.items() if experiment in ("auto", exp)
+             for name, kind in table.items()}
+    tree, name, f = physlite.open_tree(path, trees)
+    exp, kind = trees[name]
+    if tree.num_entries == 0:
+        raise InputError(f"no events (tree {name} is empty)")
+    return READERS[exp][1](tree, kind, pt_cuts), exp, f
+
+
+def finish_chunk(out: dict, experiment: str, pt_cuts: dict, max_objects: dict, truncated: dict) -> dict:
+    """Cut, sort by pT, pad: jagged reader output -> fixed-shape numpy arrays of the schema's dtypes."""
+    arrays = {}
+    for obj in LIST_OBJECTS:
+        pt, m = out[f"common/{obj}/pt"], max_objects[obj]
+        keep = pt > pt_cuts[obj]
+        index, mask = physics.padded_index(pt, keep, m)
+        for f in features_for(obj, experiment):
+            arrays[f"{f.group}/{obj}/{f.name}"] = physics.take_padded(out[f"{f.group}/{obj}/{f.name}"], index, mask, f.dtype)
+        kept = ak.to_numpy(ak.sum(keep, axis=1))
+        truncated[obj] += int(np.clip(kept - m, 0, None).sum())
+        arrays[f"common/{obj}/n"] = mask.sum(axis=1).astype(np.int32)
+        arrays[f"common/{obj}/mask"] = mask
+    for obj in ("met", "event"):
+        for f in features_for(obj, experiment):
+            arrays[f"{f.group}/{obj}/{f.name}"] = np.asarray(out[f"{f.group}/{obj}/{f.name}"]).astype(f.dtype)
+    return arrays
+
+
+def file_metadata(f, first_chunk_dsid, settings) -> dict:
+    """process / dsid / cross-section: command line first, then the file's generator tree, then unknown."""
+    gen = physlite.read_generator_metadata(f)
+    dsid = settings["dsid"] if settings["dsid"] is not None else gen.get("dsid", first_chunk_dsid)
+    return {"process": settings["process"] or gen.get("process", "unknown"),
+            "dsid": int(dsid) if dsid is not None else MISSING_INT,
+            "cross_section_pb": float(settings["cross_section"] if settings["cross_section"] is not None
+                                      else gen.get("cross_section_pb", np.nan)),
+            "sum_weights_from_file": gen.get("sum_weights")}
+
+
+def convert_file(path: str, settings: dict) -> str:
+    out_path = Path(settings["out_dir"]) / f"{Path(path).stem}.h5"
+    if out_path.exists() and not settings["overwrite"]:
+        print(f"skip {out_path} (exists; --overwrite to redo)", file=sys.stderr)
+        return str(out_path)
+    reader, experiment, f = open_reader(path, settings["experiment"], settings["pt_cuts"])
+    if reader.missing:
+        print(f"warning: {path}: absent in this file, filled with NaN/{MISSING_INT}: {', '.join(reader.missing)}",
+              file=sys.stderr)
+    truncated = {obj: 0 for obj in LIST_OBJECTS}
+    sum_weights, dsid, done, t0 = 0.0, None, 0, time.perf_counter()
+    with H5EventWriter(out_path, chunk_events=min(settings["step"], 4096)) as writer, \
+            tqdm(total=reader.n_events, unit="evt", desc=Path(path).name, leave=False, mininterval=1.0) as bar:
+        chunks = reader.chunks(settings["step"])
+        while True:
+            try:
+                chunk = next(chunks, None)
+            except Exception as exc:  # uproot's errors on a corrupt basket or page: many types
+                if os.environ.get("TOKEVENT_DEBUG"):
+                    traceback.print_exc()
+                raise InputError(f"unreadable data after entry {done} ({type(exc).__name__}: {physlite._first_line(exc)})") from None
+            if chunk is None:
+                break
+            n = len(chunk)
+            arrays = finish_chunk(reader.convert(chunk), experiment, settings["pt_cuts"], settings["max_objects"], truncated)
+            writer.append(arrays)
+            sum_weights += float(np.nansum(arrays["common/event/weight"].astype(np.float64)))
+            if dsid is None and "atlas/event/mcChannelNumber" in arrays and n:
+                dsid = int(arrays["atlas/event/mcChannelNumber"][0])
+            done += n
+            bar.update(n)
+        if done != reader.n_events:
+            raise InputError(f"read {done} of {reader.n_events} events")
+        meta = file_metadata(f, dsid, settings)
+        from_file = meta.pop("sum_weights_from_file")
+        writer.close({
+            "experiment": experiment, "input_file": str(path), "git_hash": settings["provenance"]["git_hash"],
+            "pt_cuts": settings["pt_cuts"], "max_objects": settings["max_objects"],
+            "common_iso_cone": ISO_CONE, "common_iso_pt_floor_gev": ISO_PT_FLOOR_GEV,
+            "common_iso_z0sintheta_cut_mm": ISO_Z0SINTHETA_CUT_MM, **meta,
+            "sum_weights": float(from_file) if from_file is not None else sum_weights,
+            "sum_weights_source": "generator metadata tree" if from_file is not None else "sum of nominal weights of the converted events",
+            "missing_features": reader.missing, "met_definition": MET_DEFINITION[experiment],
+            "branch_sources": reader.sources(), "truncated_objects": truncated,
+            "seed": settings["seed"], "provenance": settings["provenance"],
+        })
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    print(f"wrote {out_path} ({done} events, {experiment}, {rate:.0f} events/s)", file=sys.stderr)
+    return str(out_path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        parse_shard(args.shard)
+    except ValueError as exc:
+        die(str(exc))
+    if args.step < 1 or args.workers < 1:
+        die("--step and --workers must be >= 1")
+    random.seed(args.seed)  # nothing here is random; seeded anyway (torch not imported: it costs seconds)
+    np.random.seed(args.seed % 2**32)
+    pt_cuts = per_object(args.pt_cuts, PT_CUTS, "--pt-cuts", float)
+    max_objects = per_object(args.max_objects, MAX_OBJECTS, "--max-objects", int)
+    inputs = select_shard(expand_inputs(args.inputs), args.shard)
+    stems = {}
+    for p in inputs:
+        if Path(p).stem in stems:
+            die(f"inputs {stems[Path(p).stem]} and {p} would both write {Path(p).stem}.h5")
+        stems[Path(p).stem] = p
+    settings = dict(out_dir=args.out_dir, experiment=args.experiment, pt_cuts=pt_cuts, max_objects=max_objects,
+                    step=args.step, overwrite=args.overwrite, seed=args.seed, process=args.process, dsid=args.dsid,
+                    cross_section=args.cross_section, provenance=provenance("step1_convert.py", args, inputs))
+    _, errors = process_inputs(inputs, functools.partial(convert_file, settings=settings), workers=args.workers)
+    return exit_code(errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
