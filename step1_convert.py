@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import random
 import sys
@@ -18,15 +19,14 @@ import time
 import traceback
 from pathlib import Path
 
-import awkward as ak
 import numpy as np
 from tqdm import tqdm
 
 from common import nanoaod, physics, physlite
 from common.h5io import H5EventWriter
-from common.runtime import (EXIT_USAGE, InputError, die, exit_code, expand_inputs, parse_shard, process_inputs,
+from common.runtime import (InputError, die, exit_code, expand_inputs, parse_shard, process_inputs,
                             provenance, select_shard)
-from common.schema import (ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS, MISSING_INT, OBJECTS,
+from common.schema import (ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS, MISSING_INT,
                            features_for)
 
 # ----------------------------------------------------------------------------------------------
@@ -93,19 +93,25 @@ def finish_chunk(out: dict, experiment: str, pt_cuts: dict, max_objects: dict, t
     """Cut, sort by pT, pad: jagged reader output -> fixed-shape numpy arrays of the schema's dtypes."""
     arrays = {}
     for obj in LIST_OBJECTS:
-        pt, m = out[f"common/{obj}/pt"], max_objects[obj]
-        keep = pt > pt_cuts[obj]
-        index, mask = physics.padded_index(pt, keep, m)
+        m = max_objects[obj]
+        offsets, pt = physics.flat(out[f"common/{obj}/pt"])
+        index, mask, n_kept = physics.padded_index(offsets, pt, pt > pt_cuts[obj], m)
         for f in features_for(obj, experiment):
-            arrays[f"{f.group}/{obj}/{f.name}"] = physics.take_padded(out[f"{f.group}/{obj}/{f.name}"], index, mask, f.dtype)
-        kept = ak.to_numpy(ak.sum(keep, axis=1))
-        truncated[obj] += int(np.clip(kept - m, 0, None).sum())
+            key = f"{f.group}/{obj}/{f.name}"
+            arrays[key] = physics.take_padded(physics.flat(out[key])[1], index, mask, f.dtype)
+        truncated[obj] += int(np.clip(n_kept - m, 0, None).sum())
         arrays[f"common/{obj}/n"] = mask.sum(axis=1).astype(np.int32)
         arrays[f"common/{obj}/mask"] = mask
     for obj in ("met", "event"):
         for f in features_for(obj, experiment):
             arrays[f"{f.group}/{obj}/{f.name}"] = np.asarray(out[f"{f.group}/{obj}/{f.name}"]).astype(f.dtype)
     return arrays
+
+
+def h5_chunk_events(step: int, most: int = 4096) -> int:
+    """HDF5 chunk length: at most `most` events, and a divisor of --step where one is near, so every
+    append writes whole chunks (the writer keeps no chunk cache; a partial chunk is re-read)."""
+    return math.ceil(step / math.ceil(step / most))
 
 
 def file_metadata(f, first_chunk_dsid, settings) -> dict:
@@ -130,7 +136,7 @@ def convert_file(path: str, settings: dict) -> str:
               file=sys.stderr)
     truncated = {obj: 0 for obj in LIST_OBJECTS}
     sum_weights, dsid, done, t0 = 0.0, None, 0, time.perf_counter()
-    with H5EventWriter(out_path, chunk_events=min(settings["step"], 4096)) as writer, \
+    with H5EventWriter(out_path, chunk_events=h5_chunk_events(settings["step"])) as writer, \
             tqdm(total=reader.n_events, unit="evt", desc=Path(path).name, leave=False, mininterval=1.0) as bar:
         chunks = reader.chunks(settings["step"])
         while True:

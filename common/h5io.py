@@ -28,9 +28,11 @@ class H5EventWriter:
         self.final = Path(path)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.final.with_name(f".{self.final.name}.tmp{os.getpid()}")
-        self.file = h5py.File(self.tmp, "w")
+        self.file = h5py.File(self.tmp, "w", rdcc_nbytes=0)  # no chunk cache: chunks are written whole, and 80+ caches would cost memory
         self.chunk_events = chunk_events
         self.n_events = 0
+        self.datasets: dict[str, h5py.Dataset] = {}  # open handles: h5py name look-ups cost ~0.5 ms each
+        self.rows: dict[str, int] = {}
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
         n = {len(a) for a in arrays.values()}
@@ -39,15 +41,17 @@ class H5EventWriter:
         n = n.pop()
         for key, arr in arrays.items():
             arr = np.asarray(arr)
-            if key not in self.file:
-                self.file.create_dataset(key, shape=(0,) + arr.shape[1:], maxshape=(None,) + arr.shape[1:],
-                                         dtype=arr.dtype, chunks=(min(self.chunk_events, max(n, 1)),) + arr.shape[1:],
-                                         **COMPRESSION)
-            ds = self.file[key]
-            if ds.shape[0] != self.n_events:
+            if key not in self.datasets:
+                self.datasets[key] = self.file.create_dataset(
+                    key, shape=(0,) + arr.shape[1:], maxshape=(None,) + arr.shape[1:], dtype=arr.dtype,
+                    chunks=(min(self.chunk_events, max(n, 1)),) + arr.shape[1:], **COMPRESSION)
+                self.rows[key] = 0
+            if self.rows[key] != self.n_events:
                 raise ValueError(f"dataset {key} is missing from an earlier chunk")
+            ds = self.datasets[key]
             ds.resize(self.n_events + n, axis=0)
             ds[self.n_events :] = arr
+            self.rows[key] += n
         self.n_events += n
 
     def close(self, metadata: dict) -> Path:

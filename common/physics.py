@@ -44,8 +44,74 @@ def pair_indices(counts1, counts2):
     return (np.cumsum(counts1) - counts1)[event] + k // np.maximum(per2, 1), (np.cumsum(counts2) - counts2)[event] + k % np.maximum(per2, 1)
 
 
-def _flat(a):
-    return ak.to_numpy(ak.flatten(a, axis=1)).astype(np.float64)
+# ----------------------------------------------------------------------------------------------
+# Flat views: a jagged (events, var) array is (offsets, values), two numpy arrays. Each awkward call
+# costs ~0.1-1 ms whatever its size, so the converter takes this view once per column and does
+# the per-object maths in numpy.
+# ----------------------------------------------------------------------------------------------
+def flat(a):
+    """(offsets (n_events + 1, from 0), flat values) of a jagged array; no copy for the plain
+    list-of-numbers layout that uproot reads."""
+    layout = a.layout if isinstance(a, ak.Array) else ak.to_layout(a)
+    if isinstance(layout, ak.contents.ListOffsetArray) and isinstance(layout.content, ak.contents.NumpyArray):
+        offsets = np.asarray(layout.offsets.data).astype(np.int64)
+        return offsets - offsets[0], np.asarray(layout.content.data)[offsets[0]:offsets[-1]]
+    counts = ak.to_numpy(ak.num(a, axis=1)).astype(np.int64)
+    return counts_to_offsets(counts), ak.to_numpy(ak.flatten(a, axis=1))
+
+
+def jagged(offsets, values):
+    """The awkward array of (offsets, values) (no copy)."""
+    return ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(np.asarray(offsets, np.int64)),
+                                                ak.contents.NumpyArray(np.asarray(values))))
+
+
+def counts_to_offsets(counts):
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def event_index(offsets):
+    """The event of every flat entry."""
+    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+
+
+def selected_offsets(offsets, keep):
+    """Offsets of the entries with `keep` (flat bool)."""
+    return counts_to_offsets(np.bincount(event_index(offsets)[keep], minlength=len(offsets) - 1))
+
+
+def per_event_sum(offsets, values, keep=None):
+    """Per-event float64 sum of flat `values` (where `keep`), in entry order like ak.sum."""
+    event = event_index(offsets)
+    values = np.asarray(values, np.float64)
+    if keep is not None:
+        event, values = event[keep], values[keep]
+    return np.bincount(event, weights=values, minlength=len(offsets) - 1)
+
+
+def gather_index(values_offsets, index_offsets, index):
+    """(flat source, ok) so that values_flat[source] is values[event][index[event][i]] (ok False for an
+    out-of-range or negative index: a link to an entry the chunk does not hold)."""
+    event = event_index(index_offsets)
+    ok = (index >= 0) & (index < np.diff(values_offsets)[event])
+    return np.where(ok, values_offsets[:-1][event] + index, 0), ok
+
+
+def first_index_where(offsets, condition):
+    """Per event, the local index of the first True of flat `condition`; -1 when none."""
+    first = np.full(len(offsets) - 1, -1, np.int64)
+    hits = np.flatnonzero(condition)
+    events, where = np.unique(event_index(offsets)[hits], return_index=True)
+    first[events] = hits[where] - offsets[events]
+    return first
+
+
+def pick_per_event(offsets, values, index):
+    """values[event][index[event]] as float64 (NaN where the index is -1 or out of range)."""
+    ok = (index >= 0) & (index < np.diff(offsets))
+    out = np.full(len(index), np.nan)
+    out[ok] = values[offsets[:-1][ok] + index[ok]]
+    return out
 
 
 def track_isolation(obj_eta, obj_phi, obj_pt, trk_eta, trk_phi, trk_pt, trk_z0_pv, trk_theta,
@@ -58,11 +124,12 @@ def track_isolation(obj_eta, obj_phi, obj_pt, trk_eta, trk_phi, trk_pt, trk_z0_p
     self_dr (a charged lepton's track would otherwise put its isolation at >= 1).
     Inputs are jagged (events, objects) / (events, tracks) in GeV, mm, rad; returns jagged float32.
     All objects x selected tracks of the chunk are evaluated at once through pair_indices."""
-    good = (trk_pt > pt_floor) & (np.abs(trk_z0_pv * np.sin(trk_theta)) < z0sintheta_cut)
-    o_counts = ak.to_numpy(ak.num(obj_pt, axis=1))
-    io, it = pair_indices(o_counts, ak.to_numpy(ak.num(trk_pt[good], axis=1)))
-    o_eta, o_phi, o_pt = _flat(obj_eta), _flat(obj_phi), _flat(obj_pt)
-    t_eta, t_phi, t_pt = _flat(trk_eta[good]), _flat(trk_phi[good]), _flat(trk_pt[good])
+    o_off, o_pt = flat(obj_pt)
+    t_off, t_pt = flat(trk_pt)
+    good = (t_pt > pt_floor) & (np.abs(flat(trk_z0_pv)[1] * np.sin(flat(trk_theta)[1])) < z0sintheta_cut)
+    io, it = pair_indices(np.diff(o_off), np.diff(selected_offsets(t_off, good)))
+    o_eta, o_phi, o_pt = (np.asarray(v, np.float64) for v in (flat(obj_eta)[1], flat(obj_phi)[1], o_pt))
+    t_eta, t_phi, t_pt = (np.asarray(v[good], np.float64) for v in (flat(trk_eta)[1], flat(trk_phi)[1], t_pt))
     dr = delta_r(o_eta[io], o_phi[io], t_eta[it], t_phi[it])
     in_cone = dr < cone
     if self_dr > 0:
@@ -70,23 +137,7 @@ def track_isolation(obj_eta, obj_phi, obj_pt, trk_eta, trk_phi, trk_pt, trk_z0_p
         np.minimum.at(nearest, io, dr)
         in_cone &= ~((dr == nearest[io]) & (dr < self_dr))
     sum_pt = np.bincount(io, weights=np.where(in_cone, t_pt[it], 0.0), minlength=len(o_pt))
-    return ak.unflatten((sum_pt / o_pt).astype(np.float32), o_counts)
-
-
-def pick_per_event(values, index):
-    """values[event][index[event]] for jagged `values` and an int index per event (-1: None)."""
-    index = ak.Array(np.asarray(index, dtype=np.int64))
-    n = ak.num(values, axis=1)
-    ok = (index >= 0) & (index < n)
-    safe = ak.where(ok, index, 0)
-    picked = ak.firsts(values[ak.local_index(values, axis=1) == safe], axis=1)
-    return ak.mask(picked, ok)
-
-
-def first_index_where(condition):
-    """Per event, the index of the first True of a jagged boolean array; -1 when none."""
-    idx = ak.local_index(condition, axis=1)
-    return ak.to_numpy(ak.fill_none(ak.firsts(idx[condition], axis=1), -1)).astype(np.int64)
+    return jagged(o_off, (sum_pt / o_pt).astype(np.float32))
 
 
 def gather(values, index):
@@ -100,50 +151,35 @@ def gather(values, index):
     return ak.mask(padded[safe], ok)
 
 
-def pt_order(pt):
-    """Indices that sort each event's objects by pT descending (stable)."""
-    return ak.argsort(pt, axis=1, ascending=False, stable=True)
-
-
-def to_padded(values, max_objects: int, dtype, fill=0):
-    """Jagged (events, var) -> numpy (events, max_objects), cut at max_objects, padded with `fill`."""
-    cut = ak.pad_none(values[:, :max_objects], max_objects, axis=1, clip=True)
-    return ak.to_numpy(ak.fill_none(cut, fill)).astype(dtype, copy=False)
-
-
-def padded_index(pt, keep, max_objects: int):
-    """Where each output slot comes from: (flat index (events, max_objects) into ak.flatten(pt), mask).
-    Slot k of an event holds its k-th highest-pT object among those with `keep`; computing this once
-    per object type lets every feature be gathered with plain numpy (take_padded)."""
-    counts = ak.to_numpy(ak.num(pt, axis=1))
-    offsets = np.cumsum(counts) - counts
-    local = ak.local_index(pt, axis=1)[keep]
-    local = local[pt_order(pt[keep])]
-    slots = to_padded(local, max_objects, np.int64, fill=-1)
-    mask = slots >= 0
-    return np.where(mask, slots + offsets[:, np.newaxis], 0), mask
+def padded_index(offsets, pt, keep, max_objects: int):
+    """Where each output slot comes from: (flat index (events, max_objects) into the values, mask,
+    number kept per event). Slot k of an event holds its k-th highest-pT object among those with
+    `keep` (ties in stored order); computing this once per object type lets every feature be
+    gathered with plain numpy (take_padded)."""
+    n = len(offsets) - 1
+    kept = np.flatnonzero(keep)
+    event = event_index(offsets)[kept]
+    order = np.lexsort((-pt[kept], event))  # by event, then pT descending; lexsort is stable
+    source, event = kept[order], event[order]
+    n_kept = np.bincount(event, minlength=n)
+    rank = np.arange(len(source)) - (np.cumsum(n_kept) - n_kept)[event]
+    fits = rank < max_objects
+    index, mask = np.zeros((n, max_objects), np.int64), np.zeros((n, max_objects), bool)
+    index[event[fits], rank[fits]] = source[fits]
+    mask[event[fits], rank[fits]] = True
+    return index, mask, n_kept
 
 
 def take_padded(values, flat_index, mask, dtype):
-    """Jagged values -> (events, max_objects) numpy of `dtype` through padded_index; padding is 0."""
-    flat = ak.to_numpy(ak.flatten(values, axis=1))
-    if len(flat) == 0:
-        return np.zeros(mask.shape, dtype)
-    out = flat[flat_index].astype(dtype)
-    out[~mask] = 0
+    """Flat values -> (events, max_objects) numpy of `dtype` through padded_index; padding is 0."""
+    out = np.zeros(mask.shape, dtype)
+    out[mask] = np.asarray(values)[flat_index[mask]].astype(dtype)
     return out
 
 
-def vector_sum(pt, phi):
-    """Per event (sum px, sum py) of jagged pt/phi."""
-    return (ak.to_numpy(ak.sum(pt * np.cos(phi), axis=1)).astype(np.float64),
-            ak.to_numpy(ak.sum(pt * np.sin(phi), axis=1)).astype(np.float64))
-
-
-def overlaps(eta1, phi1, eta2, phi2, dr_max: float):
-    """Jagged bool over objects 1: True where any object 2 of the same event lies within dr_max."""
-    counts1 = ak.to_numpy(ak.num(eta1, axis=1))
-    i1, i2 = pair_indices(counts1, ak.to_numpy(ak.num(eta2, axis=1)))
-    close = delta_r(_flat(eta1)[i1], _flat(phi1)[i1], _flat(eta2)[i2], _flat(phi2)[i2]) < dr_max
-    hit = np.bincount(i1[close], minlength=int(counts1.sum())) > 0
-    return ak.unflatten(hit, counts1)
+def overlaps(offsets1, eta1, phi1, offsets2, eta2, phi2, dr_max: float):
+    """Flat bool over objects 1: True where any object 2 of the same event lies within dr_max."""
+    i1, i2 = pair_indices(np.diff(offsets1), np.diff(offsets2))
+    f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    close = delta_r(f64(eta1)[i1], f64(phi1)[i1], f64(eta2)[i2], f64(phi2)[i2]) < dr_max
+    return np.bincount(i1[close], minlength=int(offsets1[-1])) > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import awkward as ak
 import numpy as np
+import uproot
 
 from common import physics
 from common.runtime import InputError
@@ -125,8 +126,6 @@ SCALE = {"GeV": 1e-3, "1/GeV": 1e3}  # PHYSLITE MeV -> schema unit
 def open_tree(path, trees: dict[str, str]):
     """(uproot TTree or RNTuple, its name, the open file) of the first of `trees` that `path` holds;
     InputError (one line) for a missing, non-ROOT or truncated file or one without such a tree."""
-    import uproot
-
     try:
         f = uproot.open(path)
     except FileNotFoundError:
@@ -285,91 +284,100 @@ class PhysliteReader:
 
     # -----------------------------------------------------------------------------------------
     def convert(self, chunk) -> dict:
-        """{dataset path: jagged awkward (list objects) or numpy (per event)} in schema units."""
+        """{dataset path: jagged awkward (list objects) or numpy (per event)} in schema units.
+        Each column is taken once as a flat numpy view (physics.flat); the maths runs on those."""
         col = lambda o, f: column(chunk, self.columns[(o, f)])  # noqa: E731
         n = len(chunk)
         out: dict = {}
 
         # primary vertex: the first vertexType 1 of each event
-        pv_index = physics.first_index_where(col("input", "pv_type") == 1)
-        pv = {a: _np_float(physics.pick_per_event(col("input", f"pv_{a}"), pv_index)) for a in "xyz"}
+        pv_off, pv_type = physics.flat(col("input", "pv_type"))
+        pv_index = physics.first_index_where(pv_off, pv_type == 1)
+        pv = {a: physics.pick_per_event(pv_off, physics.flat(col("input", f"pv_{a}"))[1], pv_index) for a in "xyz"}
         out.update({"common/event/pvx": pv["x"], "common/event/pvy": pv["y"], "common/event/pvz": pv["z"]})
 
-        # tracks: pt and eta from the perigee parameters, z0 w.r.t. the primary vertex
-        theta, qop = col("input", "track_theta"), col("tracks", "qOverP")
-        vz = col("input", "track_vz") if self.has("input", "track_vz") else 0.0
+        # tracks: pt and eta from the perigee parameters, z0 w.r.t. the primary vertex (no PV: w.r.t. z = 0)
+        t_off, theta = physics.flat(col("input", "track_theta"))
+        qop, z0 = physics.flat(col("tracks", "qOverP"))[1], physics.flat(col("tracks", "z0"))[1]
+        vz = physics.flat(col("input", "track_vz"))[1] if self.has("input", "track_vz") else 0.0
         trk = {"pt": physics.track_pt_from_qoverp(qop, theta) * 1e-3, "eta": physics.eta_from_theta(theta),
-               "phi": col("tracks", "phi"), "d0": col("tracks", "d0"),
-               "z0": col("tracks", "z0") + vz - ak.Array(np.nan_to_num(pv["z"]))}  # no PV: w.r.t. z = 0
+               "z0": z0 + vz - np.nan_to_num(pv["z"])[physics.event_index(t_off)]}
         for feat, value in trk.items():
-            out[f"common/tracks/{feat}"] = value
+            out[f"common/tracks/{feat}"] = physics.jagged(t_off, value)
+        out["common/tracks/phi"], out["common/tracks/d0"] = col("tracks", "phi"), col("tracks", "d0")
         for feat in ("qOverP", "chiSquared", "nDoF"):
-            out[f"atlas/tracks/{feat}"] = self._feature(chunk, "tracks", feat, like=theta)
+            out[f"atlas/tracks/{feat}"] = self._feature(chunk, "tracks", feat, t_off)
 
         # plain features of every object (units from the schema)
-        for obj in ("electrons", "muons", "taus", "photons", "jets"):
-            ref = col(obj, "pt")
+        offsets = {obj: physics.flat(col(obj, "pt"))[0] for obj in ("electrons", "muons", "taus", "photons", "jets")}
+        for obj, off in offsets.items():
             for feat in BRANCHES[obj]:
                 f = OBJECTS[obj].feature(feat)
                 if feat == "n_trk" or feat[:4] in ("DL1d", "GN2_"):
                     continue
-                out[f"{f.group}/{obj}/{feat}"] = self._feature(chunk, obj, feat, like=ref)
+                out[f"{f.group}/{obj}/{feat}"] = self._feature(chunk, obj, feat, off)
 
         # muon quality bits
         if self.has("muons", "quality"):
-            bits = ak.values_astype(col("muons", "quality"), np.int64)
-            out["atlas/muons/quality"] = bits & MUON_QUALITY_MASK
+            bits = physics.flat(col("muons", "quality"))[1].astype(np.int64)
+            out["atlas/muons/quality"] = physics.jagged(offsets["muons"], bits & MUON_QUALITY_MASK)
             if not self.has("muons", "passIDCuts"):
-                out["atlas/muons/passIDCuts"] = ak.values_astype((bits & MUON_PASS_ID_BIT) > 0, np.int64)
+                out["atlas/muons/passIDCuts"] = physics.jagged(offsets["muons"], ((bits & MUON_PASS_ID_BIT) > 0).astype(np.int64))
 
         # jets: track count at the hard-scatter PV, b-tag scores through btaggingLink
-        jets_pt = col("jets", "pt")
-        out["common/jets/n_trk"] = self._ntrk_at_pv(chunk, pv_index, jets_pt)
-        btag_index = (link_index(col("link", "jet_btag_link"),
-                                 col("link_key", "jet_btag_link") if self.has("link_key", "jet_btag_link") else None)
-                      if self.has("link", "jet_btag_link") else None)
+        j_off = offsets["jets"]
+        out["common/jets/n_trk"] = self._ntrk_at_pv(chunk, pv_index, col("jets", "pt"), j_off)
+        link = None
+        if self.has("link", "jet_btag_link"):
+            link = physics.flat(link_index(col("link", "jet_btag_link"),
+                                           col("link_key", "jet_btag_link") if self.has("link_key", "jet_btag_link") else None))[1]
         for feat in BRANCHES["jets"]:
             if feat[:4] in ("DL1d", "GN2_"):
-                if btag_index is not None and self.has("jets", feat):
-                    scores = physics.gather(col("jets", feat), btag_index)
-                    out[f"atlas/jets/{feat}"] = ak.fill_none(ak.values_astype(scores, np.float32), np.nan)
-                else:
-                    out[f"atlas/jets/{feat}"] = _fill_like(jets_pt, np.nan)
+                scores = np.full(j_off[-1], np.nan, np.float32)
+                if link is not None and self.has("jets", feat):
+                    b_off, values = physics.flat(col("jets", feat))
+                    source, ok = physics.gather_index(b_off, j_off, link)
+                    scores[ok] = values[source[ok]].astype(np.float32)
+                out[f"atlas/jets/{feat}"] = physics.jagged(j_off, scores)
 
-        out["common/taus/is_1prong"] = self._is_1prong(chunk, col("taus", "pt"))
+        out["common/taus/is_1prong"] = self._is_1prong(chunk, offsets["taus"])
 
         # track isolation of electrons, muons, photons (their own track removed for the charged leptons)
         for obj, self_dr in (("electrons", ISO_SELF_DR), ("muons", ISO_SELF_DR), ("photons", 0.0)):
             out[f"common/{obj}/trk_iso03"] = physics.track_isolation(
                 out[f"common/{obj}/eta"], out[f"common/{obj}/phi"], out[f"common/{obj}/pt"],
-                trk["eta"], trk["phi"], trk["pt"], trk["z0"], theta,
-                ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, self_dr=self_dr)
+                out["common/tracks/eta"], out["common/tracks/phi"], out["common/tracks/pt"], out["common/tracks/z0"],
+                physics.jagged(t_off, theta), ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, self_dr=self_dr)
 
-        out.update(self._met(chunk, out))
+        out.update(self._met(chunk, out, n))
         out.update(self._event(chunk, n))
         return out
 
-    def _feature(self, chunk, obj, feat, like=None):
+    def _feature(self, chunk, obj, feat, offsets):
+        """A jagged feature in schema units (float64 before the final cast), or the missing value."""
         f = OBJECTS[obj].feature(feat)
         if not self.has(obj, feat):
-            return _fill_like(like, np.nan if f.dtype == "float32" else MISSING_INT)
+            missing = np.nan if f.dtype == "float32" else MISSING_INT
+            return physics.jagged(offsets, np.full(offsets[-1], missing, np.float64 if f.dtype == "float32" else np.int64))
         values = column(chunk, self.columns[(obj, feat)])
         if f.dtype == "float32":
-            values = ak.values_astype(values, np.float64) * SCALE.get(f.unit, 1.0)
+            off, flat = physics.flat(values)
+            values = physics.jagged(off, flat.astype(np.float64) * SCALE.get(f.unit, 1.0))
         return values
 
-    def _ntrk_at_pv(self, chunk, pv_index, jets_pt):
+    def _ntrk_at_pv(self, chunk, pv_index, jets_pt, j_off):
         if not self.has("jets", "n_trk"):
-            return _fill_like(jets_pt, np.nan)
+            return physics.jagged(j_off, np.full(j_off[-1], np.nan))
         per_vertex = column(chunk, self.columns[("jets", "n_trk")])  # (events, jets, vertices)
         if per_vertex.ndim == 2:  # one count per jet (a writer that cannot store vector<vector<int>>)
-            return ak.values_astype(per_vertex, np.float64)
+            off, counts = physics.flat(per_vertex)
+            return physics.jagged(off, counts.astype(np.float64))
         pv = ak.Array(pv_index) + ak.zeros_like(jets_pt, dtype=np.int64)  # broadcast per jet
         ok = (pv >= 0) & (pv < ak.num(per_vertex, axis=2))
         picked = ak.firsts(per_vertex[ak.local_index(per_vertex, axis=2) == pv], axis=2)
         return ak.fill_none(ak.where(ok, ak.values_astype(picked, np.float64), np.nan), np.nan)
 
-    def _is_1prong(self, chunk, taus_pt):
+    def _is_1prong(self, chunk, tau_off):
         """Number of tau tracks classified as charged == 1; else from the decay mode (0-2: one prong)."""
         if self.has("link", "tau_track_links") and self.has("input", "tau_track_flags"):
             links = link_index(column(chunk, self.columns[("link", "tau_track_links")]),
@@ -382,34 +390,34 @@ class PhysliteReader:
             n_charged = ak.sum(ak.unflatten(charged, ak.flatten(n_links), axis=1), axis=2)
             return ak.values_astype(n_charged == 1, np.int8)
         if self.has("taus", "NNDecayMode"):
-            mode = column(chunk, self.columns[("taus", "NNDecayMode")])
-            return ak.values_astype((mode >= 0) & (mode <= 2), np.int8)
-        return _fill_like(taus_pt, MISSING_INT)
+            mode = physics.flat(column(chunk, self.columns[("taus", "NNDecayMode")]))[1]
+            return physics.jagged(tau_off, ((mode >= 0) & (mode <= 2)).astype(np.int8))
+        return physics.jagged(tau_off, np.full(tau_off[-1], MISSING_INT, np.int64))
 
-    def _met(self, chunk, out) -> dict:
+    def _met(self, chunk, out, n) -> dict:
         """The approximation of MET_DEFINITION."""
-        px, py, sumet = np.zeros(len(chunk)), np.zeros(len(chunk)), np.zeros(len(chunk))
-        sel = {o: out[f"common/{o}/pt"] > self.pt_cuts.get(o, 0.0) for o in ("electrons", "muons", "photons")}
-        jets_ok = out["common/jets/pt"] > MET_JET_PT_MIN_GEV
+        px, py, sumet = np.zeros(n), np.zeros(n), np.zeros(n)
+        obj = {o: {"off": physics.flat(out[f"common/{o}/pt"])[0],
+                   **{v: physics.flat(out[f"common/{o}/{v}"])[1] for v in ("pt", "eta", "phi")}}
+               for o in ("electrons", "muons", "photons", "jets")}
+        keep = {o: obj[o]["pt"] > self.pt_cuts.get(o, 0.0) for o in ("electrons", "muons", "photons")}
+        jets = obj["jets"]
+        jets_ok = jets["pt"] > MET_JET_PT_MIN_GEV
         for o in ("electrons", "photons"):
-            near = physics.overlaps(out["common/jets/eta"], out["common/jets/phi"],
-                                    out[f"common/{o}/eta"][sel[o]], out[f"common/{o}/phi"][sel[o]], MET_OR_DR)
-            jets_ok = jets_ok & ~near
-        for o, keep in (*sel.items(), ("jets", jets_ok)):
-            pt, phi = out[f"common/{o}/pt"][keep], out[f"common/{o}/phi"][keep]
-            opx, opy = physics.vector_sum(pt, phi)
-            px, py = px - opx, py - opy
-            sumet += ak.to_numpy(ak.sum(pt, axis=1))
-        source = ak.values_astype(column(chunk, self.columns[("input", "met_source")]), np.int64)
+            sel = keep[o]
+            jets_ok &= ~physics.overlaps(jets["off"], jets["eta"], jets["phi"], physics.selected_offsets(obj[o]["off"], sel),
+                                         obj[o]["eta"][sel], obj[o]["phi"][sel], MET_OR_DR)
+        for o, sel in (*keep.items(), ("jets", jets_ok)):
+            pt, phi = np.asarray(obj[o]["pt"], np.float64), obj[o]["phi"]
+            px = px - physics.per_event_sum(obj[o]["off"], pt * np.cos(phi), sel)
+            py = py - physics.per_event_sum(obj[o]["off"], pt * np.sin(phi), sel)
+            sumet += physics.per_event_sum(obj[o]["off"], pt, sel)
+        m_off, source = physics.flat(column(chunk, self.columns[("input", "met_source")]))
+        source = source.astype(np.int64)
         soft = ((source & MET_SOFT_BIT) > 0) & ((source & MET_TRACK_BIT) > 0)
-        for name, acc in (("met_mpx", "x"), ("met_mpy", "y"), ("met_sumet", "s")):
-            term = ak.to_numpy(ak.sum(ak.values_astype(column(chunk, self.columns[("input", name)])[soft], np.float64), axis=1)) * 1e-3
-            if acc == "x":
-                px = px + term
-            elif acc == "y":
-                py = py + term
-            else:
-                sumet = sumet + term
+        term = {name: physics.per_event_sum(m_off, physics.flat(column(chunk, self.columns[("input", name)]))[1], soft) * 1e-3
+                for name in ("met_mpx", "met_mpy", "met_sumet")}
+        px, py, sumet = px + term["met_mpx"], py + term["met_mpy"], sumet + term["met_sumet"]
         return {"common/met/pt": np.hypot(px, py).astype(np.float32), "common/met/phi": np.arctan2(py, px).astype(np.float32),
                 "common/met/sumet": sumet.astype(np.float32)}
 
@@ -423,8 +431,9 @@ class PhysliteReader:
         else:
             is_sim = np.full(n, MISSING_INT, np.int8)
         out["common/event/is_simulation"] = is_sim
-        if self.has("input", "mc_weights"):
-            weight = _np_float(ak.firsts(col("input", "mc_weights"), axis=1))
+        if self.has("input", "mc_weights"):  # nominal = first entry
+            w_off, weights = physics.flat(col("input", "mc_weights"))
+            weight = physics.pick_per_event(w_off, weights, np.zeros(n, np.int64))
         else:
             weight = np.where(is_sim == 0, 1.0, np.nan)  # real data: unit weight
         out["common/event/weight"] = weight.astype(np.float32)
@@ -434,10 +443,6 @@ class PhysliteReader:
             out[f"atlas/event/{feat}"] = (ak.to_numpy(col("event", feat)).astype(np.int64) if self.has("event", feat)
                                           else np.full(n, MISSING_INT, np.int64))
         return out
-
-
-def _np_float(values) -> np.ndarray:
-    return ak.to_numpy(ak.fill_none(ak.values_astype(values, np.float64), np.nan))
 
 
 def _fill_like(like, value):

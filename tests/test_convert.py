@@ -174,6 +174,24 @@ def test_track_isolation_definition():
     assert with_self.tolist()[0][0] == pytest.approx((10.0 + 2.0 + 1.0) / 10.0)
 
 
+def test_flat_numpy_helpers():
+    """The flat (offsets, values) helpers the converter runs on: sliced input, pT order with ties, cuts,
+    truncation, out-of-range links."""
+    full = ak.Array([[3.0, 1.0, 3.0, 2.0], [], [5.0, np.nan, 0.5], [7.0]])
+    off, v = physics.flat(full[1:])  # offsets of a slice do not start at 0
+    assert off.tolist() == [0, 0, 3, 4] and np.array_equal(v, [5.0, np.nan, 0.5, 7.0], equal_nan=True)
+    off, pt = physics.flat(full)
+    index, mask, n_kept = physics.padded_index(off, pt, pt > 0.9, 2)
+    slots = physics.take_padded(np.arange(len(pt)), index, mask, np.int64)
+    assert slots.tolist() == [[0, 2], [0, 0], [4, 0], [7, 0]]  # equal pT keep their stored order; NaN and 0.5 cut
+    assert n_kept.tolist() == [4, 0, 1, 1] and mask.sum(axis=1).tolist() == [2, 0, 1, 1]
+    assert physics.first_index_where(off, pt > 4).tolist() == [-1, -1, 0, 0]
+    np.testing.assert_array_equal(physics.pick_per_event(off, pt, np.array([3, 0, 2, 1])), [2.0, np.nan, 0.5, np.nan])
+    source, ok = physics.gather_index(off, np.array([0, 2, 2, 3, 4]), np.array([1, -1, 5, 0]))
+    assert ok.tolist() == [True, False, False, True] and pt[source[ok]].tolist() == [1.0, 7.0]
+    assert physics.per_event_sum(off, pt, pt > 1.5).tolist() == [8.0, 0.0, 5.0, 7.0]
+
+
 def test_delta_phi_wraps():
     assert physics.delta_phi(np.float64(3.1), np.float64(-3.1)) == pytest.approx(6.2 - 2 * np.pi)
     assert abs(physics.delta_phi(np.array([np.pi]), np.array([-np.pi]))[0]) < 1e-12
