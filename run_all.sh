@@ -11,13 +11,13 @@
 set -euo pipefail
 
 EVENTS="${EVENTS:-5000}"            # events generated per process
+SEED="${SEED:-1}"
 PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"
 SIGNAL="${SIGNAL:-hzz4l}"
 BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
 RUN="${RUN:-runs/default}"          # output folder of this run
-SAMPLE_DIR="${SAMPLE_DIR:-data/raw}"  # generated ROOT files, shared and cached between runs
+SAMPLE_DIR="${SAMPLE_DIR:-data/raw/${EVENTS}ev_seed${SEED}}"  # generated ROOT files, cached between runs
 DEVICE="${DEVICE:-auto}"            # auto | cpu | cuda
-SEED="${SEED:-1}"
 WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"
 OVERWRITE="${OVERWRITE:-0}"
 
@@ -61,8 +61,8 @@ run_step step1_convert "${h5[-1]}" \
     python step1_convert.py "${raw[@]}" --out-dir "$RUN/h5" --workers "$WORKERS" --seed "$SEED" "${overwrite[@]}"
 
 # 2. tokenizers, then token sequences
-run_step step2_fit "$RUN/tok/vocab_inputs.json" \
-    python step2_tokenize.py fit --h5 "${h5[@]}" --out-dir "$RUN/tok" --seed "$SEED" --device "$DEVICE"
+run_step step2_fit "$RUN/tok/met.json" \
+    python step2_tokenize.py fit --h5 "${h5[@]}" --out-dir "$RUN/tok" --seed "$SEED"
 parquet=()
 for p in $PROCESSES; do parquet+=("$RUN/tokens/$p.parquet"); done
 run_step step2_apply "${parquet[-1]}" \
@@ -80,8 +80,8 @@ run_step step4_finetune "$RUN/finetune/metrics.json" \
         --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE"
 
 # plots of the sample, then the report (always rebuilt: it is cheap)
-run_step plot_sample "$RUN/plots/sample/.done" \
-    python plotting/plot_sample.py --h5 "${h5[@]}" --out-dir "$RUN/plots/sample"
+run_step plot_sample "$RUN/plots/sample/m4l.png" \
+    python plotting/plot_sample.py "${raw[@]}" --out-dir "$RUN/plots/sample"
 run_step report "" \
     python plotting/report.py --run-dir "$RUN" --sample-dir "$SAMPLE_DIR" --out "$RUN/report.html"
 

@@ -78,6 +78,10 @@ def legal_id_mask(vocab: dict) -> np.ndarray:
         for level, (start, count) in enumerate(ranges):
             legal[t, level, start : start + count] = True
         legal[t, len(ranges):, 0] = True  # fewer levels than Q: PAD
+    for name, token in (("CLS", 1), ("SEP", 2)):  # special positions: their own id, then PAD
+        if name in vocab["type_ids"]:
+            legal[vocab["type_ids"][name], 0, token] = True
+            legal[vocab["type_ids"][name], 1:, 0] = True
     ev = vocab["event_tokens"]
     legal[vocab["type_ids"]["event"], 0, ev["offset"] : ev["offset"] + ev["size"]] = True
     legal[vocab["type_ids"]["event"], 1:, 0] = True

@@ -1,0 +1,196 @@
+"""Benchmark of step2 at the seeds' setting (dim 8, 4 levels, 4096 codes):
+
+  1. nearest-code search: ours (blocked |C|^2 - 2 x.C^T matmul + argmin) vs vector-quantize-pytorch's
+     ResidualVQ in eval mode on the same vectors (skipped cleanly when the package is absent);
+  2. apply throughput in objects/s: encode + quantise + sequence building + Parquet writing
+     (step2_tokenize.apply_one, in process) on synthetic step1 files;
+  3. peak memory (ru_maxrss of a child `step2_tokenize.py apply`) as the input grows 10x;
+  4. fit throughput (training objects/s of the VQ-VAE at batch 4096).
+
+  python bench/bench_tokenize.py [--events 5000] [--scale 10] [--threads 2]
+
+The tokenizers here have production shapes but are not trained to convergence (preprocessing
+fitted, codebooks from encoded samples): the cost of encoding does not depend on the training.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import step2_tokenize as step2  # noqa: E402
+from common.schema import OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
+from common.tokenizer import Tokenizer, build_specs, fit_preprocessing, nearest_code  # noqa: E402
+from test_tokenize import write_synthetic_h5  # noqa: E402
+
+EVENTS = 5000
+SCALE = 10
+DIM, LEVELS, CODES, CODES_TRACKS = 8, 4, 4096, 8192
+MEMORY_CHUNK_EVENTS = 1024  # both inputs span many chunks, so the comparison shows the streaming
+OUT = ROOT / "bench" / "out" / "tokenize"
+
+
+def make_tokenizers(h5: Path, out_dir: Path, seed: int) -> None:
+    """Production-shaped tokenizers: preprocessing fitted on the file, codebooks = encoded samples."""
+    info = step2.describe_file(str(h5))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for obj in TOKENIZED_OBJECTS:
+        names = [n for n, _ in step2.common_features(obj, [info], None)]
+        specs = build_specs([OBJECTS[obj].feature(n) for n in names])
+        sample = step2.preprocessing_sample(obj, names, [info], 10**9, rng)
+        fit_preprocessing(specs, sample)
+        k = CODES_TRACKS if obj == "tracks" else CODES
+        settings = {"dim": DIM, "levels": LEVELS, "codebook_size": k, "hidden": 128, "depth": 2, "decay": 0.99,
+                    "cosine": False, "dead_fraction": 0.03}
+        tok = Tokenizer(obj, specs, settings)
+        with torch.no_grad():
+            z = tok.model.encoder(torch.from_numpy(tok.preprocess(sample)))
+            q = tok.model.quantizer
+            r = z
+            for level in range(LEVELS):
+                cb = r[torch.randint(len(r), (k,))] + 0.01 * torch.randn(k, DIM)
+                q.codebooks[level] = cb
+                r = r - cb[nearest_code(r, cb, (cb * cb).sum(1))]
+        tok.save(out_dir / f"{obj}.pt", {"bench": True})
+
+
+def count_objects(h5: Path) -> int:
+    with h5py.File(h5) as f:
+        return int(sum(f[f"common/{o}/n"][:].sum() for o in SEQUENCE_OBJECTS) + f["common/met/pt"].shape[0])
+
+
+def bench_search(threads: int) -> dict:
+    torch.set_num_threads(threads)
+    n = 100_000
+    z = torch.randn(n, DIM)
+    cbs = torch.randn(LEVELS, CODES, DIM) * 0.5
+    with torch.inference_mode():
+        t = time.perf_counter()
+        r = z
+        for level in range(LEVELS):
+            cb = cbs[level]
+            idx = nearest_code(r, cb, (cb * cb).sum(1))
+            r = r - cb[idx]
+        ours = n / (time.perf_counter() - t)
+    res = {"ours_objects_per_s": ours}
+    try:
+        from vector_quantize_pytorch import ResidualVQ
+    except ImportError:
+        print("[bench] vector-quantize-pytorch not installed: reference skipped")
+        return res
+    rvq = ResidualVQ(dim=DIM, num_quantizers=LEVELS, codebook_size=CODES).eval()
+    m = 20_000  # it is slow: a smaller sample gives the same rate
+    with torch.inference_mode():
+        rvq(z[:1000].unsqueeze(0))
+        t = time.perf_counter()
+        for i in range(0, m, 5000):
+            rvq(z[i : i + 5000].unsqueeze(0))
+        ref = m / (time.perf_counter() - t)
+    res.update(reference_objects_per_s=ref, ratio=ours / ref)
+    return res
+
+
+def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    toks, combined = step2.load_tokenizers(str(tok_dir))
+    meta = {o: {"sha256": t.sha256, "features": t.features, "levels": t.levels, "codebook_size": t.codebook_size}
+            for o, t in toks.items()}
+    vocab = step2.sequences.build_vocab(meta, step2.sequences.DEFAULT_CAPS, step2.MAX_LENGTH)
+    args = SimpleNamespace(out_dir=str(out_dir), overwrite=True, chunk_events=step2.APPLY_CHUNK_EVENTS, seed=1)
+    t = time.perf_counter()
+    step2.apply_one(str(h5), toks, combined, vocab, args)
+    dt = time.perf_counter() - t
+    n = count_objects(h5)
+    return {"objects": n, "seconds": dt, "objects_per_s": n / dt}
+
+
+def child_peak_rss_mb(h5: Path, tok_dir: Path, out_dir: Path, threads: int) -> float:
+    """Peak RSS of a fresh `step2_tokenize.py apply` process (ru_maxrss of the waited child), with
+    chunks smaller than both inputs: memory must not follow the number of events."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    cmd = [sys.executable, "-c", code, sys.executable, str(ROOT / "step2_tokenize.py"), "apply", "--h5", str(h5),
+           "--tokenizers", str(tok_dir), "--out-dir", str(out_dir), "--overwrite", "--threads", str(threads),
+           "--chunk-events", str(MEMORY_CHUNK_EVENTS)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return int(r.stdout.strip().splitlines()[-1]) / 1024
+
+
+def bench_fit(h5: Path, threads: int, steps: int = 40) -> dict:
+    """Training objects/s of the jets VQ-VAE at batch 4096, 4096 codes (after the k-means init)."""
+    torch.set_num_threads(threads)
+    info = step2.describe_file(str(h5))
+    args = SimpleNamespace(lr=1e-3, steps=steps, warmup_steps=0, batch_size=4096, seed=1, rank=0, world=1,
+                           commit_weight=0.25, discrete_weight=10.0)
+    names = [n for n, _ in step2.common_features("jets", [info], None)]
+    specs = build_specs([OBJECTS["jets"].feature(n) for n in names])
+    rng = np.random.default_rng(1)
+    fit_preprocessing(specs, step2.preprocessing_sample("jets", names, [info], 10**9, rng))
+    tok = Tokenizer("jets", specs, {"dim": DIM, "levels": LEVELS, "codebook_size": CODES, "hidden": 128, "depth": 2,
+                                    "decay": 0.99, "cosine": False, "dead_fraction": 0.03})
+    tok.model.train()
+    stream = lambda: step2.stream_objects("jets", names, [info], split="train", rng=rng)
+    batches = step2.minibatches(stream, specs, tok.d_in, args.batch_size, rng)
+    t = time.perf_counter()
+    step2.init_codebooks(tok.model, batches, CODES * step2.KMEANS_FACTOR, 1)
+    t_init = time.perf_counter() - t
+    hist = step2.train(tok.model, specs, batches, args, tok.model, "bench-jets")
+    return {"kmeans_init_seconds": t_init, "train_objects_per_s": hist[-1]["objects_per_s"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, default=EVENTS)
+    p.add_argument("--scale", type=int, default=SCALE)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--skip-fit", action="store_true")
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    small, big = OUT / "small.h5", OUT / "big.h5"
+    if not small.exists():
+        write_synthetic_h5(small, args.events, seed=11)
+    if not big.exists():
+        write_synthetic_h5(big, args.events * args.scale, seed=12)
+    tok_dir = OUT / "tok"
+    if not (tok_dir / "met.pt").exists():
+        make_tokenizers(small, tok_dir, 1)
+
+    s = bench_search(args.threads)
+    line = f"[bench] nearest-code search, {LEVELS} levels x {CODES} codes, dim {DIM}: ours {s['ours_objects_per_s']:,.0f} obj/s"
+    if "reference_objects_per_s" in s:
+        line += f"; vector-quantize-pytorch ResidualVQ (eval) {s['reference_objects_per_s']:,.0f} obj/s; ratio {s['ratio']:.1f}x"
+    print(line)
+    for name, h5 in (("small", small), ("big", big)):
+        a = bench_apply(h5, tok_dir, OUT / "tokens", args.threads)
+        print(f"[bench] apply {name}: {a['objects']:,} objects in {a['seconds']:.1f} s -> {a['objects_per_s']:,.0f} obj/s "
+              f"(encode+quantise+sequences+Parquet; goal 200,000)")
+    rss = {name: child_peak_rss_mb(h5, tok_dir, OUT / "tokens", args.threads) for name, h5 in (("small", small), ("big", big))}
+    print(f"[bench] apply peak RSS (--chunk-events {MEMORY_CHUNK_EVENTS}): {rss['small']:.0f} MB ({args.events} events) -> {rss['big']:.0f} MB "
+          f"({args.events * args.scale} events), ratio {rss['big'] / rss['small']:.2f} for {args.scale}x input")
+    if not args.skip_fit:
+        f = bench_fit(big, 1)
+        print(f"[bench] fit jets (batch 4096, {CODES} codes, {LEVELS} levels, 1 thread): {f['train_objects_per_s']:,.0f} "
+              f"objects/s; k-means init on {CODES * step2.KMEANS_FACTOR:,} vectors {f['kmeans_init_seconds']:.1f} s")
+    print(f"[bench] self-peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Signal-vs-background figures of merit shared by step4 and the report: weighted AUC with a
+bootstrap interval, background rejection at fixed signal efficiency, a subsampled ROC."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+N_BOOTSTRAP = 200
+ROC_POINTS = 200
+WORKING_POINTS = (0.5, 0.3)  # signal efficiencies for the rejection figures
+
+
+def rejection_at(fpr: np.ndarray, tpr: np.ndarray, sig_eff: float) -> float:
+    """1 / background efficiency at the given signal efficiency (interpolated on the ROC)."""
+    eff_b = float(np.interp(sig_eff, tpr, fpr))
+    return float("inf") if eff_b <= 0 else 1.0 / eff_b
+
+
+def bootstrap_auc(y: np.ndarray, s: np.ndarray, w: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """95% interval of the AUC from resampling the test events (a loop over resamples, not events)."""
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            aucs.append(roc_auc_score(y[idx], s[idx], sample_weight=w[idx]))
+    lo, hi = np.percentile(aucs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def binary_metrics(y: np.ndarray, score: np.ndarray, weight: np.ndarray | None = None,
+                   n_bootstrap: int = N_BOOTSTRAP, seed: int = 0) -> dict:
+    y = np.asarray(y).astype(int)
+    w = np.ones(len(y)) if weight is None else np.abs(np.asarray(weight, dtype=np.float64))
+    if y.min() == y.max():
+        raise ValueError("the test set holds only one class")
+    fpr, tpr, _ = roc_curve(y, score, sample_weight=w)
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(ROC_POINTS, len(fpr))).astype(int))
+    lo, hi = bootstrap_auc(y, score, w, n_bootstrap, seed)
+    return {
+        "auc": float(roc_auc_score(y, score, sample_weight=w)), "auc_ci95": [lo, hi],
+        **{f"rejection_at_{int(e * 100)}": rejection_at(fpr, tpr, e) for e in WORKING_POINTS},
+        "roc": {"fpr": fpr[keep].round(6).tolist(), "tpr": tpr[keep].round(6).tolist()},
+        "n_test": {"signal": int((y == 1).sum()), "background": int((y == 0).sum())},
+    }
+
+
+def summarize_seeds(per_seed: list[dict]) -> dict:
+    """Mean and spread (standard deviation) of the scalar metrics over repeated trainings."""
+    out = {"n_seeds": len(per_seed)}
+    for key in ("auc", *(f"rejection_at_{int(e * 100)}" for e in WORKING_POINTS)):
+        vals = np.array([m[key] for m in per_seed], dtype=float)
+        out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+    return out

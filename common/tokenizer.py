@@ -1,0 +1,522 @@
+"""Per-object tokenizers: feature preprocessing by kind, an MLP autoencoder and a residual EMA
+vector quantizer. Used by step2 (fit, apply), the diagnostics and step4 (continuous baseline).
+
+Feature kinds (common/schema.py) decide the preprocessing and the loss:
+  continuous  quantile -> normal (default), log1p + standard, or standard;  MSE
+  angle       (cos, sin) in and out; atan2 to decode;                        MSE
+  score       a triplet on the simplex: 2 standardised log-ratios in, 3 logits out; softmax to
+              decode (so decoded scores stay in [0, 1] and sum to 1); soft cross-entropy + MSE
+              of the logit differences
+  flag        +-1 in, one logit out;  BCE
+  category    one-hot in, logits out; cross-entropy
+
+A checkpoint is a plain dict of tensors, numbers and strings (torch.load(weights_only=True))
+plus a JSON sidecar with the features, kinds, settings and quality metrics.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.special import ndtr, ndtri
+from torch import nn
+
+from common.schema import OBJECTS, Feature
+
+N_QUANTILES = 1001  # quantile-table points of the quantile -> normal transform
+QUANTILE_EPS = 1e-4  # clip of the uniform variable: +-3.7 sigma at most
+SCORE_EPS = 1e-6  # floor of a score before its log-ratio
+SEARCH_BLOCK = 512  # rows per nearest-code matmul block: the distance block stays in cache
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------
+
+
+def build_specs(features: list[Feature]) -> list[dict]:
+    """One spec per model input unit: a continuous/angle/flag/category feature, or a score triplet.
+    A triplet is kept only when all three members are present."""
+    specs, seen_groups = [], set()
+    for f in features:
+        if f.kind == "score":
+            if f.score_group in seen_groups:
+                continue
+            members = [g.name for g in features if g.kind == "score" and g.score_group == f.score_group]
+            if len(members) != 3:
+                continue
+            seen_groups.add(f.score_group)
+            specs.append({"kind": "score", "names": members, "n_in": 2, "n_out": 3})
+        elif f.kind == "continuous":
+            specs.append({"kind": "continuous", "names": [f.name], "transform": f.transform, "n_in": 1, "n_out": 1})
+        elif f.kind == "angle":
+            specs.append({"kind": "angle", "names": [f.name], "n_in": 2, "n_out": 2})
+        elif f.kind == "flag":
+            specs.append({"kind": "flag", "names": [f.name], "n_in": 1, "n_out": 1})
+        elif f.kind == "category":
+            k = len(f.categories)
+            specs.append({"kind": "category", "names": [f.name], "categories": list(f.categories), "n_in": k, "n_out": k})
+    i = o = 0
+    for s in specs:
+        s["in"], s["out"] = [i, i + s["n_in"]], [o, o + s["n_out"]]
+        i, o = i + s["n_in"], o + s["n_out"]
+    return specs
+
+
+COMBINED = "combined"
+TYPE_FEATURE = "type"  # the combined tokenizer's object-type input (schema type id)
+
+
+def combined_specs(features: dict[str, list[Feature]]) -> list[dict]:
+    """One spec list over all objects: each object's features as '<obj>/<name>', plus the type."""
+    from dataclasses import replace
+
+    from common.schema import TYPE_IDS
+
+    prefixed = [replace(f, name=f"{obj}/{f.name}", score_group=f"{obj}/{f.score_group}")
+                for obj, feats in features.items() for f in feats]
+    type_feature = Feature(TYPE_FEATURE, "common", "category", categories=tuple(sorted(TYPE_IDS[o] for o in features)))
+    return build_specs(prefixed + [type_feature])
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x[np.isfinite(x)]
+
+
+def _score_logratios(p: list[np.ndarray]) -> np.ndarray:
+    p = [np.clip(np.nan_to_num(np.asarray(a, np.float64), nan=1.0 / 3), SCORE_EPS, 1.0) for a in p]
+    return np.stack([np.log(p[0] / p[2]), np.log(p[1] / p[2])], axis=1)
+
+
+def fit_preprocessing(specs: list[dict], sample: dict[str, np.ndarray]) -> None:
+    """Fill each spec's parameters from a bounded sample {feature name: 1-D array}."""
+    for s in specs:
+        name = s["names"][0]
+        if s["kind"] == "continuous":
+            x = _finite(sample[name])
+            if len(x) == 0:
+                raise ValueError(f"feature {name} has no finite values in the fit sample")
+            s["fill"] = float(np.median(x))
+            if s["transform"] == "quantile":
+                probs = np.linspace(0.0, 1.0, N_QUANTILES)
+                qs = np.quantile(x, probs)
+                # ties (a spike, e.g. isolation = 0) become one point at the mean probability
+                xu, inv = np.unique(qs, return_inverse=True)
+                pu = np.bincount(inv, weights=probs) / np.bincount(inv)
+                s["xq"], s["pq"] = xu.tolist(), pu.tolist()
+            else:
+                y = np.log1p(np.clip(x, 0, None)) if s["transform"] == "log_standard" else x
+                s["mean"], s["std"] = float(y.mean()), float(y.std() + 1e-8)
+        elif s["kind"] == "score":
+            lr = _score_logratios([sample[n] for n in s["names"]])
+            s["mean"], s["std"] = lr.mean(0).tolist(), (lr.std(0) + 1e-6).tolist()
+
+
+def _quantile_forward(x: np.ndarray, s: dict) -> np.ndarray:
+    xq, pq = np.asarray(s["xq"]), np.asarray(s["pq"])
+    if len(xq) == 1:
+        return np.zeros_like(x)
+    u = np.interp(x, xq, pq)
+    return ndtri(np.clip(u, QUANTILE_EPS, 1 - QUANTILE_EPS))
+
+
+def _quantile_inverse(z: np.ndarray, s: dict) -> np.ndarray:
+    xq, pq = np.asarray(s["xq"]), np.asarray(s["pq"])
+    if len(xq) == 1:
+        return np.full_like(z, xq[0])
+    return np.interp(ndtr(z), pq, xq)
+
+
+def preprocess(specs: list[dict], feats: dict[str, np.ndarray], d_in: int) -> np.ndarray:
+    """{feature name: (n,) array} -> (n, d_in) float32 model input. A spec whose features are
+    absent stays zero (the combined tokenizer: other object types' blocks)."""
+    n = len(next(iter(feats.values())))
+    out = np.zeros((n, d_in), dtype=np.float32)
+    for s in specs:
+        a, b = s["in"]
+        if any(nm not in feats for nm in s["names"]):
+            continue
+        if s["kind"] == "score":
+            lr = _score_logratios([feats[nm] for nm in s["names"]])
+            out[:, a:b] = (lr - np.asarray(s["mean"])) / np.asarray(s["std"])
+            continue
+        x = np.asarray(feats[s["names"][0]])
+        if s["kind"] == "continuous":
+            x = np.where(np.isfinite(x), x, s["fill"]).astype(np.float64)
+            if s["transform"] == "quantile":
+                out[:, a] = _quantile_forward(x, s)
+            else:
+                y = np.log1p(np.clip(x, 0, None)) if s["transform"] == "log_standard" else x
+                out[:, a] = (y - s["mean"]) / s["std"]
+        elif s["kind"] == "angle":
+            out[:, a], out[:, a + 1] = np.cos(x), np.sin(x)
+        elif s["kind"] == "flag":
+            out[:, a] = np.where(x > 0, 1.0, -1.0)
+        elif s["kind"] == "category":
+            idx = np.searchsorted(np.asarray(s["categories"]), x)
+            ok = (idx < len(s["categories"])) & (np.asarray(s["categories"])[np.minimum(idx, len(s["categories"]) - 1)] == x)
+            rows = np.nonzero(ok)[0]
+            out[rows, a + idx[rows]] = 1.0  # an illegal value (MISSING_INT) stays all-zero
+    return out
+
+
+def reconstruction_loss(specs: list[dict], out: torch.Tensor, x_in: torch.Tensor,
+                        discrete_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Sum of per-kind losses, each averaged over objects; flags and categories are weighted by
+    `discrete_weight` (they must come back exactly). Returns (total, {kind: value})."""
+    parts: dict[str, torch.Tensor] = {}
+
+    def add(kind, value):
+        parts[kind] = parts.get(kind, 0.0) + value
+
+    for s in specs:
+        (a, b), (c, d) = s["in"], s["out"]
+        y, o = x_in[:, a:b], out[:, c:d]
+        if s["kind"] in ("continuous", "angle"):
+            add(s["kind"], F.mse_loss(o, y, reduction="none").sum(1).mean())
+        elif s["kind"] == "flag":
+            add("flag", discrete_weight * F.binary_cross_entropy_with_logits(o[:, 0], (y[:, 0] > 0).float()))
+        elif s["kind"] == "category":
+            valid = y.sum(1) > 0
+            if valid.any():
+                add("category", discrete_weight * F.cross_entropy(o[valid], y[valid].argmax(1)))
+        elif s["kind"] == "score":
+            mean, std = out.new_tensor(s["mean"]), out.new_tensor(s["std"])
+            lr = y * std + mean  # true log-ratios
+            p = torch.softmax(torch.cat([lr, torch.zeros_like(lr[:, :1])], 1), 1)
+            soft_ce = -(p * torch.log_softmax(o, 1)).sum(1).mean()
+            diff = ((o[:, :2] - o[:, 2:3]) - mean) / std
+            add("score", soft_ce + F.mse_loss(diff, y, reduction="none").sum(1).mean())
+    total = sum(parts.values())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def postprocess(specs: list[dict], out: np.ndarray) -> dict[str, np.ndarray]:
+    """(n, d_out) decoder output -> {feature name: (n,) array} in physical units."""
+    res = {}
+    for s in specs:
+        c, d = s["out"]
+        o = out[:, c:d].astype(np.float64)
+        name = s["names"][0]
+        if s["kind"] == "continuous":
+            if s["transform"] == "quantile":
+                res[name] = _quantile_inverse(o[:, 0], s)
+            else:
+                y = o[:, 0] * s["std"] + s["mean"]
+                res[name] = np.expm1(y) if s["transform"] == "log_standard" else y
+        elif s["kind"] == "angle":
+            res[name] = np.arctan2(o[:, 1], o[:, 0])
+        elif s["kind"] == "flag":
+            res[name] = (o[:, 0] > 0).astype(np.int8)
+        elif s["kind"] == "category":
+            res[name] = np.asarray(s["categories"])[o.argmax(1)].astype(np.int16)
+        elif s["kind"] == "score":
+            e = np.exp(o - o.max(1, keepdims=True))
+            p = e / e.sum(1, keepdims=True)
+            for j, nm in enumerate(s["names"]):
+                res[nm] = p[:, j]
+        res = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in res.items()}
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def mlp(d_in: int, hidden: int, d_out: int, depth: int) -> nn.Sequential:
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, hidden), nn.GELU()]
+        d = hidden
+    layers.append(nn.Linear(d, d_out))
+    return nn.Sequential(*layers)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor, cosine: bool = False) -> torch.Tensor:
+    """argmin_k |x - C_k|^2 as |C|^2 - 2 x.C^T (|x|^2 does not change the argmin), in cache-sized
+    blocks; with cosine both sides are unit vectors, so the same matmul gives -cos."""
+    out = torch.empty(len(x), dtype=torch.long, device=x.device)
+    ct = codebook.t()
+    for i in range(0, len(x), SEARCH_BLOCK):
+        xb = x[i : i + SEARCH_BLOCK]
+        d = torch.addmm(code_sq, xb, ct, alpha=-2.0) if not cosine else -(xb @ ct)
+        out[i : i + SEARCH_BLOCK] = d.argmin(1)
+    return out
+
+
+class ResidualEMAQuantizer(nn.Module):
+    """`levels` codebooks of `size` x `dim`; level l quantises what levels < l left over.
+
+    Codebooks follow an exponential moving average of their assigned vectors (no gradient);
+    they are initialised by k-means on a buffer of encoder outputs, and codes that go unused
+    for a window are reset to vectors of the current batch. Under torch.distributed the
+    assignment statistics are all-reduced and resets broadcast, so every rank keeps the same
+    codebooks."""
+
+    def __init__(self, levels: int, size: int, dim: int, decay: float = 0.99, cosine: bool = False,
+                 dead_fraction: float = 0.03, eps: float = 1e-5):
+        super().__init__()
+        if not 1 <= levels <= 8:
+            raise ValueError(f"levels must be 1..8, got {levels}")
+        self.levels, self.size, self.dim = levels, size, dim
+        self.decay, self.cosine, self.dead_fraction, self.eps = decay, cosine, dead_fraction, eps
+        self.register_buffer("codebooks", torch.randn(levels, size, dim) * 0.1)
+        self.register_buffer("ema_count", torch.ones(levels, size))
+        self.register_buffer("ema_sum", self.codebooks.clone())
+        self.register_buffer("usage", torch.zeros(levels, size))  # hits since the last reset check
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # vectors since the last check
+        self.register_buffer("resets", torch.zeros(levels, dtype=torch.long))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def _norm(self, x):
+        return F.normalize(x, dim=-1) if self.cosine else x
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """z (n, dim) -> (sum of chosen codes, codes (n, levels), residual before each level)."""
+        residual, total = z, torch.zeros_like(z)
+        codes, residuals = [], []
+        for level in range(self.levels):
+            r = self._norm(residual)
+            cb = self.codebooks[level]
+            idx = nearest_code(r, cb, (cb * cb).sum(1), self.cosine)
+            q = cb[idx]
+            residuals.append(r)
+            codes.append(idx)
+            total = total + q
+            residual = residual - q
+        return total, torch.stack(codes, 1), residuals
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            quant, codes, residuals = self.quantize(z.detach())
+            if self.training and bool(self.initialised):
+                self._ema_update(residuals, codes)
+        commit = F.mse_loss(z, quant)
+        return z + (quant - z).detach(), codes, commit
+
+    # --- training-time codebook maintenance ---------------------------------------------------
+
+    @torch.no_grad()
+    def _ema_update(self, residuals: list[torch.Tensor], codes: torch.Tensor) -> None:
+        counts = torch.stack([torch.bincount(codes[:, l], minlength=self.size).float() for l in range(self.levels)])
+        sums = torch.stack([torch.zeros(self.size, self.dim, device=codes.device).index_add_(0, codes[:, l], residuals[l])
+                            for l in range(self.levels)])
+        n = torch.tensor(float(len(codes)), device=codes.device)
+        if _distributed():
+            for t in (counts, sums, n):
+                dist.all_reduce(t)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = self.ema_count.sum(1, keepdim=True)
+        smoothed = (self.ema_count + self.eps) / (total + self.size * self.eps) * total  # Laplace smoothing
+        self.codebooks.copy_(self._norm(self.ema_sum / smoothed.unsqueeze(-1)))
+        self.usage.add_(counts)
+        self.seen.add_(n.long())
+
+    @torch.no_grad()
+    def reset_dead_codes(self, residuals: list[torch.Tensor]) -> torch.Tensor:
+        """Replace codes hit fewer than dead_fraction x (expected hits per code) since the last
+        check by random residuals of this batch (rank 0's, broadcast). Returns resets per level."""
+        expected = float(self.seen) / self.size
+        threshold = max(1.0, self.dead_fraction * expected)
+        dead = self.usage < threshold
+        n_reset = dead.sum(1)
+        for level in range(self.levels):
+            k = int(n_reset[level])
+            if k == 0:
+                continue
+            r = residuals[level]
+            pick = torch.randint(len(r), (k,), device=r.device)
+            new = r[pick] + 0.01 * r.std(0, keepdim=True) * torch.randn(k, self.dim, device=r.device)
+            if _distributed():
+                dist.broadcast(new, 0)
+            new = self._norm(new)
+            self.codebooks[level, dead[level]] = new
+            self.ema_count[level, dead[level]] = 1.0  # a fresh code: one pseudo-hit at its position
+            self.ema_sum[level, dead[level]] = new
+            self.resets[level] += k
+        self.usage.zero_()
+        self.seen.zero_()
+        return n_reset
+
+    @torch.no_grad()
+    def kmeans_init(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:
+        """Level by level k-means on a buffer of encoder outputs (rank 0's, then broadcast)."""
+        residual = z.clone()
+        for level in range(self.levels):
+            r = self._norm(residual)
+            cb = kmeans(r, self.size, iters, self.cosine, generator)
+            if _distributed():
+                dist.broadcast(cb, 0)
+            self.codebooks[level] = cb
+            self.ema_sum[level] = cb
+            self.ema_count[level] = 1.0
+            residual = residual - cb[nearest_code(r, cb, (cb * cb).sum(1), self.cosine)]
+        self.initialised.fill_(True)
+        self.usage.zero_()
+        self.seen.zero_()
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Lloyd's k-means from k random points; an empty cluster takes a random point."""
+    n = len(x)
+    centers = x[torch.randperm(n, generator=generator)[:k]].clone()
+    for _ in range(iters):
+        idx = nearest_code(x, centers, (centers * centers).sum(1), cosine)
+        counts = torch.bincount(idx, minlength=k).float()
+        sums = torch.zeros_like(centers).index_add_(0, idx, x)
+        empty = counts == 0
+        centers = sums / counts.clamp(min=1).unsqueeze(1)
+        if empty.any():
+            centers[empty] = x[torch.randint(n, (int(empty.sum()),), generator=generator)]
+        if cosine:
+            centers = F.normalize(centers, dim=-1)
+    return centers
+
+
+class VQAutoencoder(nn.Module):
+    """MLP encoder -> residual EMA quantizer -> MLP decoder."""
+
+    def __init__(self, d_in: int, d_out: int, dim: int, levels: int, codebook_size: int, hidden: int = 128,
+                 depth: int = 2, decay: float = 0.99, cosine: bool = False, dead_fraction: float = 0.03):
+        super().__init__()
+        self.encoder = mlp(d_in, hidden, dim, depth)
+        self.decoder = mlp(dim, hidden, d_out, depth)
+        self.quantizer = ResidualEMAQuantizer(levels, codebook_size, dim, decay, cosine, dead_fraction)
+
+    def forward(self, x: torch.Tensor, quantize: bool = True):
+        z = self.encoder(x)
+        if not quantize:  # warm-up: a plain autoencoder before the codebooks are initialised
+            return self.decoder(z), None, z.new_zeros(())
+        zq, codes, commit = self.quantizer(z)
+        return self.decoder(zq), codes, commit
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer users load: preprocess / encode / decode, checkpoint I/O
+# ----------------------------------------------------------------------------------------------
+
+ENCODE_BATCH = 65536
+
+
+class Tokenizer:
+    """A fitted tokenizer of one object type: specs (features, kinds, preprocessing) + model."""
+
+    def __init__(self, obj: str, specs: list[dict], settings: dict, model: VQAutoencoder | None = None):
+        self.obj, self.specs, self.settings = obj, specs, dict(settings)
+        self.d_in = sum(s["n_in"] for s in specs)
+        self.d_out = sum(s["n_out"] for s in specs)
+        self.model = model or VQAutoencoder(self.d_in, self.d_out, settings["dim"], settings["levels"],
+                                            settings["codebook_size"], settings["hidden"], settings["depth"],
+                                            settings["decay"], settings["cosine"], settings["dead_fraction"])
+        self.model.eval()
+
+    @property
+    def features(self) -> list[str]:
+        return [n for s in self.specs for n in s["names"]]
+
+    @property
+    def levels(self) -> int:
+        return self.settings["levels"]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.settings["codebook_size"]
+
+    def preprocess(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        missing = [n for n in self.features if n not in feats]
+        if missing and self.obj != COMBINED:
+            raise KeyError(f"tokenizer {self.obj} needs feature(s) {', '.join(missing)}")
+        return preprocess(self.specs, feats, self.d_in)
+
+    @torch.inference_mode()
+    def encode(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        x = torch.from_numpy(self.preprocess(feats))
+        out = np.empty((len(x), self.levels), dtype=np.int32)
+        for i in range(0, len(x), ENCODE_BATCH):
+            z = self.model.encoder(x[i : i + ENCODE_BATCH])
+            out[i : i + ENCODE_BATCH] = self.model.quantizer.quantize(z)[1].numpy()
+        return out
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray) -> dict[str, np.ndarray]:
+        codes = torch.as_tensor(np.asarray(codes, dtype=np.int64))
+        q = self.model.quantizer
+        zq = sum(q.codebooks[l][codes[:, l]] for l in range(q.levels))
+        return postprocess(self.specs, self.model.decoder(zq).numpy())
+
+    def reconstruct(self, feats: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        codes = self.encode(feats)
+        return codes, self.decode(codes)
+
+    # --- checkpoint ----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        state = {f"model.{k}": v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state["obj"] = self.obj
+        state["specs_json"] = json.dumps(self.specs, sort_keys=True)
+        state["settings_json"] = json.dumps(self.settings, sort_keys=True)
+        return state
+
+    def save(self, path: str | Path, sidecar: dict) -> str:
+        """Write <path>.pt (atomically) and <path>.json; return the checkpoint's sha256."""
+        from common.runtime import atomic_output, write_json
+
+        path = Path(path)
+        with atomic_output(path) as tmp:
+            torch.save(self.state(), tmp)
+        sha = file_sha256(path)
+        write_json(path.with_suffix(".json"), {**sidecar, "sha256": sha, "object": self.obj,
+                                               "features": self.features, "specs": self.specs,
+                                               "settings": self.settings})
+        return sha
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load <obj>.pt (weights_only=True: tensors, numbers, strings only)."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    specs, settings = json.loads(state["specs_json"]), json.loads(state["settings_json"])
+    tok = Tokenizer(state["obj"], specs, settings)
+    tok.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    tok.model.eval()
+    tok.sha256 = file_sha256(path)
+    tok.path = str(path)
+    return tok
+
+
+def usable_features(obj: str, experiment: str, present: set[str], missing: set[str]) -> list[Feature]:
+    """The schema's tokenize=True features of `obj` for this experiment that the file holds
+    (dataset exists and not listed in missing_features)."""
+    out = []
+    for f in OBJECTS[obj].features:
+        if not f.tokenize or f.group not in ("common", experiment):
+            continue
+        path = f"{f.group}/{obj}/{f.name}"
+        if path in present and path not in missing and f.name not in missing:
+            out.append(f)
+    return out
+
+
+def perplexity(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    return float(math.exp(-(p * np.log(p)).sum())) if len(p) else 0.0

@@ -1,0 +1,174 @@
+"""The event transformer shared by step3 (masked-token pretraining) and step4 (classification).
+
+Per position the Q code embeddings are summed (the quantizer levels of one object), then the
+type and position embeddings are added, LayerNorm, dropout, N pre-norm encoder blocks. The
+"continuous" variant replaces the code embedding of object positions by a per-type linear
+projection of the normalised features (the tokenization-cost baseline); special and event
+positions keep their code embedding.
+
+Checkpoints are a torch.save'd state_dict (loaded with weights_only=True) plus a JSON sidecar
+holding the config and the vocabulary checksum, so nothing unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.runtime import atomic_output, write_json
+from common.schema import PAD
+
+# The parts of the vocabulary that decide what an id means; a backbone is valid for any
+# Parquet whose vocabulary agrees on these.
+VOCAB_IDENTITY_KEYS = ("levels", "vocab_size", "type_ids", "ranges", "event_tokens", "tokenizers")
+
+
+def vocab_checksum(vocab: dict) -> str:
+    ident = {k: vocab.get(k) for k in VOCAB_IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    levels: int
+    n_types: int
+    max_length: int
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 256
+    dropout: float = 0.1
+    continuous_dims: dict[str, int] = field(default_factory=dict)  # type id -> input width
+
+    @classmethod
+    def from_vocab(cls, vocab: dict, **sizes) -> "ModelConfig":
+        return cls(vocab_size=int(vocab["vocab_size"]), levels=int(vocab["levels"]),
+                   n_types=max(vocab["type_ids"].values()) + 1, max_length=int(vocab["max_length"]), **sizes)
+
+
+class EventTransformer(nn.Module):
+    """(input_ids (B,L,Q), token_type_ids (B,L), attention_mask (B,L)[, features (B,L,F)]) -> (B,L,d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.code_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD)
+        self.type_emb = nn.Embedding(cfg.n_types, d)
+        self.pos_emb = nn.Embedding(cfg.max_length, d)
+        self.proj = nn.ModuleDict({t: nn.Linear(n, d) for t, n in cfg.continuous_dims.items()})
+        self.norm = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        block = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(block, cfg.n_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+
+    def embed(self, input_ids, token_type_ids, features=None):
+        x = self.code_emb(input_ids).sum(dim=-2)  # combine the Q levels of each position
+        if self.proj and features is not None:
+            for t, proj in self.proj.items():  # a loop over object types, not events
+                sel = token_type_ids == int(t)
+                if sel.any():
+                    x = x.masked_scatter(sel.unsqueeze(-1), proj(features[sel][:, : proj.in_features]).to(x.dtype))
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.drop(self.norm(x + self.type_emb(token_type_ids.long()) + self.pos_emb(pos)[None]))
+
+    def forward(self, input_ids, token_type_ids, attention_mask, features=None):
+        if input_ids.shape[1] > self.cfg.max_length:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max_length {self.cfg.max_length}")
+        x = self.embed(input_ids.long(), token_type_ids.long(), features)
+        return self.encoder(x, src_key_padding_mask=attention_mask == 0)
+
+
+class MaskedTokenHead(nn.Module):
+    """One linear head per quantizer level; logits restricted to the ids legal for the
+    position's type and level (common.token_parquet.legal_id_mask)."""
+
+    def __init__(self, cfg: ModelConfig, legal: np.ndarray):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(cfg.d_model, cfg.vocab_size) for _ in range(cfg.levels))
+        self.register_buffer("legal", torch.as_tensor(legal, dtype=torch.bool), persistent=False)
+
+    def forward(self, hidden: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """hidden (M,d) of the masked positions, types (M,) -> logits (M,Q,V) in float32."""
+        logits = torch.stack([h(hidden) for h in self.heads], dim=1).float()
+        return logits.masked_fill(~self.legal[types.long()], -1e9)
+
+
+class MaskedTokenModel(nn.Module):
+    """Backbone + masked-token head in one module, so DistributedDataParallel wraps both."""
+
+    def __init__(self, backbone: EventTransformer, head: MaskedTokenHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, input_ids, token_type_ids, attention_mask, chosen):
+        """-> logits (M,Q,V) of the M chosen (masked) positions, in row-major order."""
+        hidden = self.backbone(input_ids, token_type_ids, attention_mask)
+        return self.head(hidden[chosen], token_type_ids[chosen])
+
+
+class ClassifierHead(nn.Module):
+    """[CLS] state -> 2 logits: Linear-ReLU-Dropout-Linear (or one Linear for a linear probe)."""
+
+    def __init__(self, d_model: int, dropout: float = 0.1, linear: bool = False):
+        super().__init__()
+        self.net = nn.Linear(d_model, 2) if linear else nn.Sequential(
+            nn.Linear(d_model, d_model), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, 2))
+
+    def forward(self, hidden):
+        return self.net(hidden[:, 0])  # position 0 is [CLS]
+
+
+class EventClassifier(nn.Module):
+    def __init__(self, backbone: EventTransformer, linear_probe: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ClassifierHead(backbone.cfg.d_model, backbone.cfg.dropout, linear=linear_probe)
+
+    def forward(self, input_ids, token_type_ids, attention_mask, features=None):
+        return self.head(self.backbone(input_ids, token_type_ids, attention_mask, features))
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def save_module(path: str | os.PathLike, module: nn.Module, sidecar: dict) -> Path:
+    """state_dict -> path (atomic), sidecar -> path with .json."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+    write_json(path.with_suffix(".json"), sidecar)
+    return path
+
+
+def backbone_sidecar(cfg: ModelConfig, vocab: dict, **extra) -> dict:
+    return {"config": asdict(cfg), "vocab_checksum": vocab_checksum(vocab), "vocab": vocab, **extra}
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[EventTransformer, dict]:
+    path = Path(path)
+    side = path.with_suffix(".json")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such backbone checkpoint")
+    if not side.exists():
+        raise FileNotFoundError(f"{path}: the JSON sidecar {side.name} is missing")
+    sidecar = json.loads(side.read_text())
+    model = EventTransformer(ModelConfig(**sidecar["config"]))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model, sidecar
+
+
+def check_vocab(sidecar: dict, vocab: dict, where: str) -> None:
+    """A backbone only understands the ids of the vocabulary it was trained on."""
+    if sidecar.get("vocab_checksum") != vocab_checksum(vocab):
+        raise ValueError(f"{where}: token vocabulary (checksum {vocab_checksum(vocab)}) does not match the "
+                         f"backbone's (checksum {sidecar.get('vocab_checksum')}); re-tokenize or re-pretrain")
+
+

@@ -1,0 +1,125 @@
+"""Classifier diagnostics (step4): ROC curves of all arms, score distributions, training curves,
+the data-efficiency curve and the generalisation table as a bar chart.
+
+  python plotting/plot_classifier.py runs/x/finetune/metrics.json --out-dir runs/x/finetune/plots
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_roc(m: dict, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for arm, r in m["arms"].items():
+        tpr, fpr = np.array(r["roc"]["tpr"]), np.array(r["roc"]["fpr"])
+        keep = fpr > 0
+        ax.plot(tpr[keep], 1 / fpr[keep], label=f"{arm} (AUC {r['auc']:.3f})")
+    ax.set(xlabel="signal efficiency", ylabel="background rejection 1/eff_bkg", yscale="log", xlim=(0, 1),
+           title=f"{'+'.join(m['task']['signal'])} vs {'+'.join(m['task']['background'])} (test split)")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "roc.png")
+
+
+def plot_scores(m: dict, scores_path: Path, out: Path) -> Path | None:
+    if not scores_path.exists():
+        return None
+    s = np.load(scores_path, allow_pickle=False)
+    arms = [k[len("score_"):] for k in s.files if k.startswith("score_")]
+    sig = np.isin(s["process"], m["task"]["signal"])
+    bkg = np.isin(s["process"], m["task"]["background"])
+    cols = min(3, len(arms))
+    rows = -(-len(arms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    for ax, arm in zip(axes.flat, arms):
+        for sel, label in ((sig, "signal"), (bkg, "background")):
+            ax.hist(s[f"score_{arm}"][sel], bins, weights=np.abs(s["weight"][sel]), density=True, histtype="step", label=label)
+        ax.set(title=arm, xlabel="classifier score", yscale="log")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.axis("off")
+    return _save(fig, out / "score_distributions.png")
+
+
+def plot_training(m: dict, out: Path) -> Path | None:
+    nets = {a: h for a, h in m.get("training", {}).items() if h and "epoch" in h[0]}
+    if not nets:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, h in nets.items():
+        a.plot([r["epoch"] for r in h], [r["train_loss"] for r in h], "o-", label=arm)
+        b.plot([r["epoch"] for r in h], [r["val_auc"] for r in h], "o-", label=arm)
+    a.set(xlabel="epoch", ylabel="weighted training loss")
+    b.set(xlabel="epoch", ylabel="validation AUC")
+    a.legend(fontsize=8)
+    return _save(fig, out / "training_curves.png")
+
+
+def plot_efficiency(m: dict, out: Path) -> Path | None:
+    eff = m.get("data_efficiency") or {}
+    if not eff:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for arm, pts in eff.items():
+        n = [p["n_labelled"] for p in pts]
+        auc = np.array([p["auc"] for p in pts])
+        lo, hi = np.array([p["auc_ci95"][0] for p in pts]), np.array([p["auc_ci95"][1] for p in pts])
+        ax.errorbar(n, auc, yerr=[auc - lo, hi - auc], fmt="o-", capsize=3, label=arm)
+    ax.set(xscale="log", xlabel="labelled training events", ylabel="test AUC", title="data efficiency")
+    ax.legend()
+    return _save(fig, out / "data_efficiency.png")
+
+
+def plot_generalisation(m: dict, out: Path) -> Path | None:
+    gen = m.get("generalisation", {}).get("arms") or {}
+    if not gen:
+        return None
+    bkgs = m["generalisation"]["tested_on"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(bkgs) * len(gen) / 3), 4))
+    width = 0.8 / len(gen)
+    for i, (arm, per) in enumerate(gen.items()):
+        ax.bar(np.arange(len(bkgs)) + i * width, [per[b]["auc"] for b in bkgs], width, label=arm)
+    trained = set(m["generalisation"]["trained_on"])
+    ax.set_xticks(np.arange(len(bkgs)) + 0.4 - width / 2, [b + ("" if b in trained else "\n(not trained on)") for b in bkgs])
+    ax.set(ylabel="test AUC, signal vs this background", ylim=(0.4, 1.0), title="generalisation")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "generalisation.png")
+
+
+def plot_all(metrics_path, out_dir) -> list[Path]:
+    metrics_path, out = Path(metrics_path), Path(out_dir)
+    m = json.loads(metrics_path.read_text())
+    made = [plot_roc(m, out), plot_scores(m, metrics_path.parent / "test_scores.npz", out), plot_training(m, out),
+            plot_efficiency(m, out), plot_generalisation(m, out)]
+    return [p for p in made if p is not None]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("metrics", help="step4 metrics.json")
+    p.add_argument("--out-dir", default=None, help="default: plots/ next to metrics.json")
+    args = p.parse_args(argv)
+    for path in plot_all(args.metrics, args.out_dir or Path(args.metrics).parent / "plots"):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

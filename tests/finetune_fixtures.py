@@ -1,0 +1,149 @@
+"""Small synthetic step1 HDF5 files and matching step2-style token Parquet files for the step3 /
+step4 tests (written through common.h5io and common.token_parquet, so the real readers run).
+
+Processes differ the way the real ones do: hzz4l has four leptons with harder pT than zz4l,
+ttbar has b-jets and few leptons, dy two leptons. Tokens are a plain binning (level 0: log pT
+bin, level 1: eta bin), so a model has real structure to learn: codes are pT-ordered within
+a type and the lepton pT scale is shared by all leptons of an event.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from common.h5io import H5EventWriter
+from common.schema import CLS, OBJECTS, SEP, SEQUENCE_OBJECTS, TYPE_IDS, features_for
+from common.token_parquet import sequences_table, write_sequences
+
+MAX_OBJECTS = {"electrons": 4, "muons": 4, "taus": 2, "photons": 2, "jets": 6, "tracks": 6}
+CAPS = {"electrons": 4, "muons": 4, "taus": 2, "photons": 2, "jets": 5, "tracks": 4}
+CODES = 16  # codes per (object, level)
+LEVELS = 2
+EVENT_BINS = 8
+PROCESSES = {"hzz4l": 345060, "zz4l": 345108, "ttbar": 410470, "dy": 700322}
+
+
+def make_vocab(codes: int = CODES, tokenizer_tag: str = "synthetic-v1") -> dict:
+    ranges, start = {}, 4 + EVENT_BINS
+    for obj in SEQUENCE_OBJECTS + ("met",):
+        ranges[obj] = [[start + l * codes, codes] for l in range(LEVELS)]
+        start += LEVELS * codes
+    max_length = 2 + sum(CAPS.values()) + len(SEQUENCE_OBJECTS) + 1
+    return {"levels": LEVELS, "vocab_size": start, "type_ids": dict(TYPE_IDS), "ranges": ranges,
+            "event_tokens": {"offset": 4, "size": EVENT_BINS, "mu_edges": list(np.linspace(0, 80, EVENT_BINS + 1)[1:-1])},
+            "layout": "[CLS] [EVENT] e.. [SEP] mu.. [SEP] tau.. [SEP] gamma.. [SEP] jet.. [SEP] track.. [SEP] [MET]",
+            "caps": dict(CAPS), "max_length": max_length,
+            "tokenizers": {obj: {"checksum": f"{tokenizer_tag}-{obj}"} for obj in ranges}}
+
+
+def _multiplicities(process: str, n: int, rng) -> dict[str, np.ndarray]:
+    if process in ("hzz4l", "zz4l"):
+        n_e = rng.choice([0, 2, 4], n)
+        return {"electrons": n_e, "muons": 4 - n_e, "jets": rng.poisson(1.0 if process == "hzz4l" else 0.7, n)}
+    if process == "ttbar":
+        return {"electrons": rng.binomial(1, 0.4, n), "muons": rng.binomial(1, 0.4, n), "jets": 3 + rng.poisson(1.5, n)}
+    two_e = rng.random(n) < 0.5
+    return {"electrons": np.where(two_e, 2, 0), "muons": np.where(two_e, 0, 2), "jets": rng.poisson(0.8, n)}
+
+
+PT_SCALE = {"hzz4l": 35.0, "zz4l": 22.0, "ttbar": 40.0, "dy": 28.0}
+
+
+def _feature_values(obj: str, feat, shape, scale, rng):
+    if feat.name == "pt":
+        return np.sort(scale[..., None] * rng.gamma(10.0, 0.15, shape) + 5.0, axis=-1)[..., ::-1] if len(shape) == 2 \
+            else scale * rng.gamma(2.0, 0.5, shape)
+    if feat.kind == "angle":
+        return rng.uniform(-np.pi, np.pi, shape)
+    if feat.kind in ("flag", "category"):
+        return rng.choice(feat.categories or (0, 1), shape)
+    if feat.kind == "score":
+        return rng.dirichlet([1, 1, 4], shape)[..., "bcu".index(feat.name[-1]) if feat.name[-1] in "bcu" else 0]
+    if feat.name in ("eta", "d0", "z0", "pvx", "pvy", "pvz"):
+        return rng.normal(0, 1.2, shape)
+    return rng.gamma(2.0, 1.0, shape)
+
+
+def make_h5(path: Path, process: str, n: int, seed: int) -> dict[str, np.ndarray]:
+    """Write one HDF5 file; returns the arrays (for building the tokens)."""
+    rng = np.random.default_rng([seed, PROCESSES[process]])
+    mult = _multiplicities(process, n, rng)
+    mult.update(taus=rng.poisson(0.2, n), photons=rng.poisson(0.3, n), tracks=rng.poisson(2.0 if process == "ttbar" else 1.0, n))
+    scale = PT_SCALE[process] * rng.gamma(8.0, 1 / 8.0, n)  # an event-wide pT scale: context to learn
+    arrays = {}
+    for obj in SEQUENCE_OBJECTS:
+        m = MAX_OBJECTS[obj]
+        nobj = np.minimum(mult[obj], m).astype(np.int32)
+        mask = np.arange(m)[None] < nobj[:, None]
+        for f in features_for(obj, "atlas"):
+            v = _feature_values(obj, f, (n, m), scale if obj != "jets" else scale * 1.5, rng)
+            if obj == "jets" and f.name == "GN2_pb":  # ttbar: two b-jets
+                v = np.where((process == "ttbar") & (np.arange(m)[None] < 2), 0.9, 0.02) * np.ones((n, m))
+            if obj == "jets" and f.name in ("GN2_pc", "GN2_pu"):
+                v = np.full((n, m), 0.05 if f.name == "GN2_pc" else 0.9)
+            arrays[f"{f.group}/{obj}/{f.name}"] = np.where(mask, v, 0).astype(f.dtype)
+        arrays[f"common/{obj}/mask"], arrays[f"common/{obj}/n"] = mask, nobj
+    for obj in ("met", "event"):
+        for f in features_for(obj, "atlas"):
+            arrays[f"{f.group}/{obj}/{f.name}"] = _feature_values(obj, f, (n,), scale, rng).astype(f.dtype)
+    arrays["common/event/mu"] = rng.uniform(10, 70, n).astype(np.float32)
+    arrays["common/event/weight"] = np.ones(n, np.float32)
+    with H5EventWriter(path) as w:
+        w.append(arrays)
+        w.close({"experiment": "atlas", "process": process, "dsid": PROCESSES[process], "input_file": f"{process}.root"})
+    return arrays
+
+
+def _bins(x, lo, hi, codes=CODES):
+    return np.clip(((x - lo) / (hi - lo) * codes).astype(np.int64), 0, codes - 1)
+
+
+def tokens_from_arrays(arrays: dict, vocab: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids (N,L,Q), types (N,L), lengths) in the DESIGN.md layout, vectorised."""
+    n = len(arrays["common/met/pt"])
+    ids, types, valid = [], [], []
+
+    def block(t, codes, ok):
+        ids.append(codes), types.append(np.full(ok.shape, t)), valid.append(ok)
+
+    one = np.ones((n, 1), bool)
+    block(1, np.stack([np.full((n, 1), CLS), np.zeros((n, 1), int)], -1), one)
+    ev = vocab["event_tokens"]["offset"] + np.digitize(arrays["common/event/mu"], vocab["event_tokens"]["mu_edges"])
+    block(TYPE_IDS["event"], np.stack([ev[:, None], np.zeros((n, 1), int)], -1), one)
+    for obj in SEQUENCE_OBJECTS + ("met",):
+        (s0, c0), (s1, c1) = vocab["ranges"][obj]
+        if obj == "met":
+            pt, eta, ok = arrays["common/met/pt"][:, None], np.zeros((n, 1)), one
+        else:
+            cap = CAPS[obj]
+            pt, eta = arrays[f"common/{obj}/pt"][:, :cap], arrays[f"common/{obj}/eta"][:, :cap]
+            ok = arrays[f"common/{obj}/mask"][:, :cap]
+        codes = np.stack([s0 + _bins(np.log(np.maximum(pt, 1.0)), 1.0, 5.5), s1 + _bins(eta, -3, 3)], -1)
+        block(OBJECTS[obj].type_id, codes, ok)
+        if obj != "met":
+            block(SEP, np.stack([np.full((n, 1), SEP), np.zeros((n, 1), int)], -1), one)
+    ids, types, valid = np.concatenate(ids, 1), np.concatenate(types, 1), np.concatenate(valid, 1)
+    order = np.argsort(~valid, axis=1, kind="stable")  # pack the stored positions to the front
+    ids = np.take_along_axis(ids, order[..., None], 1)
+    types = np.take_along_axis(types, order, 1)
+    lengths = valid.sum(1)
+    return ids, types, lengths
+
+
+def make_sample(root: Path, n: int = 600, seed: int = 3, processes=tuple(PROCESSES), vocab: dict | None = None,
+                name_suffix: str = "") -> dict:
+    """HDF5 under root/h5, Parquet under root/tokens for each process. Returns the paths."""
+    vocab = vocab or make_vocab()
+    out = {"h5": {}, "parquet": {}, "vocab": vocab}
+    for proc in processes:
+        h5 = root / "h5" / f"{proc}{name_suffix}.h5"
+        arrays = make_h5(h5, proc, n, seed)
+        ids, types, lengths = tokens_from_arrays(arrays, vocab)
+        table = sequences_table(ids, types, lengths, np.arange(n), h5.name, proc, PROCESSES[proc],
+                                arrays["common/event/weight"])
+        pq_path = root / "tokens" / f"{proc}{name_suffix}.parquet"
+        prov = {"script": "tests/finetune_fixtures.py", "inputs": [str(h5)], "settings": {"tokenizers": str(root / "tok")}}
+        write_sequences(pq_path, [table], vocab, prov)
+        out["h5"][proc], out["parquet"][proc] = h5, pq_path
+    return out

@@ -1,0 +1,135 @@
+"""step4_finetune: high-level variables, figures of merit, all arms end to end with the protocols,
+determinism, torchrun DDP on 2 gloo processes, and bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_fixtures import make_sample, make_vocab  # noqa: E402
+
+from common import highlevel  # noqa: E402
+from common.classifier_metrics import binary_metrics  # noqa: E402
+
+SMALL = ["--batch-size", "64", "--epochs", "2", "--patience", "2", "--shuffle-buffer", "2000", "--max-steps", "10"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def step(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    s = make_sample(root, n=700)
+    r = step("step3_pretrain.py", "--parquet", *s["parquet"].values(), "--out-dir", root / "pre", "--epochs", "2",
+             "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--no-plots")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s["init"], s["root"] = root / "pre" / "backbone.pt", root
+    return s
+
+
+def test_z_candidates_standard_pairing():
+    # Z1 -> mu+mu- back to back (m = 2 pT = 91.2), Z2 -> e+e- (m = 30); pT order mixes the pairs.
+    n, m = 2, 4
+    c = {f"common/{o}/{v}": np.zeros((n, m), np.float32) for o in ("electrons", "muons") for v in ("pt", "eta", "phi", "charge")}
+    c.update({f"common/{o}/mask": np.zeros((n, m), bool) for o in ("electrons", "muons")})
+    c["common/muons/pt"][:, :2], c["common/muons/phi"][:, :2], c["common/muons/charge"][:, :2] = 45.594, [0, np.pi], [1, -1]
+    c["common/electrons/pt"][:, :2], c["common/electrons/phi"][:, :2], c["common/electrons/charge"][:, :2] = 15.0, [1, 1 + np.pi], [-1, 1]
+    c["common/muons/mask"][:, :2] = c["common/electrons/mask"][:, :2] = True
+    c["common/electrons/charge"][1, 1] = -1  # second event: the e pair is same-sign, no valid pairing
+    c.update({"common/jets/pt": np.array([[60, 30, 10], [0, 0, 0]], np.float32), "common/jets/mask": np.array([[1, 1, 1], [0, 0, 0]], bool),
+              "common/met/pt": np.ones(n, np.float32), "common/met/sumet": np.ones(n, np.float32),
+              "atlas/jets/GN2_pb": np.array([[0.9, 0.01, 0.9], [0, 0, 0]], np.float32),
+              "atlas/jets/GN2_pc": np.full((n, 3), 0.05, np.float32), "atlas/jets/GN2_pu": np.full((n, 3), 0.05, np.float32)})
+    x = dict(zip(highlevel.NAMES, highlevel.compute(c).T))
+    assert x["mZ1"][0] == pytest.approx(91.19, abs=0.05) and x["mZ2"][0] == pytest.approx(30.0, abs=0.05)
+    assert np.isnan(x["mZ1"][1]) and x["n_leptons"][1] == 4
+    assert x["m4l"][0] == pytest.approx(91.19 + 30.0, abs=0.1) and x["lep1_pt"][0] == pytest.approx(45.594, abs=1e-3)
+    assert x["n_jets"][0] == 2 and x["n_bjets"][0] == 1, "jets above 25 GeV; the 10 GeV b-jet is not counted"
+
+
+def test_binary_metrics():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(2000), np.zeros(2000)]
+    m = binary_metrics(y, y + rng.normal(0, 0.01, 4000))
+    assert m["auc"] == pytest.approx(1.0) and m["rejection_at_50"] > 1000
+    m = binary_metrics(y, rng.random(4000))
+    assert 0.45 < m["auc"] < 0.55 and m["auc_ci95"][0] < 0.5 < m["auc_ci95"][1] or abs(m["auc"] - 0.5) < 0.03
+    assert m["rejection_at_50"] == pytest.approx(2.0, rel=0.15) and m["n_test"] == {"signal": 2000, "background": 2000}
+
+
+def test_all_arms_protocols_and_plots(sample, tmp_path):
+    out = tmp_path / "ft"
+    r = step("step4_finetune.py", "--parquet", *sample["parquet"].values(), "--signal", "hzz4l",
+             "--background", "zz4l,410470", "--test-background", "dy", "--init", sample["init"],
+             "--h5-dir", sample["root"] / "h5", "--out-dir", out, "--label-fractions", "0.2,1", "--seeds", "1,2", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"]["background"] == ["ttbar", "zz4l"], "dataset ids resolve to process names"
+    assert set(m["arms"]) == {"scratch", "finetune", "frozen", "continuous", "counts_gbdt", "standard_gbdt"}
+    for arm, a in m["arms"].items():
+        assert a["auc_ci95"][0] <= a["auc"] <= a["auc_ci95"][1], arm
+        assert a["seeds"]["n_seeds"] == 2 and a["n_test"]["signal"] > 50 and len(a["roc"]["fpr"]) > 10
+        assert a["rejection_at_30"] >= a["rejection_at_50"] >= 1
+    # the standard physics variables separate hzz4l from zz4l+ttbar (harder lepton pT, no b-jets)
+    assert m["arms"]["standard_gbdt"]["auc"] > 0.8 and m["arms"]["scratch"]["auc"] > 0.6
+    assert m["arms"]["continuous"]["auc"] > 0.6
+    assert set(m["generalisation"]["arms"]["scratch"]) == {"ttbar", "zz4l", "dy"}
+    eff = m["data_efficiency"]["finetune"]
+    assert [e["fraction"] for e in eff] == [0.2, 1.0] and eff[0]["n_labelled"] < eff[1]["n_labelled"]
+    assert 0.1 < eff[0]["n_labelled"] / eff[1]["n_labelled"] < 0.3
+    scores = np.load(out / "test_scores.npz", allow_pickle=False)
+    assert len(scores["score_scratch"]) == len(scores["score_standard_gbdt"]) == len(scores["process"])
+    assert {"hzz4l", "zz4l", "ttbar", "dy"} == set(scores["process"]), "test set: signal, backgrounds, test-only dy"
+    for png in ("roc", "score_distributions", "training_curves", "data_efficiency", "generalisation"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 5000
+
+
+def test_seeded_runs_are_reproducible(sample, tmp_path):
+    aucs = []
+    for k in range(2):
+        r = step("step4_finetune.py", "--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
+                 "--arms", "scratch,counts_gbdt", "--out-dir", tmp_path / f"o{k}", "--no-plots", "--d-model", "32",
+                 "--n-heads", "2", "--epochs", "1", "--batch-size", "64", "--seed", "5", "--max-steps", "5")
+        assert r.returncode == 0, r.stderr[-2000:]
+        aucs.append({a: v["auc"] for a, v in json.loads((tmp_path / f"o{k}" / "metrics.json").read_text())["arms"].items()})
+    assert aucs[0] == aucs[1]
+
+
+def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "step4_finetune.py"), "--parquet", *map(str, sample["parquet"].values()), "--signal-process", "hzz4l",
+           "--background", "ttbar", "--init", str(sample["init"]), "--arms", "finetune", "--device", "cpu",
+           "--out-dir", str(tmp_path / "ddp"), "--no-plots", "--epochs", "1", "--batch-size", "32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["arms"]["finetune"]["auc"] > 0.6
+
+
+def test_bad_inputs_one_line_errors(sample, tmp_path):
+    pqs = list(sample["parquet"].values())
+    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--epochs", "1"]
+    r = step("step4_finetune.py", "--parquet", *pqs, "--signal", "higgs", "--background", "zz4l", *base)
+    assert r.returncode == 2 and "signal 'higgs' matches no events" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(pqs[0]).drop(["token_type_ids"]), bad)
+    r = step("step4_finetune.py", "--parquet", bad, "--signal", "hzz4l", "--background", "zz4l", *base)
+    assert r.returncode == 1 and "lacks the column(s) token_type_ids" in r.stderr and "Traceback" not in r.stderr
+    other = make_sample(tmp_path / "other", n=100, processes=("hzz4l", "zz4l"), vocab=make_vocab(tokenizer_tag="refit"))
+    r = step("step4_finetune.py", "--parquet", *other["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
+             "--init", sample["init"], *base[:-2], "--arms", "finetune")
+    assert r.returncode == 1 and "does not match the backbone" in r.stderr and "Traceback" not in r.stderr
+    tiny = make_sample(tmp_path / "tiny", n=3, processes=("hzz4l", "zz4l"))  # too few events to fill every split
+    r = step("step4_finetune.py", "--parquet", *tiny["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", *base)
+    assert r.returncode == 1 and "split holds no" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,135 @@
+"""step3_pretrain: masking, streaming splits and DDP sharding, an end-to-end pretraining that must
+beat the frequency baseline, resume, torchrun DDP on 2 gloo processes, and bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_fixtures import make_sample, make_vocab  # noqa: E402
+
+from common.event_data import SequenceStream, code_ranges, mask_objects  # noqa: E402
+from common.schema import MASK  # noqa: E402
+from common.token_parquet import SPLITS, batch_to_numpy, legal_id_mask, split_of  # noqa: E402
+from common.transformer import load_backbone, vocab_checksum  # noqa: E402
+
+SMALL = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--no-plots"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "step3_pretrain.py"), *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return make_sample(tmp_path_factory.mktemp("pre"), n=1200)
+
+
+def _batch(sample):
+    table = pq.read_table(sample["parquet"]["hzz4l"])
+    return batch_to_numpy(table, sample["vocab"]["levels"])
+
+
+def test_masking_whole_objects_80_10_10_with_legal_random_codes(sample):
+    vocab, b = sample["vocab"], _batch(sample)
+    ids, types, attn = np.tile(b["input_ids"], (10, 1, 1)), np.tile(b["token_type_ids"], (10, 1)), np.tile(b["attention_mask"], (10, 1))
+    new, labels, chosen = mask_objects(ids, types, attn, code_ranges(vocab), np.random.default_rng(0), 0.15)
+    objects = np.isin(types, [vocab["type_ids"][o] for o in vocab["ranges"]]) & (attn > 0)
+    assert not chosen[~objects].any(), "only object positions are masked (never CLS/SEP/event/padding)"
+    assert abs(chosen.sum() / objects.sum() - 0.15) < 0.01
+    masked = (new[chosen] == MASK).all(-1)
+    kept = (new[chosen] == ids[chosen]).all(-1)
+    randomised = ~masked & ~kept
+    assert abs(masked.mean() - 0.8) < 0.02 and 0.07 < randomised.mean() + kept.mean() / 2 < 0.16
+    legal = legal_id_mask(vocab)
+    t = np.repeat(types[chosen][:, None], vocab["levels"], 1)
+    lvl = np.broadcast_to(np.arange(vocab["levels"]), t.shape)
+    assert legal[t[randomised], lvl[randomised], new[chosen][randomised]].all(), "random codes are legal for the type"
+    assert (labels[chosen] == ids[chosen]).all() and (labels[~chosen] == -100).all()
+    assert (new[~chosen] == ids[~chosen]).all()
+
+
+def test_stream_splits_and_rank_shards(sample):
+    paths = [str(p) for p in sample["parquet"].values()]
+    seen = {}
+    for name, split in SPLITS.items():
+        ev = [(f, i) for b in SequenceStream(paths, 2, 50, split=split).batches()
+              for f, i in zip(b["source_file"], b["event_index"])]
+        seen[name] = set(ev)
+        for f in set(x[0] for x in ev):
+            idx = np.array([i for g, i in ev if g == f])
+            assert (split_of(f, idx) == split).all()
+    assert not (seen["train"] & seen["test"]) and not (seen["val"] & seen["test"])
+    assert sum(len(s) for s in seen.values()) == 4 * 1200
+    shards = [SequenceStream(paths, 2, 32, split=0, shuffle_buffer=500, seed=7, rank=r, world=2) for r in (0, 1)]
+    ev = [[(f, i) for b in s.batches(3) for f, i in zip(b["source_file"], b["event_index"])] for s in shards]
+    assert not set(ev[0]) & set(ev[1]) and set(ev[0]) | set(ev[1]) == seen["train"], "ranks split the epoch"
+    again = [(f, i) for b in shards[0].batches(3) for f, i in zip(b["source_file"], b["event_index"])]
+    other = [(f, i) for b in shards[0].batches(4) for f, i in zip(b["source_file"], b["event_index"])]
+    assert again == ev[0] and other != ev[0], "shuffling is seeded per epoch"
+
+
+def test_pretraining_beats_frequency_baseline_and_resumes(sample, tmp_path):
+    out = tmp_path / "pre"
+    r = run("--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "5", "--lr", "3e-3",
+            "--mask-prob", "0.3", "--dropout", "0", *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    n_train = sum(int((split_of(Path(p).with_suffix(".h5").name, np.arange(1200)) == 0).sum()) for p in sample["parquet"].values())
+    assert m["n_events"]["train"] == n_train, "pretraining reads the train split only"
+    val = m["val"]
+    assert val["n_masked"] > 500
+    assert val["acc"] > val["frequency_baseline_acc"] + 0.03, (val["acc"], val["frequency_baseline_acc"])
+    assert set(val["per_level"]) == {"0", "1"} and {"electrons", "muons", "jets"} <= set(val["per_type"])
+    model, side = load_backbone(out / "backbone.pt")  # weights_only=True inside
+    assert side["vocab_checksum"] == vocab_checksum(sample["vocab"]) and side["config"]["d_model"] == 32
+    assert (out / "history.csv").read_text().count("\n") == 6
+    # a finished run is skipped; --resume continues from the checkpoint to more epochs
+    r = run("--parquet", *sample["parquet"].values(), "--out-dir", out, *SMALL)
+    assert r.returncode == 0 and "skipping" in r.stdout
+    r = run("--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "6", "--resume", "--lr", "3e-3",
+            "--mask-prob", "0.3", *SMALL)
+    assert r.returncode == 0 and "resuming after epoch 4" in r.stdout, r.stderr[-1500:]
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1, 2, 3, 4, 5]
+
+
+def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "step3_pretrain.py"), "--parquet", *map(str, sample["parquet"].values()), "--out-dir", str(out),
+           "--epochs", "1", "--device", "cpu", *SMALL]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2
+    single = SequenceStream([str(p) for p in sample["parquet"].values()], 2, 64, split=0)
+    assert m["steps_per_epoch"] == -(-single.count() // 64) // 2, "each rank takes half of the batches"
+
+
+def test_bad_inputs_one_line_errors(sample, tmp_path):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(sample["parquet"]["dy"]).drop(["input_ids"]), bad)
+    r = run("--parquet", bad, "--out-dir", tmp_path / "o1", *SMALL)
+    assert r.returncode == 1 and "lacks the column(s) input_ids" in r.stderr and "Traceback" not in r.stderr
+    # one good and one bad file: the good one is still used, exit 1 lists the failure
+    r = run("--parquet", bad, sample["parquet"]["dy"], "--out-dir", tmp_path / "o2", "--epochs", "1", *SMALL)
+    assert r.returncode == 1 and (tmp_path / "o2" / "backbone.pt").exists()
+    # a file whose events all fall in the test split: nothing to pretrain on
+    from common.token_parquet import sequences_table, write_sequences
+    idx = np.flatnonzero(split_of("only_test.h5", np.arange(20000)) == 2)[:50]
+    ids = np.ones((50, 3, 2), np.int32)
+    table = sequences_table(ids, np.ones((50, 3), np.int8), np.full(50, 3), idx, "only_test.h5", "dy", 1, np.ones(50))
+    write_sequences(tmp_path / "test_only.parquet", [table], make_vocab(), {})
+    r = run("--parquet", tmp_path / "test_only.parquet", "--out-dir", tmp_path / "o3", *SMALL)
+    assert r.returncode != 0 and "split holds no events" in r.stderr and len(r.stderr.strip().splitlines()) == 1
