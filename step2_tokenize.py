@@ -37,8 +37,8 @@ from common.tokenizer import (COMBINED, TYPE_FEATURE, Tokenizer, VQAutoencoder, 
 DIM = 8
 LEVELS = 4
 CODEBOOK_SIZE = "auto"  # auto: a power of two near (training objects / AUTO_OBJECTS_PER_CODE)
-AUTO_OBJECTS_PER_CODE = 128
-AUTO_MIN_CODES, AUTO_MAX_CODES = 16, 4096
+AUTO_OBJECTS_PER_CODE = 64  # 128 left pT at 4-8%: each doubling of the codes buys ~30% resolution
+AUTO_MIN_CODES, AUTO_MAX_CODES = 64, 2048  # 16 tau codes could not hold pT; 4096 track codes cost 2x fit time
 HIDDEN = 128
 DEPTH = 2
 DECAY = 0.99
@@ -50,12 +50,14 @@ WARMUP_STEPS = 100  # plain autoencoder steps before k-means initialises the cod
 LR = 3e-3
 COMMIT_WEIGHT = 0.25
 DISCRETE_WEIGHT = 10.0  # loss weight of flags and categories: they must come back exactly
+PT_WEIGHT = 10.0  # loss weight of pT (and MET sumet): the code bits go to pT (30 broke b-tag and tau phi)
 KMEANS_FACTOR = 10  # k-means buffer: at least this x codebook size vectors
 KMEANS_ITERS = 15
 PREPROCESS_EVENTS = 200_000  # bound of the preprocessing sample
 EVAL_OBJECTS = 200_000  # bound of the held-out quality sample
 CHUNK_EVENTS = 8192
 SEED = 1
+CACHE_BYTES = 256 << 20  # a preprocessed training set up to this size is kept in memory after the first pass
 FIT_THREADS = 1  # the MLPs are small: one thread per process beats two contending ones
 PRESETS = {
     "production": {"dim": 8, "levels": 4, "codebook_size": "4096", "codebook_size_tracks": 8192,
@@ -93,6 +95,7 @@ def parse_args(argv=None):
     f.add_argument("--lr", type=float, default=LR)
     f.add_argument("--commit-weight", type=float, default=COMMIT_WEIGHT)
     f.add_argument("--discrete-weight", type=float, default=DISCRETE_WEIGHT, help="loss weight of flags/categories")
+    f.add_argument("--pt-weight", type=float, default=PT_WEIGHT, help="loss weight of pT (and MET sumet)")
     f.add_argument("--transform", action="append", default=[], metavar="OBJ.FEATURE=T",
                    help="override a continuous feature's transform (quantile, log_standard, standard)")
     f.add_argument("--preprocess-events", type=int, default=PREPROCESS_EVENTS)
@@ -252,23 +255,42 @@ def choose_codebook_size(args, obj: str, n_train: int) -> int:
     return int(min(max(k, AUTO_MIN_CODES), AUTO_MAX_CODES))
 
 
-def minibatches(stream_factory, specs, d_in, batch_size, rng):
-    """Endless shuffled minibatches of preprocessed objects; memory holds one chunk."""
+def minibatches(stream_factory, specs, d_in, batch_size, rng, cache_bytes=None):
+    """Endless shuffled minibatches of preprocessed objects. The first pass streams chunk by chunk;
+    a training set that fits in `cache_bytes` is kept (preprocessed) and later passes reshuffle it
+    in memory: re-reading the HDF5 files every pass was half the fit time of a small set. A larger
+    set streams on every pass, so memory holds one chunk (plus at most `cache_bytes`)."""
+    cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
     carry = np.zeros((0, d_in), np.float32)
+    cache, cached = [], 0
     while True:
         produced = False
         for feats in stream_factory():
-            x = np.concatenate([carry, preprocess(specs, feats, d_in)])
+            x = preprocess(specs, feats, d_in)
+            if cache is not None:
+                cache.append(x)
+                cached += x.nbytes
+                cache = cache if cached <= cache_bytes else None
+            x = np.concatenate([carry, x])
             x = x[rng.permutation(len(x))]
             n_full = len(x) // batch_size
             for b in range(n_full):
                 produced = True
                 yield torch.from_numpy(x[b * batch_size : (b + 1) * batch_size])
             carry = x[n_full * batch_size :]
+        if cache is not None:
+            break
         if not produced:
             if not len(carry):
                 raise ValueError("no training objects in the inputs")
             yield torch.from_numpy(carry)  # fewer objects than one batch: use what there is
+    x = np.concatenate(cache) if cache else np.zeros((0, d_in), np.float32)
+    if not len(x):
+        raise ValueError("no training objects in the inputs")
+    while True:  # in memory: a new permutation per pass, full batches (or the whole set if smaller)
+        perm = rng.permutation(len(x))
+        for b in range(max(1, len(x) // batch_size)):
+            yield torch.from_numpy(x[perm[b * batch_size : (b + 1) * batch_size]])
 
 
 def train(model: VQAutoencoder, specs, batches, args, ddp_model, label: str) -> list[dict]:
@@ -484,10 +506,11 @@ def fit_one(obj: str, infos: list[dict], args, objs_for_combined=None) -> dict:
     if not specs:
         raise runtime.InputError(f"{obj}: no tokenizable features present in all inputs")
     fit_preprocessing(specs, sample)
+    weight_pt(specs, args.pt_weight)
     settings = {"dim": args.dim, "levels": args.levels, "codebook_size": choose_codebook_size(args, obj, n_train),
                 "hidden": args.hidden, "depth": args.depth, "decay": args.decay, "cosine": bool(args.cosine),
                 "dead_fraction": args.dead_fraction, "batch_size": args.batch_size, "steps": args.steps,
-                "warmup_steps": args.warmup_steps, "lr": args.lr, "commit_weight": args.commit_weight, "discrete_weight": args.discrete_weight,
+                "warmup_steps": args.warmup_steps, "lr": args.lr, "commit_weight": args.commit_weight, "discrete_weight": args.discrete_weight, "pt_weight": args.pt_weight,
                 "kmeans_buffer": KMEANS_FACTOR, "seed": args.seed, "mode": args.mode, "n_train_objects": n_train}
     tok = Tokenizer(obj, specs, settings)
     model = tok.model
@@ -512,6 +535,13 @@ def fit_one(obj: str, infos: list[dict], args, objs_for_combined=None) -> dict:
     sha = tok.save(ckpt, sidecar)
     save_eval_sample(out_dir / f"{obj}.eval.npz", orig, reco, codes)
     return {"object": obj, "sha256": sha, "goals": q["goals"], "settings": settings}
+
+
+def weight_pt(specs: list[dict], weight: float) -> None:
+    """pT (and MET sumet) get a larger reconstruction weight: the bits of the codes go where analyses need them."""
+    for s in specs:
+        if s["kind"] == "continuous" and s["names"][0].split("/")[-1] in ("pt", "sumet"):
+            s["loss_weight"] = float(weight)
 
 
 def common_features(obj: str, infos: list[dict], args) -> list[tuple[str, str]]:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import distributed as D
@@ -46,7 +45,7 @@ MASK_PROB = 0.15
 SHUFFLE_BUFFER = 16384
 SEED = 1
 DEVICE = "auto"
-THREADS = 1  # CPU threads; 1 because the 2-core run_all machine is shared (2 threads measured 10x slower there)
+THREADS = 0  # 0: all cores (1.1-1.4x faster, quiet 2-core box); 1 if others share the cores (all: 5-20x slower)
 
 
 def parse_args(argv=None):
@@ -68,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="events held for shuffling")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
     p.add_argument("--device", default=DEVICE)
-    p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="torch CPU threads (0: all cores; 1 on a busy shared machine)")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on GPU)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoint.pt")
@@ -97,15 +97,13 @@ class LevelStats:
     def __init__(self, n_types: int, q: int, device):
         self.sums = torch.zeros(4, n_types, q, dtype=torch.float64, device=device)  # n, correct, loss, baseline
 
-    def add(self, logits, labels, types, mode=None):
+    def add(self, loss, correct, labels, types, mode=None):
         valid = labels != -100
         q = labels.shape[1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1),
-                               reduction="none").view_as(labels)
         idx = (types[:, None] * q + torch.arange(q, device=labels.device)[None]).expand_as(labels)[valid]
         flat = self.sums.view(4, -1)
         flat[0].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
-        flat[1].index_add_(0, idx, (logits.argmax(-1) == labels)[valid].double())
+        flat[1].index_add_(0, idx, correct[valid].double())
         flat[2].index_add_(0, idx, loss[valid].detach().double())
         if mode is not None:
             flat[3].index_add_(0, idx, (mode[types[:, None].expand_as(labels), torch.arange(q, device=labels.device)
@@ -155,8 +153,8 @@ def run_epoch(model, stream, epoch, steps, ranges, args, dist, stats, mode=None,
         b_chosen = torch.from_numpy(chosen).to(dist.device)
         b_labels = torch.from_numpy(labels).long().to(dist.device)[b_chosen]
         with torch.set_grad_enabled(train), torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(b_ids, b_types, b_attn, b_chosen)
-        loss = stats.add(logits.float(), b_labels, b_types[b_chosen].long(), mode)
+            per_level_loss, correct = model(b_ids, b_types, b_attn, b_chosen, b_labels)
+        loss = stats.add(per_level_loss, correct, b_labels, b_types[b_chosen].long(), mode)
         if train:
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -56,9 +56,10 @@ WARMUP_FRACTION = 0.05
 GRAD_CLIP = 1.0
 SHUFFLE_BUFFER = 16384
 GBDT_TREES, GBDT_LEAVES, GBDT_LR = 400, 15, 0.05
+BOOTSTRAP = 200  # resamples of the test set for each AUC's 95% interval
 SEED = 1
 DEVICE = "auto"
-THREADS = 1  # CPU threads; 1 because the 2-core run_all machine is shared (2 threads measured 10x slower there)
+THREADS = 0  # 0: all cores (1.1-1.4x faster, quiet 2-core box); 1 if others share the cores (all: 5-20x slower)
 NET_ARMS = ("scratch", "finetune", "frozen", "continuous")
 GBDT_ARMS = ("counts_gbdt", "standard_gbdt")
 
@@ -96,8 +97,11 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER)
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
+    p.add_argument("--gbdt-trees", type=int, default=GBDT_TREES, help="most boosting rounds of the GBDT baselines")
+    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="test-set resamples for the AUC intervals")
     p.add_argument("--device", default=DEVICE)
-    p.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads (0: torch default)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="torch and LightGBM CPU threads (0: all cores; 1 on a busy shared machine)")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--overwrite", action="store_true")
@@ -117,6 +121,8 @@ def parse_args(argv=None):
         p.error(f"--seeds / --label-fractions: {exc}")
     if any(not 0 < f <= 1 for f in args.fractions):
         p.error("--label-fractions must lie in (0, 1]")
+    if args.gbdt_trees < 1 or args.bootstrap < 1:
+        p.error("--gbdt-trees and --bootstrap must be at least 1")
     return args
 
 
@@ -263,11 +269,11 @@ def highlevel_of(data: dict, h5_files: dict) -> np.ndarray:
     return x
 
 
-def train_gbdt(train: dict, val: dict, signal: list[str], norm: dict, seed: int):
+def train_gbdt(train: dict, val: dict, signal: list[str], norm: dict, seed: int, trees: int = GBDT_TREES, threads: int = 0):
     y, w = class_weights({"process": train["process"], "weight": train["weight"]}, signal, norm)
     yv, wv = class_weights({"process": val["process"], "weight": val["weight"]}, signal, norm)
-    model = lgb.LGBMClassifier(n_estimators=GBDT_TREES, num_leaves=GBDT_LEAVES, learning_rate=GBDT_LR,
-                               random_state=seed, n_jobs=2, verbose=-1, subsample=0.8, subsample_freq=1)
+    model = lgb.LGBMClassifier(n_estimators=trees, num_leaves=GBDT_LEAVES, learning_rate=GBDT_LR,
+                               random_state=seed, n_jobs=threads or -1, verbose=-1, subsample=0.8, subsample_freq=1)
     model.fit(train["x"], y, sample_weight=w, eval_set=[(val["x"], yv)], eval_sample_weight=[wv],
               eval_metric="auc", callbacks=[lgb.early_stopping(30, verbose=False)])
     return model
@@ -275,11 +281,13 @@ def train_gbdt(train: dict, val: dict, signal: list[str], norm: dict, seed: int)
 
 # --- evaluation ----------------------------------------------------------------------------------------
 
-def evaluate(s: dict, signal: list[str], background: list[str], test_background: list[str], seed: int) -> tuple[dict, dict]:
+def evaluate(s: dict, signal: list[str], background: list[str], test_background: list[str], seed: int,
+             n_bootstrap: int = BOOTSTRAP) -> tuple[dict, dict]:
     """Metrics against the trained backgrounds, and against each test-only background."""
     def subset(bkgs):
         keep = np.isin(s["process"], signal + bkgs)
-        return binary_metrics(np.isin(s["process"][keep], signal), s["score"][keep], s["weight"][keep], seed=seed)
+        return binary_metrics(np.isin(s["process"][keep], signal), s["score"][keep], s["weight"][keep],
+                              n_bootstrap=n_bootstrap, seed=seed)
     return subset(background), {b: subset([b]) for b in background + test_background}
 
 
@@ -397,14 +405,14 @@ def main(argv=None) -> int:
                 if arm == "standard_gbdt":
                     for d in data.values():
                         d["x"] = highlevel_of(d, h5_files)
-                model = train_gbdt(data["train"], data["val"], signal, norm, seed)
+                model = train_gbdt(data["train"], data["val"], signal, norm, seed, args.gbdt_trees, args.threads)
                 s = {"score": model.predict_proba(data["test"]["x"])[:, 1], "process": data["test"]["process"],
                      "weight": data["test"]["weight"]}
-                history = [{"best_iteration": int(model.best_iteration_ or GBDT_TREES),
+                history = [{"best_iteration": int(model.best_iteration_ or args.gbdt_trees),
                             "val_auc": float(model.best_score_["valid_0"]["auc"])}]
                 names = COUNT_NAMES(vocab) if arm == "counts_gbdt" else list(highlevel.NAMES)
                 history[0]["feature_importance"] = dict(zip(names, model.feature_importances_.tolist()))
-            main_m, gen_m = evaluate(s, signal, background, test_bkg, seed)
+            main_m, gen_m = evaluate(s, signal, background, test_bkg, seed, args.bootstrap)
             main_m["train_seconds"] = round(time.perf_counter() - t0, 2)
             per_seed.append({"seed": seed, **main_m})
             if seed == args.seed_list[0]:
@@ -424,7 +432,8 @@ def main(argv=None) -> int:
         streams = streams_for(fraction)
         for arm in [a for a in ("scratch", "finetune", "frozen") if a in args.arm_list]:
             model, _ = train_net(arm, args, cfg, streams, signal, norm, dist, args.seed_list[0], desc=f"{arm} f={fraction}")
-            m, _ = evaluate(score(model, test_stream, dist.device, amp, desc=f"{arm} test"), signal, background, [], args.seed_list[0])
+            m, _ = evaluate(score(model, test_stream, dist.device, amp, desc=f"{arm} test"), signal, background, [], args.seed_list[0],
+                            args.bootstrap)
             efficiency.setdefault(arm, []).append({"fraction": fraction, "n_labelled": streams["train_count"],
                                                    "auc": m["auc"], "auc_ci95": m["auc_ci95"],
                                                    "rejection_at_50": m["rejection_at_50"]})

@@ -1,9 +1,11 @@
 """Benchmark of step2 at the seeds' setting (dim 8, 4 levels, 4096 codes):
 
-  1. nearest-code search: ours (blocked |C|^2 - 2 x.C^T matmul + argmin) vs vector-quantize-pytorch's
-     ResidualVQ in eval mode on the same vectors (skipped cleanly when the package is absent);
+  1. nearest-code search: the k-d tree search of encode/apply (TreeCodeSearch) and the blocked
+     |C|^2 - 2 x.C^T matmul + argmin of training, vs vector-quantize-pytorch's ResidualVQ in eval
+     mode on the same vectors (skipped cleanly when the package is absent);
   2. apply throughput in objects/s: encode + quantise + sequence building + Parquet writing
-     (step2_tokenize.apply_one, in process) on synthetic step1 files;
+     (step2_tokenize.apply_one, in process) on synthetic step1 files, with the tree search, and on the
+     small file with the matmul search too (the reference: the speed-up measured under the same load);
   3. peak memory (ru_maxrss of a child `step2_tokenize.py apply`) as the input grows 10x;
   4. fit throughput (training objects/s of the VQ-VAE at batch 4096).
 
@@ -33,7 +35,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import step2_tokenize as step2  # noqa: E402
 from common.schema import OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
-from common.tokenizer import Tokenizer, build_specs, fit_preprocessing, nearest_code  # noqa: E402
+import common.tokenizer as tokenizer  # noqa: E402
+from common.tokenizer import Tokenizer, TreeCodeSearch, build_specs, fit_preprocessing, nearest_code  # noqa: E402
 from test_tokenize import write_synthetic_h5  # noqa: E402
 
 EVENTS = 5000
@@ -63,7 +66,8 @@ def make_tokenizers(h5: Path, out_dir: Path, seed: int) -> None:
             q = tok.model.quantizer
             r = z
             for level in range(LEVELS):
-                cb = r[torch.randint(len(r), (k,))] + 0.01 * torch.randn(k, DIM)
+                # codes at the scale of this level's residuals, as k-means/EMA training leaves them
+                cb = r[torch.randint(len(r), (k,))] + 0.01 * r.std(0) * torch.randn(k, DIM)
                 q.codebooks[level] = cb
                 r = r - cb[nearest_code(r, cb, (cb * cb).sum(1))]
         tok.save(out_dir / f"{obj}.pt", {"bench": True})
@@ -74,20 +78,39 @@ def count_objects(h5: Path) -> int:
         return int(sum(f[f"common/{o}/n"][:].sum() for o in SEQUENCE_OBJECTS) + f["common/met/pt"].shape[0])
 
 
+def sample_codebooks(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Codebooks level by level from this level's residuals (as data-initialised training starts)."""
+    cbs, r = [], z
+    for _ in range(LEVELS):
+        cb = r[torch.randint(len(r), (k,))] + 0.01 * r.std(0) * torch.randn(k, DIM)
+        cbs.append(cb)
+        r = r - cb[nearest_code(r, cb, (cb * cb).sum(1))]
+    return torch.stack(cbs)
+
+
 def bench_search(threads: int) -> dict:
     torch.set_num_threads(threads)
+    torch.manual_seed(1)
     n = 100_000
     z = torch.randn(n, DIM)
-    cbs = torch.randn(LEVELS, CODES, DIM) * 0.5
+    cbs = sample_codebooks(z[:50_000], CODES)
     with torch.inference_mode():
         t = time.perf_counter()
-        r = z
+        r, brute = z, []
         for level in range(LEVELS):
             cb = cbs[level]
             idx = nearest_code(r, cb, (cb * cb).sum(1))
+            brute.append(idx)
             r = r - cb[idx]
-        ours = n / (time.perf_counter() - t)
-    res = {"ours_objects_per_s": ours}
+        matmul = n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    search = TreeCodeSearch(cbs, cosine=False)
+    build = time.perf_counter() - t
+    t = time.perf_counter()
+    codes = search.codes(z.numpy(), workers=threads)
+    tree = n / (time.perf_counter() - t)
+    agree = float((codes == torch.stack(brute, 1).numpy()).all(1).mean())
+    res = {"ours_objects_per_s": tree, "matmul_objects_per_s": matmul, "tree_build_s": build, "agree": agree}
     try:
         from vector_quantize_pytorch import ResidualVQ
     except ImportError:
@@ -101,12 +124,13 @@ def bench_search(threads: int) -> dict:
         for i in range(0, m, 5000):
             rvq(z[i : i + 5000].unsqueeze(0))
         ref = m / (time.perf_counter() - t)
-    res.update(reference_objects_per_s=ref, ratio=ours / ref)
+    res.update(reference_objects_per_s=ref, ratio=tree / ref)
     return res
 
 
-def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int) -> dict:
+def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, tree: bool = True) -> dict:
     torch.set_num_threads(threads)
+    tokenizer.TREE_SEARCH_ON_CPU = tree
     toks, combined = step2.load_tokenizers(str(tok_dir))
     meta = {o: {"sha256": t.sha256, "features": t.features, "levels": t.levels, "codebook_size": t.codebook_size}
             for o, t in toks.items()}
@@ -169,18 +193,25 @@ def main() -> int:
     if not big.exists():
         write_synthetic_h5(big, args.events * args.scale, seed=12)
     tok_dir = OUT / "tok"
-    if not (tok_dir / "met.pt").exists():
-        make_tokenizers(small, tok_dir, 1)
+    make_tokenizers(small, tok_dir, 1)  # cheap; always current with this script
 
     s = bench_search(args.threads)
-    line = f"[bench] nearest-code search, {LEVELS} levels x {CODES} codes, dim {DIM}: ours {s['ours_objects_per_s']:,.0f} obj/s"
+    print(f"[bench] load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    line = (f"[bench] nearest-code search, {LEVELS} levels x {CODES} codes, dim {DIM}: k-d tree {s['ours_objects_per_s']:,.0f} obj/s "
+            f"(build {s['tree_build_s'] * 1e3:.0f} ms, same codes as matmul on {s['agree']:.6f}); "
+            f"matmul {s['matmul_objects_per_s']:,.0f} obj/s")
     if "reference_objects_per_s" in s:
         line += f"; vector-quantize-pytorch ResidualVQ (eval) {s['reference_objects_per_s']:,.0f} obj/s; ratio {s['ratio']:.1f}x"
     print(line)
+    ref = bench_apply(small, tok_dir, OUT / "tokens", args.threads, tree=False)
+    print(f"[bench] apply small, matmul search (reference): {ref['objects']:,} objects in {ref['seconds']:.1f} s -> "
+          f"{ref['objects_per_s']:,.0f} obj/s")
     for name, h5 in (("small", small), ("big", big)):
         a = bench_apply(h5, tok_dir, OUT / "tokens", args.threads)
         print(f"[bench] apply {name}: {a['objects']:,} objects in {a['seconds']:.1f} s -> {a['objects_per_s']:,.0f} obj/s "
-              f"(encode+quantise+sequences+Parquet; goal 200,000)")
+              f"(encode+quantise+sequences+Parquet; goal 200,000)"
+              + (f"; {a['objects_per_s'] / ref['objects_per_s']:.1f}x the matmul search" if name == "small" else ""))
+    print(f"[bench] load average at end {os.getloadavg()[0]:.2f}")
     rss = {name: child_peak_rss_mb(h5, tok_dir, OUT / "tokens", args.threads) for name, h5 in (("small", small), ("big", big))}
     print(f"[bench] apply peak RSS (--chunk-events {MEMORY_CHUNK_EVENTS}): {rss['small']:.0f} MB ({args.events} events) -> {rss['big']:.0f} MB "
           f"({args.events * args.scale} events), ratio {rss['big'] / rss['small']:.2f} for {args.scale}x input")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
 from scipy.special import ndtr, ndtri
 from torch import nn
 
@@ -33,6 +34,7 @@ N_QUANTILES = 1001  # quantile-table points of the quantile -> normal transform
 QUANTILE_EPS = 1e-4  # clip of the uniform variable: +-3.7 sigma at most
 SCORE_EPS = 1e-6  # floor of a score before its log-ratio
 SEARCH_BLOCK = 512  # rows per nearest-code matmul block: the distance block stays in cache
+TREE_SEARCH_ON_CPU = True  # encode on CPU with the k-d tree search (False: the matmul search, as in training)
 
 # ----------------------------------------------------------------------------------------------
 # Preprocessing
@@ -178,8 +180,8 @@ def reconstruction_loss(specs: list[dict], out: torch.Tensor, x_in: torch.Tensor
     for s in specs:
         (a, b), (c, d) = s["in"], s["out"]
         y, o = x_in[:, a:b], out[:, c:d]
-        if s["kind"] in ("continuous", "angle"):
-            add(s["kind"], F.mse_loss(o, y, reduction="none").sum(1).mean())
+        if s["kind"] in ("continuous", "angle"):  # "loss_weight": e.g. pT, the feature analyses lean on most
+            add(s["kind"], s.get("loss_weight", 1.0) * F.mse_loss(o, y, reduction="none").sum(1).mean())
         elif s["kind"] == "flag":
             add("flag", discrete_weight * F.binary_cross_entropy_with_logits(o[:, 0], (y[:, 0] > 0).float()))
         elif s["kind"] == "category":
@@ -253,6 +255,49 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor,
         d = torch.addmm(code_sq, xb, ct, alpha=-2.0) if not cosine else -(xb @ ct)
         out[i : i + SEARCH_BLOCK] = d.argmin(1)
     return out
+
+
+class TreeCodeSearch:
+    """Exact nearest-code search for CPU inference: one k-d tree per level, built once from the
+    codebooks. The codebook dimension is small (8), so a tree query visits a few dozen codes where
+    the matmul visits all of them; the codes are the ones `nearest_code` gives (exact nearest
+    neighbour; ties and float32 rounding aside). Training keeps `nearest_code` (EMA statistics,
+    torch tensors, GPU).
+
+    Cosine: the residual is normalised as in `quantize`, and max x.C_k becomes a nearest-neighbour
+    search by the usual lift C_k -> (C_k, sqrt(m^2 - |C_k|^2)), x -> (x, 0), m = max |C_k|:
+    |x' - C_k'|^2 = |x|^2 + m^2 - 2 x.C_k, exact whether or not the codes are unit vectors."""
+
+    def __init__(self, codebooks: torch.Tensor, cosine: bool):
+        self.codebooks = codebooks.detach().cpu().numpy().astype(np.float32, copy=True)
+        self.cosine = cosine
+        self.trees = [cKDTree(self._points(cb)) for cb in self.codebooks]
+
+    def _points(self, cb: np.ndarray) -> np.ndarray:
+        if not self.cosine:
+            return cb.astype(np.float64)
+        sq = (cb.astype(np.float64) ** 2).sum(1)
+        return np.concatenate([cb, np.sqrt(sq.max() - sq)[:, None]], 1)
+
+    def matches(self, codebooks: torch.Tensor) -> bool:
+        """Still the quantizer's codebooks? (a tokenizer trained further after its first encode)"""
+        cb = codebooks.detach()
+        return tuple(cb.shape) == self.codebooks.shape and np.array_equal(cb.cpu().numpy(), self.codebooks)
+
+    def codes(self, z: np.ndarray, workers: int = 1) -> np.ndarray:
+        """z (n, dim) float32 -> codes (n, levels) int32, level by level on the residual."""
+        residual = np.asarray(z, dtype=np.float32)
+        out = np.empty((len(residual), len(self.trees)), dtype=np.int32)
+        for level, (tree, cb) in enumerate(zip(self.trees, self.codebooks)):
+            r = residual
+            if self.cosine:  # F.normalize, then the lifted query (r, 0)
+                r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+                r = np.concatenate([r, np.zeros((len(r), 1), np.float32)], 1)
+            _, idx = tree.query(r, k=1, workers=workers)
+            idx[idx == len(cb)] = 0  # a non-finite vector has no neighbour; argmin's answer is 0 too
+            out[:, level] = idx
+            residual = residual - cb[idx]
+        return out
 
 
 class ResidualEMAQuantizer(nn.Module):
@@ -440,13 +485,28 @@ class Tokenizer:
             raise KeyError(f"tokenizer {self.obj} needs feature(s) {', '.join(missing)}")
         return preprocess(self.specs, feats, self.d_in)
 
+    def code_search(self) -> TreeCodeSearch | None:
+        """The k-d tree search of the current codebooks (built on first use, rebuilt if they
+        changed); None when the model is not on the CPU (the GPU matmul search is fast there)."""
+        q = self.model.quantizer
+        if q.codebooks.device.type != "cpu" or not TREE_SEARCH_ON_CPU:
+            return None
+        search = getattr(self, "_search", None)
+        if search is None or search.cosine != q.cosine or not search.matches(q.codebooks):
+            search = self._search = TreeCodeSearch(q.codebooks, q.cosine)
+        return search
+
     @torch.inference_mode()
     def encode(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(self.preprocess(feats))
         out = np.empty((len(x), self.levels), dtype=np.int32)
+        search = self.code_search()
         for i in range(0, len(x), ENCODE_BATCH):
-            z = self.model.encoder(x[i : i + ENCODE_BATCH])
-            out[i : i + ENCODE_BATCH] = self.model.quantizer.quantize(z)[1].numpy()
+            z = self.model.encoder(x[i : i + ENCODE_BATCH].to(self.model.quantizer.codebooks.device))
+            if search is not None:
+                out[i : i + ENCODE_BATCH] = search.codes(z.numpy(), workers=torch.get_num_threads())
+            else:
+                out[i : i + ENCODE_BATCH] = self.model.quantizer.quantize(z)[1].cpu().numpy()
         return out
 
     @torch.inference_mode()

@@ -88,18 +88,49 @@ class EventTransformer(nn.Module):
 
 
 class MaskedTokenHead(nn.Module):
-    """One linear head per quantizer level; logits restricted to the ids legal for the
-    position's type and level (common.token_parquet.legal_id_mask)."""
+    """One linear head per quantizer level over the whole vocabulary, evaluated only on the ids
+    legal for the position's type and level (common.token_parquet.legal_id_mask): those form one
+    contiguous range per (type, level), so each is a small matmul instead of a (M, Q, V) tensor."""
 
     def __init__(self, cfg: ModelConfig, legal: np.ndarray):
         super().__init__()
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, cfg.vocab_size) for _ in range(cfg.levels))
-        self.register_buffer("legal", torch.as_tensor(legal, dtype=torch.bool), persistent=False)
+        self.register_buffer("span", torch.as_tensor(legal_spans(legal)), persistent=False)
 
-    def forward(self, hidden: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-        """hidden (M,d) of the masked positions, types (M,) -> logits (M,Q,V) in float32."""
-        logits = torch.stack([h(hidden) for h in self.heads], dim=1).float()
-        return logits.masked_fill(~self.legal[types.long()], -1e9)
+    def forward(self, hidden: torch.Tensor, types: torch.Tensor, labels: torch.Tensor):
+        """hidden (M,d) of the masked positions, types (M,), labels (M,Q) absolute ids
+        -> (cross-entropy (M,Q) float32, correct (M,Q) bool). A label outside the legal range
+        (e.g. -100, not predicted) gets a meaningless value that the caller masks out."""
+        m, q = labels.shape
+        index, losses, hits = [], [], []
+        for t in types.unique().tolist():  # a loop over object types and levels, not positions
+            rows = (types == t).nonzero().squeeze(1)
+            h = hidden[rows]
+            for level in range(q):
+                lo, hi = self.span[t, level].tolist()
+                head = self.heads[level]
+                logits = nn.functional.linear(h, head.weight[lo:hi], head.bias[lo:hi]).float()
+                target = (labels[rows, level] - lo).clamp(0, hi - lo - 1)
+                losses.append(nn.functional.cross_entropy(logits, target, reduction="none"))
+                hits.append(logits.argmax(-1) == target)
+                index.append(rows * q + level)
+        if not index:  # nothing masked in this batch
+            zero = hidden.sum() * 0.0  # keeps the graph connected for DDP
+            return zero + torch.zeros(m, q, device=hidden.device), torch.zeros(m, q, dtype=torch.bool, device=hidden.device)
+        index = torch.cat(index)
+        loss = torch.zeros(m * q, device=hidden.device).scatter(0, index, torch.cat(losses)).view(m, q)
+        correct = torch.zeros(m * q, dtype=torch.bool, device=hidden.device).scatter(0, index, torch.cat(hits)).view(m, q)
+        return loss, correct
+
+
+def legal_spans(legal: np.ndarray) -> np.ndarray:
+    """bool[type, level, id] -> int64[type, level, 2]: the [lo, hi) range of legal ids, checked contiguous."""
+    any_legal = legal.any(-1)
+    lo = np.where(any_legal, legal.argmax(-1), 0)
+    hi = np.where(any_legal, legal.shape[-1] - legal[..., ::-1].argmax(-1), 1)
+    if (legal.sum(-1) != np.where(any_legal, hi - lo, 0)).any():
+        raise ValueError("legal ids of a (type, level) do not form one contiguous range")
+    return np.stack([lo, hi], axis=-1).astype(np.int64)
 
 
 class MaskedTokenModel(nn.Module):
@@ -109,10 +140,10 @@ class MaskedTokenModel(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, input_ids, token_type_ids, attention_mask, chosen):
-        """-> logits (M,Q,V) of the M chosen (masked) positions, in row-major order."""
+    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels):
+        """-> (loss (M,Q), correct (M,Q)) of the M chosen (masked) positions, in row-major order."""
         hidden = self.backbone(input_ids, token_type_ids, attention_mask)
-        return self.head(hidden[chosen], token_type_ids[chosen])
+        return self.head(hidden[chosen], token_type_ids[chosen], labels)
 
 
 class ClassifierHead(nn.Module):

@@ -8,9 +8,13 @@ a type and the lepton pT scale is shared by all leptons of an event.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the step scripts, imported to call their main(argv) in-process
 
 from common.h5io import H5EventWriter
 from common.schema import CLS, OBJECTS, SEP, SEQUENCE_OBJECTS, TYPE_IDS, features_for
@@ -147,3 +151,36 @@ def make_sample(root: Path, n: int = 600, seed: int = 3, processes=tuple(PROCESS
         write_sequences(pq_path, [table], vocab, prov)
         out["h5"][proc], out["parquet"][proc] = h5, pq_path
     return out
+
+
+# --- one sample and one pretraining, shared by test_pretrain.py and test_finetune.py ----------------------
+
+SHARED_EVENTS = 1200  # per process
+# Strong enough to beat the frequency baseline clearly (asserted in test_pretrain.py), small enough to be quick.
+PRETRAIN_ARGS = ["--epochs", "5", "--lr", "3e-3", "--mask-prob", "0.3", "--dropout", "0", "--d-model", "32",
+                 "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1", "--no-plots"]
+_SHARED: dict = {}
+
+
+def call_main(main, *argv) -> int:
+    """A step script's main(argv) in-process; returns its exit code, die() and argparse exits included.
+    Saves the ~4 s torch import of a subprocess; the caller reads stdout/stderr with capsys."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+def shared_sample(tmp_path_factory) -> dict:
+    """make_sample(n=SHARED_EVENTS) plus one step3 run on it (PRETRAIN_ARGS), made once per pytest session.
+    Adds "pretrain" (its out-dir), "init" (backbone.pt) and "root". Tests must not modify these files."""
+    if not _SHARED:
+        import step3_pretrain
+
+        root = tmp_path_factory.mktemp("shared")
+        sample = make_sample(root, n=SHARED_EVENTS)
+        code = call_main(step3_pretrain.main, "--parquet", *sample["parquet"].values(), "--out-dir", root / "pre",
+                         *PRETRAIN_ARGS)
+        assert code == 0, f"the shared pretraining failed with exit code {code}"
+        _SHARED.update(sample, pretrain=root / "pre", init=root / "pre" / "backbone.pt", root=root)
+    return dict(_SHARED)

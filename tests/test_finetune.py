@@ -1,5 +1,8 @@
 """step4_finetune: high-level variables, figures of merit, all arms end to end with the protocols,
-determinism, torchrun DDP on 2 gloo processes, and bad inputs."""
+determinism, torchrun DDP on 2 gloo processes, and bad inputs.
+
+The backbone is the session-wide pretraining of finetune_fixtures (also checked by test_pretrain.py);
+step4 runs in-process through main(argv), except torchrun and one reproducibility run (real processes)."""
 from __future__ import annotations
 
 import json
@@ -14,29 +17,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_fixtures import make_sample, make_vocab  # noqa: E402
+from finetune_fixtures import call_main, make_sample, make_vocab, shared_sample  # noqa: E402
+
+import step4_finetune  # noqa: E402
 
 from common import highlevel  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
 
-SMALL = ["--batch-size", "64", "--epochs", "2", "--patience", "2", "--shuffle-buffer", "2000", "--max-steps", "10"]
+SMALL = ["--batch-size", "64", "--epochs", "2", "--patience", "2", "--shuffle-buffer", "2000", "--max-steps", "10",
+         "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def step(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=400)
+def step4(capsys, *args):
+    """step4's main in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = call_main(step4_finetune.main, *args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    s = make_sample(root, n=700)
-    r = step("step3_pretrain.py", "--parquet", *s["parquet"].values(), "--out-dir", root / "pre", "--epochs", "2",
-             "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--no-plots")
-    assert r.returncode == 0, r.stderr[-2000:]
-    s["init"], s["root"] = root / "pre" / "backbone.pt", root
-    return s
+    return shared_sample(tmp_path_factory)
 
 
 def test_z_candidates_standard_pairing():
@@ -69,12 +72,13 @@ def test_binary_metrics():
     assert m["rejection_at_50"] == pytest.approx(2.0, rel=0.15) and m["n_test"] == {"signal": 2000, "background": 2000}
 
 
-def test_all_arms_protocols_and_plots(sample, tmp_path):
+def test_all_arms_protocols_and_plots(sample, tmp_path, capsys):
     out = tmp_path / "ft"
-    r = step("step4_finetune.py", "--parquet", *sample["parquet"].values(), "--signal", "hzz4l",
-             "--background", "zz4l,410470", "--test-background", "dy", "--init", sample["init"],
-             "--h5-dir", sample["root"] / "h5", "--out-dir", out, "--label-fractions", "0.2,1", "--seeds", "1,2", *SMALL)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), "--signal", "hzz4l",
+                         "--background", "zz4l,410470", "--test-background", "dy", "--init", sample["init"],
+                         "--h5-dir", sample["root"] / "h5", "--out-dir", out, "--label-fractions", "0.2,1", "--seeds", "1,2",
+                         *SMALL)
+    assert code == 0, err[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"]["background"] == ["ttbar", "zz4l"], "dataset ids resolve to process names"
     assert set(m["arms"]) == {"scratch", "finetune", "frozen", "continuous", "counts_gbdt", "standard_gbdt"}
@@ -85,10 +89,12 @@ def test_all_arms_protocols_and_plots(sample, tmp_path):
     # the standard physics variables separate hzz4l from zz4l+ttbar (harder lepton pT, no b-jets)
     assert m["arms"]["standard_gbdt"]["auc"] > 0.8 and m["arms"]["scratch"]["auc"] > 0.6
     assert m["arms"]["continuous"]["auc"] > 0.6
+    assert m["training"]["standard_gbdt"][0]["best_iteration"] <= 60, "--gbdt-trees caps the boosting rounds"
     assert set(m["generalisation"]["arms"]["scratch"]) == {"ttbar", "zz4l", "dy"}
     eff = m["data_efficiency"]["finetune"]
     assert [e["fraction"] for e in eff] == [0.2, 1.0] and eff[0]["n_labelled"] < eff[1]["n_labelled"]
     assert 0.1 < eff[0]["n_labelled"] / eff[1]["n_labelled"] < 0.3
+    assert set(m["data_efficiency"]) == {"scratch", "finetune", "frozen"}
     scores = np.load(out / "test_scores.npz", allow_pickle=False)
     assert len(scores["score_scratch"]) == len(scores["score_standard_gbdt"]) == len(scores["process"])
     assert {"hzz4l", "zz4l", "ttbar", "dy"} == set(scores["process"]), "test set: signal, backgrounds, test-only dy"
@@ -96,40 +102,54 @@ def test_all_arms_protocols_and_plots(sample, tmp_path):
         assert (out / "plots" / f"{png}.png").stat().st_size > 5000
 
 
-def test_seeded_runs_are_reproducible(sample, tmp_path):
-    aucs = []
-    for k in range(2):
-        r = step("step4_finetune.py", "--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
-                 "--arms", "scratch,counts_gbdt", "--out-dir", tmp_path / f"o{k}", "--no-plots", "--d-model", "32",
-                 "--n-heads", "2", "--epochs", "1", "--batch-size", "64", "--seed", "5", "--max-steps", "5")
-        assert r.returncode == 0, r.stderr[-2000:]
-        aucs.append({a: v["auc"] for a, v in json.loads((tmp_path / f"o{k}" / "metrics.json").read_text())["arms"].items()})
+def test_seeded_runs_are_reproducible(sample, tmp_path, capsys):
+    """The same seed gives the same AUCs: one run in-process, one in a fresh process with another hash seed
+    (so neither global state left by earlier tests nor set/dict order can hide a missing seed)."""
+    args = ["--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", "--arms",
+            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--epochs", "1", "--batch-size",
+            "64", "--seed", "5", "--max-steps", "5", "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
+    code, _, err = step4(capsys, *args, "--out-dir", tmp_path / "o0")
+    assert code == 0, err[-2000:]
+    r = subprocess.run([sys.executable, str(ROOT / "step4_finetune.py"), *map(str, args), "--out-dir", str(tmp_path / "o1")],
+                       capture_output=True, text=True, env={**ENV, "PYTHONHASHSEED": "12345"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    aucs = [{a: v["auc"] for a, v in json.loads((tmp_path / f"o{k}" / "metrics.json").read_text())["arms"].items()}
+            for k in range(2)]
     assert aucs[0] == aucs[1]
+    other = ["--seed", "6", "--arms", "scratch", "--out-dir", tmp_path / "o2"]
+    code, _, err = step4(capsys, *args, *other)
+    assert code == 0, err[-2000:]
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["arms"]["scratch"]["auc"] != aucs[0]["scratch"], \
+        "the seed reaches the training"
 
 
 def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            str(ROOT / "step4_finetune.py"), "--parquet", *map(str, sample["parquet"].values()), "--signal-process", "hzz4l",
            "--background", "ttbar", "--init", str(sample["init"]), "--arms", "finetune", "--device", "cpu",
-           "--out-dir", str(tmp_path / "ddp"), "--no-plots", "--epochs", "1", "--batch-size", "32"]
+           "--out-dir", str(tmp_path / "ddp"), "--no-plots", "--epochs", "1", "--batch-size", "32", "--max-steps", "10",
+           "--bootstrap", "20", "--threads", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["arms"]["finetune"]["auc"] > 0.6
 
 
-def test_bad_inputs_one_line_errors(sample, tmp_path):
+def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     pqs = list(sample["parquet"].values())
-    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--epochs", "1"]
-    r = step("step4_finetune.py", "--parquet", *pqs, "--signal", "higgs", "--background", "zz4l", *base)
-    assert r.returncode == 2 and "signal 'higgs' matches no events" in r.stderr and "Traceback" not in r.stderr
+    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--epochs", "1"]
+    code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "higgs", "--background", "zz4l", *base)
+    assert code == 2 and "signal 'higgs' matches no events" in err
     bad = tmp_path / "bad.parquet"
     pq.write_table(pq.read_table(pqs[0]).drop(["token_type_ids"]), bad)
-    r = step("step4_finetune.py", "--parquet", bad, "--signal", "hzz4l", "--background", "zz4l", *base)
-    assert r.returncode == 1 and "lacks the column(s) token_type_ids" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = step4(capsys, "--parquet", bad, "--signal", "hzz4l", "--background", "zz4l", *base)
+    assert code == 1 and f"{bad}: " in err and "lacks the column(s) token_type_ids" in err
     other = make_sample(tmp_path / "other", n=100, processes=("hzz4l", "zz4l"), vocab=make_vocab(tokenizer_tag="refit"))
-    r = step("step4_finetune.py", "--parquet", *other["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
-             "--init", sample["init"], *base[:-2], "--arms", "finetune")
-    assert r.returncode == 1 and "does not match the backbone" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = step4(capsys, "--parquet", *other["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
+                         "--init", sample["init"], *base[:-2], "--arms", "finetune")
+    assert code == 1 and "does not match the backbone" in err
     tiny = make_sample(tmp_path / "tiny", n=3, processes=("hzz4l", "zz4l"))  # too few events to fill every split
-    r = step("step4_finetune.py", "--parquet", *tiny["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", *base)
-    assert r.returncode == 1 and "split holds no" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, _, err = step4(capsys, "--parquet", *tiny["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", *base)
+    assert code == 1 and "split holds no" in err and len(err.strip().splitlines()) == 1
+    code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "hzz4l", "--background", "zz4l", "--bootstrap", "0", *base)
+    assert code == 2 and "--bootstrap must be at least 1" in err
+    assert not (tmp_path / "o").exists(), "no output from a failed run"

@@ -1,9 +1,13 @@
 """step3_pretrain: masking, streaming splits and DDP sharding, an end-to-end pretraining that must
-beat the frequency baseline, resume, torchrun DDP on 2 gloo processes, and bad inputs."""
+beat the frequency baseline, resume, torchrun DDP on 2 gloo processes, and bad inputs.
+
+The pretraining run is the session-wide one of finetune_fixtures (test_finetune.py fine-tunes its
+backbone); the other runs call step3's main(argv) in-process, except torchrun (real processes)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,25 +19,30 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_fixtures import make_sample, make_vocab  # noqa: E402
+from finetune_fixtures import SHARED_EVENTS, call_main, make_vocab, shared_sample  # noqa: E402
+
+import step3_pretrain  # noqa: E402
 
 from common.event_data import SequenceStream, code_ranges, mask_objects  # noqa: E402
 from common.schema import MASK  # noqa: E402
 from common.token_parquet import SPLITS, batch_to_numpy, legal_id_mask, split_of  # noqa: E402
 from common.transformer import load_backbone, vocab_checksum  # noqa: E402
 
-SMALL = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--no-plots"]
+SMALL = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1", "--no-plots"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "step3_pretrain.py"), *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=cwd, timeout=300)
+def run(capsys, *args):
+    """step3's main in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = call_main(step3_pretrain.main, *args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    return make_sample(tmp_path_factory.mktemp("pre"), n=1200)
+    return shared_sample(tmp_path_factory)
 
 
 def _batch(sample):
@@ -71,7 +80,7 @@ def test_stream_splits_and_rank_shards(sample):
             idx = np.array([i for g, i in ev if g == f])
             assert (split_of(f, idx) == split).all()
     assert not (seen["train"] & seen["test"]) and not (seen["val"] & seen["test"])
-    assert sum(len(s) for s in seen.values()) == 4 * 1200
+    assert sum(len(s) for s in seen.values()) == 4 * SHARED_EVENTS
     shards = [SequenceStream(paths, 2, 32, split=0, shuffle_buffer=500, seed=7, rank=r, world=2) for r in (0, 1)]
     ev = [[(f, i) for b in s.batches(3) for f, i in zip(b["source_file"], b["event_index"])] for s in shards]
     assert not set(ev[0]) & set(ev[1]) and set(ev[0]) | set(ev[1]) == seen["train"], "ranks split the epoch"
@@ -80,27 +89,27 @@ def test_stream_splits_and_rank_shards(sample):
     assert again == ev[0] and other != ev[0], "shuffling is seeded per epoch"
 
 
-def test_pretraining_beats_frequency_baseline_and_resumes(sample, tmp_path):
-    out = tmp_path / "pre"
-    r = run("--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "5", "--lr", "3e-3",
-            "--mask-prob", "0.3", "--dropout", "0", *SMALL)
-    assert r.returncode == 0, r.stderr[-2000:]
-    m = json.loads((out / "metrics.json").read_text())
-    n_train = sum(int((split_of(Path(p).with_suffix(".h5").name, np.arange(1200)) == 0).sum()) for p in sample["parquet"].values())
+def test_pretraining_beats_frequency_baseline_and_resumes(sample, tmp_path, capsys):
+    pre = sample["pretrain"]  # 5 epochs, lr 3e-3, mask 0.3, no dropout: finetune_fixtures.PRETRAIN_ARGS
+    m = json.loads((pre / "metrics.json").read_text())
+    n_train = sum(int((split_of(Path(p).with_suffix(".h5").name, np.arange(SHARED_EVENTS)) == 0).sum())
+                  for p in sample["parquet"].values())
     assert m["n_events"]["train"] == n_train, "pretraining reads the train split only"
     val = m["val"]
     assert val["n_masked"] > 500
     assert val["acc"] > val["frequency_baseline_acc"] + 0.03, (val["acc"], val["frequency_baseline_acc"])
     assert set(val["per_level"]) == {"0", "1"} and {"electrons", "muons", "jets"} <= set(val["per_type"])
-    model, side = load_backbone(out / "backbone.pt")  # weights_only=True inside
+    model, side = load_backbone(pre / "backbone.pt")  # weights_only=True inside
     assert side["vocab_checksum"] == vocab_checksum(sample["vocab"]) and side["config"]["d_model"] == 32
-    assert (out / "history.csv").read_text().count("\n") == 6
-    # a finished run is skipped; --resume continues from the checkpoint to more epochs
-    r = run("--parquet", *sample["parquet"].values(), "--out-dir", out, *SMALL)
-    assert r.returncode == 0 and "skipping" in r.stdout
-    r = run("--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "6", "--resume", "--lr", "3e-3",
-            "--mask-prob", "0.3", *SMALL)
-    assert r.returncode == 0 and "resuming after epoch 4" in r.stdout, r.stderr[-1500:]
+    assert (pre / "history.csv").read_text().count("\n") == 6
+    # a finished run is skipped; --resume continues from the checkpoint to more epochs (on a copy)
+    out = tmp_path / "pre"
+    shutil.copytree(pre, out)
+    code, stdout, _ = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, *SMALL)
+    assert code == 0 and "skipping" in stdout
+    code, stdout, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "6",
+                            "--resume", "--lr", "3e-3", "--mask-prob", "0.3", "--max-steps", "4", *SMALL)
+    assert code == 0 and "resuming after epoch 4" in stdout, err[-1500:]
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1, 2, 3, 4, 5]
 
 
@@ -117,19 +126,25 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
     assert m["steps_per_epoch"] == -(-single.count() // 64) // 2, "each rank takes half of the batches"
 
 
-def test_bad_inputs_one_line_errors(sample, tmp_path):
+def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pq.read_table(sample["parquet"]["dy"]).drop(["input_ids"]), bad)
-    r = run("--parquet", bad, "--out-dir", tmp_path / "o1", *SMALL)
-    assert r.returncode == 1 and "lacks the column(s) input_ids" in r.stderr and "Traceback" not in r.stderr
+    # through the real command line (the one subprocess here): exit 1, one line naming the file, no traceback
+    r = subprocess.run([sys.executable, str(ROOT / "step3_pretrain.py"), "--parquet", str(bad), "--out-dir",
+                        str(tmp_path / "o1"), *SMALL], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 1 and f"{bad}: " in r.stderr and "lacks the column(s) input_ids" in r.stderr
+    assert "Traceback" not in r.stderr
     # one good and one bad file: the good one is still used, exit 1 lists the failure
-    r = run("--parquet", bad, sample["parquet"]["dy"], "--out-dir", tmp_path / "o2", "--epochs", "1", *SMALL)
-    assert r.returncode == 1 and (tmp_path / "o2" / "backbone.pt").exists()
+    code, _, err = run(capsys, "--parquet", bad, sample["parquet"]["dy"], "--out-dir", tmp_path / "o2", "--epochs", "1",
+                       "--max-steps", "2", *SMALL)
+    assert code == 1 and (tmp_path / "o2" / "backbone.pt").exists() and "lacks the column(s) input_ids" in err
     # a file whose events all fall in the test split: nothing to pretrain on
     from common.token_parquet import sequences_table, write_sequences
     idx = np.flatnonzero(split_of("only_test.h5", np.arange(20000)) == 2)[:50]
     ids = np.ones((50, 3, 2), np.int32)
     table = sequences_table(ids, np.ones((50, 3), np.int8), np.full(50, 3), idx, "only_test.h5", "dy", 1, np.ones(50))
     write_sequences(tmp_path / "test_only.parquet", [table], make_vocab(), {})
-    r = run("--parquet", tmp_path / "test_only.parquet", "--out-dir", tmp_path / "o3", *SMALL)
-    assert r.returncode != 0 and "split holds no events" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, _, err = run(capsys, "--parquet", tmp_path / "test_only.parquet", "--out-dir", tmp_path / "o3", *SMALL)
+    assert code != 0 and "split holds no events" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "--parquet", bad, "--mask-prob", "1.5")
+    assert code == 2 and "--mask-prob must be in (0, 1)" in err

@@ -1,0 +1,99 @@
+"""step2_tokenize fit, training side: the pT loss weight (wired into the loss, recorded, and it
+buys pT resolution), and the minibatch stream (an in-memory pass covers every object once,
+a set over the cache bound keeps streaming)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.schema import OBJECTS
+from common.tokenizer import build_specs, fit_preprocessing, preprocess, reconstruction_loss
+from test_tokenize import ROOT, run_step, write_synthetic_h5
+
+sys.path.insert(0, str(ROOT))
+import step2_tokenize as s2  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _jet_specs(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    feats = [f for f in OBJECTS["jets"].token_features if f.group == "common"]
+    specs = build_specs(feats)
+    sample = {"pt": 20 + rng.exponential(40, n), "eta": rng.normal(0, 1.4, n), "phi": rng.uniform(-3, 3, n),
+              "mass": rng.gamma(2, 5, n), "n_trk": rng.poisson(8, n).astype(float)}
+    fit_preprocessing(specs, sample)
+    return specs, sample
+
+
+def test_pt_weight_scales_only_the_pt_term():
+    specs, sample = _jet_specs()
+    d_in = sum(s["n_in"] for s in specs)
+    x = torch.from_numpy(preprocess(specs, sample, d_in))
+    out = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    base, _ = reconstruction_loss(specs, out, x)
+    s2.weight_pt(specs, 10.0)
+    weighted, _ = reconstruction_loss(specs, out, x)
+    pt = next(s for s in specs if s["names"] == ["pt"])
+    assert pt["loss_weight"] == 10.0 and all("loss_weight" not in s for s in specs if s is not pt)
+    a = pt["in"][0]
+    pt_mse = float(((out[:, a] - x[:, a]) ** 2).mean())
+    assert abs(float(weighted - base) - 9.0 * pt_mse) < 1e-4 * float(base)
+
+
+def _stream_factory(n_chunks=5, per_chunk=700, calls=None):
+    """Chunks of objects whose pt is a unique id (the quantile transform is monotonic: ids stay distinct)."""
+    def factory():
+        calls.append(1)
+        for c in range(n_chunks):
+            ids = np.arange(c * per_chunk, (c + 1) * per_chunk, dtype=float) + 1
+            yield {"pt": ids}
+    return factory
+
+
+def test_minibatches_cache_covers_each_object_once_per_pass():
+    specs = build_specs([OBJECTS["jets"].feature("pt")])
+    fit_preprocessing(specs, {"pt": np.arange(1, 3501, dtype=float)})
+    calls = []
+    gen = s2.minibatches(_stream_factory(calls=calls), specs, 1, 256, np.random.default_rng(0))
+    first = [next(gen) for _ in range(13)]  # the streamed pass: 3500 // 256 full batches + carry
+    passes = [[next(gen) for _ in range(3500 // 256)] for _ in range(3)]
+    assert len(calls) == 1, "a cached set must not be re-read from the files"
+    for batches in passes:
+        v = torch.cat(batches)[:, 0].numpy()
+        assert len(v) == 13 * 256 and len(np.unique(v)) == len(v)  # a permutation: no object twice in a pass
+    assert not torch.equal(passes[0][0], passes[1][0])  # reshuffled every pass
+    assert all(len(b) == 256 for b in first)
+
+
+def test_minibatches_over_the_bound_keep_streaming():
+    specs = build_specs([OBJECTS["jets"].feature("pt")])
+    fit_preprocessing(specs, {"pt": np.arange(1, 3501, dtype=float)})
+    calls = []
+    gen = s2.minibatches(_stream_factory(calls=calls), specs, 1, 256, np.random.default_rng(0), cache_bytes=1000)
+    for _ in range(3 * 14):
+        next(gen)
+    assert len(calls) >= 3
+
+
+def _pt_resolution(out_dir: Path) -> tuple[float, dict]:
+    meta = json.loads((out_dir / "jets.json").read_text())
+    return meta["quality"]["features"]["pt"]["relative"]["resolution"], meta
+
+
+def test_pt_weight_buys_pt_resolution(tmp_path):
+    h5 = write_synthetic_h5(tmp_path / "ttbar.h5", 3000, seed=5)
+    common = ["fit", "--h5", h5, "--objects", "jets", "--steps", "300", "--warmup-steps", "50", "--batch-size", "512",
+              "--codebook-size", "32", "--no-plots", "--seed", "2"]
+    res = {}
+    for w in (1, 10):
+        r = run_step(*common, "--out-dir", tmp_path / f"w{w}", "--pt-weight", w)
+        assert r.returncode == 0, r.stderr[-2000:]
+        res[w], meta = _pt_resolution(tmp_path / f"w{w}")
+        assert meta["settings"]["pt_weight"] == w
+        assert next(s for s in meta["specs"] if s["names"] == ["pt"])["loss_weight"] == w
+    assert res[10] < 0.8 * res[1], res
