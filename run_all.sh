@@ -20,6 +20,8 @@ SAMPLE_DIR="${SAMPLE_DIR:-data/raw/${EVENTS}ev_seed${SEED}}"  # generated ROOT f
 DEVICE="${DEVICE:-auto}"            # auto | cpu | cuda
 WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"
 OVERWRITE="${OVERWRITE:-0}"
+TRACKS_IN_SEQUENCE="${TRACKS_IN_SEQUENCE:-10}"  # leading tracks per event in the token sequence
+LABEL_FRACTIONS="${LABEL_FRACTIONS:-0.01,0.1,1}"  # data-efficiency protocol
 
 cd "$(dirname "$0")"
 source ./env.sh
@@ -67,17 +69,24 @@ parquet=()
 for p in $PROCESSES; do parquet+=("$RUN/tokens/$p.parquet"); done
 run_step step2_apply "${parquet[-1]}" \
     python step2_tokenize.py apply --h5 "${h5[@]}" --tokenizers "$RUN/tok" --out-dir "$RUN/tokens" \
-        --seed "$SEED" "${overwrite[@]}"
+        --cap "tracks=$TRACKS_IN_SEQUENCE" --seed "$SEED" "${overwrite[@]}"
 
 # 3. masked-token pretraining
 run_step step3_pretrain "$RUN/pretrain/metrics.json" \
     python step3_pretrain.py --parquet "${parquet[@]}" --out-dir "$RUN/pretrain" --seed "$SEED" --device "$DEVICE"
 
-# 4. fine-tuning, baselines, protocols
+# 4. fine-tuning and baselines on the main task, with the data-efficiency protocol;
+#    then the generalisation protocol: trained against the first background only, tested on all
 run_step step4_finetune "$RUN/finetune/metrics.json" \
     python step4_finetune.py --parquet "${parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
         --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
-        --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE"
+        --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE"
+first_bkg="${BACKGROUND%%,*}"
+run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
+    python step4_finetune.py --parquet "${parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
+        --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt \
+        --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
+        --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE"
 
 # plots of the sample, then the report (always rebuilt: it is cheap)
 run_step plot_sample "$RUN/plots/sample/m4l.png" \

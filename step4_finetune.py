@@ -431,9 +431,12 @@ def main(argv=None) -> int:
     for fraction in args.fractions:
         streams = streams_for(fraction)
         for arm in [a for a in ("scratch", "finetune", "frozen") if a in args.arm_list]:
-            model, _ = train_net(arm, args, cfg, streams, signal, norm, dist, args.seed_list[0], desc=f"{arm} f={fraction}")
-            m, _ = evaluate(score(model, test_stream, dist.device, amp, desc=f"{arm} test"), signal, background, [], args.seed_list[0],
-                            args.bootstrap)
+            if fraction >= 1:  # all labels: the main arm's first seed is this point already
+                m = results[arm]["per_seed"][0]
+            else:
+                model, _ = train_net(arm, args, cfg, streams, signal, norm, dist, args.seed_list[0], desc=f"{arm} f={fraction}")
+                m, _ = evaluate(score(model, test_stream, dist.device, amp, desc=f"{arm} test"), signal, background, [],
+                                args.seed_list[0], args.bootstrap)
             efficiency.setdefault(arm, []).append({"fraction": fraction, "n_labelled": streams["train_count"],
                                                    "auc": m["auc"], "auc_ci95": m["auc_ci95"],
                                                    "rejection_at_50": m["rejection_at_50"]})

@@ -625,7 +625,14 @@ def data_efficiency_table(eff: dict) -> str:
 
 
 def section_classifier(run_dir: Path) -> str:
-    d = run_dir / "finetune"
+    """One block per step4 output folder: finetune/ (the main task), finetune_*/ (protocols run apart)."""
+    dirs = [run_dir / "finetune"] + sorted(p for p in run_dir.glob("finetune_*") if p.is_dir())
+    if len(dirs) == 1:
+        return classifier_block(run_dir, dirs[0])
+    return "".join(f"<h3>{esc(d.name)}/</h3>" + classifier_block(run_dir, d) for d in dirs)
+
+
+def classifier_block(run_dir: Path, d: Path) -> str:
     metrics = load_json(d / "metrics.json")
     if not isinstance(metrics, dict):
         return missing(f"no readable {d / 'metrics.json'}: classifier not shown")
@@ -637,7 +644,7 @@ def section_classifier(run_dir: Path) -> str:
                      + (f"; <b>tested only:</b> {esc(fmt(task['test_background']))}" if task.get("test_background") else "")
                      + "</p>")
     arms = arms_of(metrics)
-    parts.append(classifier_table(arms) if arms else missing("no arms found in finetune/metrics.json"))
+    parts.append(classifier_table(arms) if arms else missing(f"no arms found in {d.name}/metrics.json"))
     if isinstance(task.get("events"), dict):
         rows = [[split, proc, v.get("events", ""), v.get("sum_weights", "")] for split, procs in task["events"].items()
                 if isinstance(procs, dict) for proc, v in procs.items() if isinstance(v, dict)]
@@ -653,7 +660,7 @@ def section_classifier(run_dir: Path) -> str:
         parts.append(f"<h3>Generalisation</h3><p>trained on {esc(fmt(gen.get('trained_on', '')))}, tested on "
                      f"{esc(fmt(gen.get('tested_on', '')))}</p>" + table(["arm", "background", "AUC", "rejection_at_50"], rows))
     pngs = sorted((d / "plots").rglob("*.png")) if (d / "plots").is_dir() else []
-    parts.append(png_files(pngs, run_dir) if pngs else missing("no ROC / data-efficiency plots under finetune/plots"))
+    parts.append(png_files(pngs, run_dir) if pngs else missing(f"no ROC / data-efficiency plots under {d.name}/plots"))
     return "".join(parts)
 
 
