@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    torch.set_num_threads(1)  # as step3's default, so the ratio compares like with like
+    torch.set_num_threads(1)  # one thread for both measurements, so the ratio compares like with like
     with tempfile.TemporaryDirectory() as tmp:
         paths = args.parquet or synthetic(Path(tmp), args.events)
         vocab, paths, _ = open_sequences(paths)
