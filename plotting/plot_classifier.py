@@ -10,19 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from plotting.figures import plt, save_figure  # noqa: E402  (sets the headless backend first)
 
 
 def plot_roc(m: dict, out: Path) -> Path:
@@ -34,7 +26,7 @@ def plot_roc(m: dict, out: Path) -> Path:
     ax.set(xlabel="signal efficiency", ylabel="background rejection 1/eff_bkg", yscale="log", xlim=(0, 1),
            title=f"{'+'.join(m['task']['signal'])} vs {'+'.join(m['task']['background'])} (test split)")
     ax.legend(fontsize=8)
-    return _save(fig, out / "roc.png")
+    return save_figure(fig, out / "roc.png")
 
 
 def plot_scores(m: dict, scores_path: Path, out: Path) -> Path | None:
@@ -55,7 +47,7 @@ def plot_scores(m: dict, scores_path: Path, out: Path) -> Path | None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(arms):]:
         ax.axis("off")
-    return _save(fig, out / "score_distributions.png")
+    return save_figure(fig, out / "score_distributions.png")
 
 
 def plot_training(m: dict, out: Path) -> Path | None:
@@ -69,7 +61,7 @@ def plot_training(m: dict, out: Path) -> Path | None:
     a.set(xlabel="epoch", ylabel="weighted training loss")
     b.set(xlabel="epoch", ylabel="validation AUC")
     a.legend(fontsize=8)
-    return _save(fig, out / "training_curves.png")
+    return save_figure(fig, out / "training_curves.png")
 
 
 def plot_efficiency(m: dict, out: Path) -> Path | None:
@@ -84,7 +76,7 @@ def plot_efficiency(m: dict, out: Path) -> Path | None:
         ax.errorbar(n, auc, yerr=[auc - lo, hi - auc], fmt="o-", capsize=3, label=arm)
     ax.set(xscale="log", xlabel="labelled training events", ylabel="test AUC", title="data efficiency")
     ax.legend()
-    return _save(fig, out / "data_efficiency.png")
+    return save_figure(fig, out / "data_efficiency.png")
 
 
 def plot_generalisation(m: dict, out: Path) -> Path | None:
@@ -100,7 +92,7 @@ def plot_generalisation(m: dict, out: Path) -> Path | None:
     ax.set_xticks(np.arange(len(bkgs)) + 0.4 - width / 2, [b + ("" if b in trained else "\n(not trained on)") for b in bkgs])
     ax.set(ylabel="test AUC, signal vs this background", ylim=(0.4, 1.0), title="generalisation")
     ax.legend(fontsize=7)
-    return _save(fig, out / "generalisation.png")
+    return save_figure(fig, out / "generalisation.png")
 
 
 def plot_all(metrics_path, out_dir) -> list[Path]:

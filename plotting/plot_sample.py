@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.runtime import EXIT_OK, EXIT_USAGE, error_line  # noqa: E402
+from plotting.figures import plt, save_figure  # noqa: E402
 
 OUT_DIR = "runs/plots/sample"
 MZ = 91.1876
@@ -141,20 +142,11 @@ def lepton_isolation(s: dict, prompt: bool) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 def plot_all(samples: list[dict], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig, name):
-        path = out_dir / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / name))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in samples:

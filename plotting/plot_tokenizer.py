@@ -12,14 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.colors import LogNorm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from plotting.figures import plt, save_figure  # noqa: E402  (sets the headless backend first)
 
 
 def load(tok_dir: Path, obj: str):
@@ -67,9 +65,7 @@ def plot_histograms(orig, reco, side, out: Path) -> None:
                 ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.suptitle(f"{side['object']}: original vs reconstructed (held-out)")
-    fig.tight_layout()
-    fig.savefig(out / "reco_vs_original.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "reco_vs_original.png", dpi=90)
 
 
 def plot_residuals(orig, reco, side, out: Path) -> None:
@@ -86,9 +82,7 @@ def plot_residuals(orig, reco, side, out: Path) -> None:
         ax.set_title(f"{name}: bias {feats[name]['bias']:.3g}, res {feats[name]['resolution']:.3g}", fontsize=8)
         ax.set_xlabel("reco - original")
     fig.suptitle(f"{side['object']}: residuals")
-    fig.tight_layout()
-    fig.savefig(out / "residuals.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "residuals.png", dpi=90)
 
 
 def _pt_name(orig):
@@ -105,7 +99,7 @@ def plot_correlation_and_resolution(orig, reco, side, out: Path) -> None:
     o, r = orig[name].astype(float), reco[name].astype(float)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     hi = np.quantile(o, 0.995)
-    h = a1.hist2d(o, r, bins=[np.linspace(0, hi, 60)] * 2, cmin=1, norm=matplotlib.colors.LogNorm())
+    h = a1.hist2d(o, r, bins=[np.linspace(0, hi, 60)] * 2, cmin=1, norm=LogNorm())
     fig.colorbar(h[3], ax=a1)
     a1.plot([0, hi], [0, hi], "k--", lw=0.8)
     a1.set_xlabel(f"original {name} [GeV]")
@@ -123,9 +117,7 @@ def plot_correlation_and_resolution(orig, reco, side, out: Path) -> None:
         a2.set_ylabel("pT reco / pT orig - 1")
         a2.legend(fontsize=7)
     fig.suptitle(f"{side['object']}: pT correlation and binned resolution vs truth")
-    fig.tight_layout()
-    fig.savefig(out / "pt_correlation_resolution.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "pt_correlation_resolution.png", dpi=90)
 
 
 def plot_codes(codes, side, out: Path) -> None:
@@ -146,9 +138,7 @@ def plot_codes(codes, side, out: Path) -> None:
         ax.set_yticks([0, 1], ["dead", "used"])
         ax.set_xlabel("code index")
     fig.suptitle(f"{side['object']}: sorted code frequency (top), used/dead codes (bottom), held-out")
-    fig.tight_layout()
-    fig.savefig(out / "codes.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "codes.png", dpi=90)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     q = side["quality"]["codes"]
     ax.bar([f"q{c['level']}" for c in q], [c["used"] for c in q], label="used")
@@ -157,9 +147,7 @@ def plot_codes(codes, side, out: Path) -> None:
     ax.set_ylabel("used codes (held-out)")
     ax.legend(fontsize=7)
     ax.set_title(f"{side['object']}: used codes per level")
-    fig.tight_layout()
-    fig.savefig(out / "used_codes.png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, out / "used_codes.png", dpi=90)
 
 
 def plot_object(tok_dir: Path, obj: str) -> Path:

@@ -10,18 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from plotting.figures import plt, save_figure  # noqa: E402  (sets the headless backend first)
 
 
 def plot_pretraining(metrics_path, out_dir) -> list[Path]:
@@ -39,7 +30,7 @@ def plot_pretraining(metrics_path, out_dir) -> list[Path]:
     b.plot(ep, [h["val_frequency_baseline_acc"] for h in hist], "k--", label="most frequent code (val)")
     b.set(xlabel="epoch", ylabel="masked-token accuracy")
     b.legend()
-    written.append(_save(fig, out / "training_curves.png"))
+    written.append(save_figure(fig, out / "training_curves.png"))
 
     val = m.get("val") or {}
     per_type = val.get("per_type", {})
@@ -56,7 +47,7 @@ def plot_pretraining(metrics_path, out_dir) -> list[Path]:
         ax.set_xticks([i + 0.4 for i in range(len(names))], names)
         ax.set(ylabel="validation masked-token accuracy", title="per object type and quantizer level")
         ax.legend(fontsize=8)
-        written.append(_save(fig, out / "masked_accuracy_per_type.png"))
+        written.append(save_figure(fig, out / "masked_accuracy_per_type.png"))
     return written
 
 
