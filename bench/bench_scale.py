@@ -145,8 +145,9 @@ def print_table(results: list[dict]) -> None:
             print(f"{stage + ' x' + str(r['factor']):<22}{r['events']:>10}{t:>9.1f}{rate:>10.0f}"
                   f"{rate / ref_rate:>12.2f}{rss:>14.0f}{rss / ref[key]['peak_rss_mib']:>11.2f}")
     for a, b in zip(results, results[1:]):  # marginal rate between sizes: the start-up cost cancels
-        rate = (b["events"] - a["events"]) / max(b["apply"]["wall_s"] - a["apply"]["wall_s"], 1e-9)
-        print(f"step2 apply marginal rate x{a['factor']} -> x{b['factor']}: {rate:.0f} events/s")
+        dt = b["apply"]["wall_s"] - a["apply"]["wall_s"]
+        rate = f"{(b['events'] - a['events']) / dt:.0f} events/s" if dt > 0 else "n/a (the smaller run took longer)"
+        print(f"step2 apply marginal rate x{a['factor']} -> x{b['factor']}: {rate}")
     print("(pretrain batches: time of the batch loop inside the child; step2 apply: the child's whole wall time, "
           "start-up included)")
 
