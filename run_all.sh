@@ -73,7 +73,8 @@ run_step step2_apply "${parquet[-1]}" \
 
 # 3. masked-token pretraining
 run_step step3_pretrain "$RUN/pretrain/metrics.json" \
-    python step3_pretrain.py --parquet "${parquet[@]}" --out-dir "$RUN/pretrain" --seed "$SEED" --device "$DEVICE"
+    python step3_pretrain.py --parquet "${parquet[@]}" --tokenizers "$RUN/tok" --out-dir "$RUN/pretrain" \
+        --seed "$SEED" --device "$DEVICE"
 
 # 4. fine-tuning and baselines on the main task, with the data-efficiency protocol;
 #    then the generalisation protocol: trained against the first background only, tested on all

@@ -28,9 +28,9 @@ from tqdm import tqdm
 from common import distributed as D
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
 from common.runtime import EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, expand_inputs, provenance, seed_everything, write_json
-from common.token_parquet import SPLITS, legal_id_mask
+from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
 from common.transformer import (EventTransformer, MaskedTokenHead, MaskedTokenModel, ModelConfig, backbone_sidecar,
-                                save_module)
+                                codebook_table, save_module)
 
 # --- defaults (the run_all setting: small and quick on 2 CPU cores) ------------------------------------
 OUT_DIR = "runs/pretrain"
@@ -45,12 +45,16 @@ MASK_PROB = 0.15
 SHUFFLE_BUFFER = 16384
 SEED = 1
 DEVICE = "auto"
+CODE_GEOMETRY = True  # embed each object's quantised latent (from the step2 codebooks) beside its code ids
 THREADS = 0  # 0: all cores (1.1-1.4x faster, quiet 2-core box); 1 if others share the cores (all: 5-20x slower)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--parquet", nargs="+", required=True, help="step2 token Parquet files (or directories)")
+    p.add_argument("--tokenizers", default=None, help="step2 tokenizer folder (default: recorded in the Parquet)")
+    p.add_argument("--no-code-geometry", dest="code_geometry", action="store_false", default=CODE_GEOMETRY,
+                   help="code ids only: do not add the codebook vectors to the embedding")
     p.add_argument("--out-dir", default=OUT_DIR)
     p.add_argument("--d-model", type=int, default=D_MODEL)
     p.add_argument("--n-heads", type=int, default=N_HEADS)
@@ -219,10 +223,19 @@ def main(argv=None) -> int:
     val_steps = val_stream.steps_per_epoch(n_val, even=False)
 
     # Model, optimizer, schedule.
+    code_table = None
+    if args.code_geometry:
+        try:
+            code_table = codebook_table(vocab, args.tokenizers or recorded_tokenizers(paths[0]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            die(f"code geometry: {str(exc).splitlines()[0]} (or run with --no-code-geometry)")
     cfg = ModelConfig.from_vocab(vocab, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
-                                 d_ff=args.d_ff, dropout=args.dropout)
+                                 d_ff=args.d_ff, dropout=args.dropout,
+                                 code_dim=0 if code_table is None else code_table.shape[1])
     ranges = code_ranges(vocab)
     backbone = EventTransformer(cfg)
+    if code_table is not None:
+        backbone.set_code_vectors(code_table)
     model = MaskedTokenModel(backbone, MaskedTokenHead(cfg, legal_id_mask(vocab))).to(dist.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = steps * args.epochs

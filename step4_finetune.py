@@ -39,8 +39,9 @@ from common.continuous_inputs import ContinuousFeatures
 from common.event_data import SequenceStream, open_sequences
 from common.runtime import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, die, expand_inputs, provenance, seed_everything, write_json
 from common.schema import TOKENIZED_OBJECTS
-from common.token_parquet import PROVENANCE_KEY, SPLITS
-from common.transformer import EventClassifier, EventTransformer, ModelConfig, check_vocab, load_backbone, save_module
+from common.token_parquet import PROVENANCE_KEY, SPLITS, recorded_tokenizers
+from common.transformer import (EventClassifier, EventTransformer, ModelConfig, check_vocab, codebook_table,
+                                load_backbone, save_module)
 
 # --- defaults (the run_all setting: a few minutes on 2 CPU cores for ~4 x 5000 events) -----------------
 OUT_DIR = "runs/finetune"
@@ -177,9 +178,11 @@ def build_model(arm: str, args, cfg: ModelConfig, backbone_path: str | None, con
     if arm in ("finetune", "frozen"):
         backbone, _ = load_backbone(backbone_path)
     elif arm == "continuous":
-        backbone = EventTransformer(replace(cfg, continuous_dims=cont.continuous_dims()))
+        backbone = EventTransformer(replace(cfg, continuous_dims=cont.continuous_dims(), code_dim=0))
     else:
         backbone = EventTransformer(cfg)
+        if cfg.code_dim:  # scratch: the pretrained backbone's architecture, code geometry included
+            backbone.set_code_vectors(load_backbone(backbone_path)[0].code_vectors.numpy())
     model = EventClassifier(backbone, linear_probe=arm == "frozen")
     if arm == "frozen":
         backbone.requires_grad_(False)
@@ -306,13 +309,6 @@ def h5_locations(paths: list[str], h5_dir: str | None) -> dict[str, str]:
     return out
 
 
-def tokenizer_dir(paths: list[str], given: str | None) -> str | None:
-    if given:
-        return given
-    prov = json.loads((pq.read_schema(paths[0]).metadata or {}).get(PROVENANCE_KEY, b"{}"))
-    return (prov.get("settings") or {}).get("tokenizers")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
@@ -383,7 +379,7 @@ def main(argv=None) -> int:
         try:
             h5_files = h5_locations(paths, args.h5_dir)
             if "continuous" in args.arm_list:
-                cont = ContinuousFeatures(h5_files, vocab, tokenizer_dir(paths, args.tokenizers))
+                cont = ContinuousFeatures(h5_files, vocab, args.tokenizers or recorded_tokenizers(paths[0]))
         except (OSError, ValueError, KeyError) as exc:
             die(f"HDF5 inputs for the continuous / standard baselines: {str(exc).splitlines()[0]}", EXIT_SOME_FAILED)
 

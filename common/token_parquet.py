@@ -132,6 +132,12 @@ def write_sequences(path: str | os.PathLike, tables: Iterable[pa.Table], vocab: 
 
 # --- reading ------------------------------------------------------------------------------------
 
+def recorded_tokenizers(path: str | os.PathLike) -> str | None:
+    """The step2 tokenizer folder a token file was made with (from its provenance)."""
+    prov = json.loads((pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY, b"{}"))
+    return (prov.get("settings") or {}).get("tokenizers")
+
+
 def check_columns(path: str | os.PathLike) -> None:
     names = set(pq.read_schema(path).names)
     missing = [c for c in REQUIRED_COLUMNS if c not in names]

@@ -46,6 +46,7 @@ class ModelConfig:
     d_ff: int = 256
     dropout: float = 0.1
     continuous_dims: dict[str, int] = field(default_factory=dict)  # type id -> input width
+    code_dim: int = 0  # > 0: each code's tokenizer codebook vector enters its embedding too
 
     @classmethod
     def from_vocab(cls, vocab: dict, **sizes) -> "ModelConfig":
@@ -64,6 +65,11 @@ class EventTransformer(nn.Module):
         self.type_emb = nn.Embedding(cfg.n_types, d)
         self.pos_emb = nn.Embedding(cfg.max_length, d)
         self.proj = nn.ModuleDict({t: nn.Linear(n, d) for t, n in cfg.continuous_dims.items()})
+        if cfg.code_dim:
+            # Code geometry: an id embedding alone does not know which codes are close; the sum of an
+            # object's codebook vectors (its quantised latent) does. Filled by set_code_vectors.
+            self.register_buffer("code_vectors", torch.zeros(cfg.vocab_size, cfg.code_dim))
+            self.code_proj = nn.Parameter(torch.randn(cfg.n_types, cfg.code_dim, d) * cfg.code_dim ** -0.5)
         self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         block = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
@@ -72,6 +78,9 @@ class EventTransformer(nn.Module):
 
     def embed(self, input_ids, token_type_ids, features=None):
         x = self.code_emb(input_ids).sum(dim=-2)  # combine the Q levels of each position
+        if self.cfg.code_dim:  # [MASK] and PAD have zero vectors: a masked object leaks nothing
+            latent = self.code_vectors[input_ids].sum(dim=-2)
+            x = x + torch.einsum("blc,blcd->bld", latent, self.code_proj[token_type_ids.long()])
         if self.proj and features is not None:
             for t, proj in self.proj.items():  # a loop over object types, not events
                 sel = token_type_ids == int(t)
@@ -80,11 +89,35 @@ class EventTransformer(nn.Module):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.drop(self.norm(x + self.type_emb(token_type_ids.long()) + self.pos_emb(pos)[None]))
 
+    def set_code_vectors(self, table: np.ndarray) -> None:
+        self.code_vectors.copy_(torch.as_tensor(table, dtype=self.code_vectors.dtype))
+
     def forward(self, input_ids, token_type_ids, attention_mask, features=None):
         if input_ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max_length {self.cfg.max_length}")
         x = self.embed(input_ids.long(), token_type_ids.long(), features)
         return self.encoder(x, src_key_padding_mask=attention_mask == 0)
+
+
+def codebook_table(vocab: dict, tok_dir: str | os.PathLike) -> np.ndarray:
+    """float32 (vocab_size, codebook dim): the codebook vector behind every object code id, read
+    from the step2 tokenizers that made the vocabulary (checked by checksum)."""
+    from common.tokenizer import load_tokenizer
+
+    table = None
+    for obj, ranges in vocab["ranges"].items():
+        path = Path(tok_dir) / f"{obj}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: tokenizer not found (code geometry needs the step2 tokenizers)")
+        tok = load_tokenizer(path)
+        if tok.sha256 != vocab["tokenizers"][obj]["sha256"]:
+            raise ValueError(f"{path}: not the tokenizer that made these token files (checksum differs)")
+        books = tok.model.quantizer.codebooks.numpy()
+        if table is None:
+            table = np.zeros((vocab["vocab_size"], books.shape[-1]), dtype=np.float32)
+        for level, (start, count) in enumerate(ranges):
+            table[start : start + count] = books[level, :count]
+    return table
 
 
 class MaskedTokenHead(nn.Module):

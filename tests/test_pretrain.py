@@ -28,7 +28,9 @@ from common.schema import MASK  # noqa: E402
 from common.token_parquet import SPLITS, batch_to_numpy, legal_id_mask, split_of  # noqa: E402
 from common.transformer import load_backbone, vocab_checksum  # noqa: E402
 
-SMALL = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1", "--no-plots"]
+# The synthetic sample has no step2 tokenizers behind it, hence no code geometry.
+SMALL = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1", "--no-plots",
+         "--no-code-geometry"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -148,3 +150,28 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     assert code != 0 and "split holds no events" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "--parquet", bad, "--mask-prob", "1.5")
     assert code == 2 and "--mask-prob must be in (0, 1)" in err
+
+
+def test_code_geometry_embeds_the_quantised_latent_and_hides_masked_objects():
+    import torch
+
+    from common.schema import MASK
+    from common.transformer import EventTransformer, ModelConfig
+
+    cfg = ModelConfig(vocab_size=40, levels=2, n_types=12, max_length=8, d_model=16, n_heads=2, d_ff=32,
+                      dropout=0.0, code_dim=3)
+    model = EventTransformer(cfg).eval()
+    table = torch.zeros(40, 3)
+    table[10:20] = torch.randn(10, 3)
+    model.set_code_vectors(table.numpy())
+    types = torch.tensor([[1, 6, 6]])
+    ids = torch.tensor([[[1, 0], [10, 15], [11, 15]]])  # [CLS], two jets that differ in their level-0 code
+    x = model.embed(ids, types)
+    without = EventTransformer(ModelConfig(**{**cfg.__dict__, "code_dim": 0})).eval()
+    without.load_state_dict({k: v for k, v in model.state_dict().items() if k not in ("code_vectors", "code_proj")})
+    delta = x - without.embed(ids, types)
+    latent = table[ids].sum(-2)  # the sum of an object's codebook vectors
+    assert torch.allclose(delta.abs().sum(-1) > 1e-6, latent.abs().sum(-1) > 0)  # only where there is a latent
+    masked = ids.clone()
+    masked[0, 1] = torch.tensor([MASK, MASK])
+    assert torch.allclose(model.embed(masked, types)[0, 1], without.embed(masked, types)[0, 1])  # nothing leaks
