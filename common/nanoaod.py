@@ -13,7 +13,7 @@ import awkward as ak
 import numpy as np
 
 from common import physics
-from common.physlite import _fill_like, column, first_present, tree_keys
+from common.physlite import ColumnReader, _fill_like, column, first_present, tree_keys
 from common.runtime import InputError
 from common.schema import EXPERIMENT_ID, MISSING_INT, OBJECTS
 
@@ -66,7 +66,7 @@ SCALE = {"mm": 10.0}  # NanoAOD cm -> schema mm
 MET_DEFINITION = "CMS NanoAOD MET_pt / MET_phi / MET_sumEt (type-1 corrected PF MET) as stored"
 
 
-class NanoAODReader:
+class NanoAODReader(ColumnReader):
     experiment = "cms"
 
     def __init__(self, tree, kind: str, pt_cuts: dict[str, float]):
@@ -85,19 +85,6 @@ class NanoAODReader:
                 elif feat not in ("weight",):
                     missing.append(f"{f.group}/{obj}/{feat}")
         self.missing = sorted(missing)
-
-    def has(self, obj, feat) -> bool:
-        return (obj, feat) in self.columns
-
-    def sources(self) -> dict[str, str]:
-        return {"/".join(k): v for k, v in self.columns.items()}
-
-    @property
-    def n_events(self) -> int:
-        return int(self.tree.num_entries)
-
-    def chunks(self, step: int):
-        return self.tree.iterate(sorted(set(self.columns.values())), step_size=step, library="ak")
 
     def convert(self, chunk) -> dict:
         n = len(chunk)

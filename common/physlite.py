@@ -220,7 +220,30 @@ def read_generator_metadata(f) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The plan for one file: which columns to read, what is missing
 # ---------------------------------------------------------------------------------------------
-class PhysliteReader:
+class ColumnReader:
+    """What every input format's reader shares: `columns` maps (object, feature) to the branch
+    or field read for it, and only those columns are read, chunk by chunk."""
+
+    tree = None
+    columns: dict[tuple[str, str], str]
+
+    def has(self, obj, feat) -> bool:
+        return (obj, feat) in self.columns
+
+    def sources(self) -> dict[str, str]:
+        """What each feature/input was read from (recorded in /metadata)."""
+        return {"/".join(k): v for k, v in self.columns.items()}
+
+    @property
+    def n_events(self) -> int:
+        return int(self.tree.num_entries)
+
+    def chunks(self, step: int):
+        """Raw chunks of `step` events: only the columns this file needs."""
+        return self.tree.iterate(sorted(set(self.columns.values())), step_size=step, library="ak")
+
+
+class PhysliteReader(ColumnReader):
     experiment = "atlas"
 
     def __init__(self, tree, kind: str, pt_cuts: dict[str, float]):
@@ -252,9 +275,6 @@ class PhysliteReader:
             raise InputError(f"missing kinematic branch {spelled(_TRK + 'qOverP', kind)}")
         self.missing = self._missing_features()
 
-    def has(self, obj, feat) -> bool:
-        return (obj, feat) in self.columns
-
     def _missing_features(self) -> list[str]:
         missing = []
         for obj, table in BRANCHES.items():
@@ -269,18 +289,6 @@ class PhysliteReader:
         if not self.has("input", "mc_weights") and not self.has("input", "event_type"):
             missing.append("common/event/weight")
         return sorted(set(missing))
-
-    def sources(self) -> dict[str, str]:
-        """What each feature/input was read from (recorded in /metadata)."""
-        return {"/".join(k): v for k, v in self.columns.items()}
-
-    @property
-    def n_events(self) -> int:
-        return int(self.tree.num_entries)
-
-    def chunks(self, step: int):
-        """Raw chunks of `step` events: only the columns this file needs."""
-        return self.tree.iterate(sorted(set(self.columns.values())), step_size=step, library="ak")
 
     # -----------------------------------------------------------------------------------------
     def convert(self, chunk) -> dict:
