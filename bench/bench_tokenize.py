@@ -1,11 +1,13 @@
 """Benchmark of step2 at the seeds' setting (dim 8, 4 levels, 4096 codes):
 
-  1. nearest-code search: the k-d tree search of encode/apply (TreeCodeSearch) and the blocked
-     |C|^2 - 2 x.C^T matmul + argmin of training, vs vector-quantize-pytorch's ResidualVQ in eval
-     mode on the same vectors (skipped cleanly when the package is absent);
+  1. nearest-code search: the quantizer's residual search with the compiled exact search
+     (common/code_search.py) and with the torch |C|^2 - 2 x.C^T matmul + argmin, vs
+     vector-quantize-pytorch's ResidualVQ in eval mode on the same vectors (skipped cleanly when
+     the package is absent);
   2. apply throughput in objects/s: encode + quantise + sequence building + Parquet writing
-     (step2_tokenize.apply_one, in process) on synthetic step1 files, with the tree search, and on the
-     small file with the matmul search too (the reference: the speed-up measured under the same load);
+     (step2_tokenize.apply_one, in process) on synthetic step1 files, with the compiled search, and
+     on the small file with the matmul search too (the reference: the speed-up measured under the
+     same load);
   3. peak memory (ru_maxrss of a child `step2_tokenize.py apply`) as the input grows 10x;
   4. fit throughput (training objects/s of the VQ-VAE at batch 4096).
 
@@ -36,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import step2_tokenize as step2  # noqa: E402
 from common.schema import OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
 import common.tokenizer as tokenizer  # noqa: E402
-from common.tokenizer import Tokenizer, TreeCodeSearch, build_specs, fit_preprocessing, nearest_code  # noqa: E402
+from common.tokenizer import ResidualEMAQuantizer, Tokenizer, build_specs, fit_preprocessing, nearest_code  # noqa: E402
 from test_tokenize import write_synthetic_h5  # noqa: E402
 
 EVENTS = 5000
@@ -93,24 +95,18 @@ def bench_search(threads: int) -> dict:
     torch.manual_seed(1)
     n = 100_000
     z = torch.randn(n, DIM)
-    cbs = sample_codebooks(z[:50_000], CODES)
+    q = ResidualEMAQuantizer(LEVELS, CODES, DIM)
+    q.codebooks.copy_(sample_codebooks(z[:50_000], CODES))
+    rate, codes = {}, {}
     with torch.inference_mode():
-        t = time.perf_counter()
-        r, brute = z, []
-        for level in range(LEVELS):
-            cb = cbs[level]
-            idx = nearest_code(r, cb, (cb * cb).sum(1))
-            brute.append(idx)
-            r = r - cb[idx]
-        matmul = n / (time.perf_counter() - t)
-    t = time.perf_counter()
-    search = TreeCodeSearch(cbs, cosine=False)
-    build = time.perf_counter() - t
-    t = time.perf_counter()
-    codes = search.codes(z.numpy(), workers=threads)
-    tree = n / (time.perf_counter() - t)
-    agree = float((codes == torch.stack(brute, 1).numpy()).all(1).mean())
-    res = {"ours_objects_per_s": tree, "matmul_objects_per_s": matmul, "tree_build_s": build, "agree": agree}
+        for compiled in (False, True):
+            tokenizer.COMPILED_SEARCH_ON_CPU = compiled
+            q.quantize(z[:100])  # the first compiled call loads numba's cache
+            t = time.perf_counter()
+            codes[compiled] = q.quantize(z)[1]
+            rate[compiled] = n / (time.perf_counter() - t)
+    agree = float((codes[True] == codes[False]).all(1).float().mean())
+    res = {"ours_objects_per_s": rate[True], "matmul_objects_per_s": rate[False], "agree": agree}
     try:
         from vector_quantize_pytorch import ResidualVQ
     except ImportError:
@@ -124,13 +120,13 @@ def bench_search(threads: int) -> dict:
         for i in range(0, m, 5000):
             rvq(z[i : i + 5000].unsqueeze(0))
         ref = m / (time.perf_counter() - t)
-    res.update(reference_objects_per_s=ref, ratio=tree / ref)
+    res.update(reference_objects_per_s=ref, ratio=rate[True] / ref)
     return res
 
 
-def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, tree: bool = True) -> dict:
+def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: bool = True) -> dict:
     torch.set_num_threads(threads)
-    tokenizer.TREE_SEARCH_ON_CPU = tree
+    tokenizer.COMPILED_SEARCH_ON_CPU = compiled
     toks, combined = step2.load_tokenizers(str(tok_dir))
     meta = {o: {"sha256": t.sha256, "features": t.features, "levels": t.levels, "codebook_size": t.codebook_size}
             for o, t in toks.items()}
@@ -197,13 +193,13 @@ def main() -> int:
 
     s = bench_search(args.threads)
     print(f"[bench] load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    line = (f"[bench] nearest-code search, {LEVELS} levels x {CODES} codes, dim {DIM}: k-d tree {s['ours_objects_per_s']:,.0f} obj/s "
-            f"(build {s['tree_build_s'] * 1e3:.0f} ms, same codes as matmul on {s['agree']:.6f}); "
+    line = (f"[bench] nearest-code search, {LEVELS} levels x {CODES} codes, dim {DIM}: compiled {s['ours_objects_per_s']:,.0f} obj/s "
+            f"(same codes as the matmul on {s['agree']:.6f} of vectors); "
             f"matmul {s['matmul_objects_per_s']:,.0f} obj/s")
     if "reference_objects_per_s" in s:
         line += f"; vector-quantize-pytorch ResidualVQ (eval) {s['reference_objects_per_s']:,.0f} obj/s; ratio {s['ratio']:.1f}x"
     print(line)
-    ref = bench_apply(small, tok_dir, OUT / "tokens", args.threads, tree=False)
+    ref = bench_apply(small, tok_dir, OUT / "tokens", args.threads, compiled=False)
     print(f"[bench] apply small, matmul search (reference): {ref['objects']:,} objects in {ref['seconds']:.1f} s -> "
           f"{ref['objects_per_s']:,.0f} obj/s")
     for name, h5 in (("small", small), ("big", big)):

@@ -24,17 +24,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from scipy.spatial import cKDTree
 from scipy.special import ndtr, ndtri
 from torch import nn
 
+from common.code_search import nearest_codes
 from common.schema import OBJECTS, Feature
 
 N_QUANTILES = 1001  # quantile-table points of the quantile -> normal transform
 QUANTILE_EPS = 1e-4  # clip of the uniform variable: +-3.7 sigma at most
 SCORE_EPS = 1e-6  # floor of a score before its log-ratio
 SEARCH_BLOCK = 512  # rows per nearest-code matmul block: the distance block stays in cache
-TREE_SEARCH_ON_CPU = True  # encode on CPU with the k-d tree search (False: the matmul search, as in training)
+COMPILED_SEARCH_ON_CPU = True  # CPU code search with common.code_search (False: the torch matmul search)
 
 # ----------------------------------------------------------------------------------------------
 # Preprocessing
@@ -257,47 +257,12 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor,
     return out
 
 
-class TreeCodeSearch:
-    """Exact nearest-code search for CPU inference: one k-d tree per level, built once from the
-    codebooks. The codebook dimension is small (8), so a tree query visits a few dozen codes where
-    the matmul visits all of them; the codes are the ones `nearest_code` gives (exact nearest
-    neighbour; ties and float32 rounding aside). Training keeps `nearest_code` (EMA statistics,
-    torch tensors, GPU).
-
-    Cosine: the residual is normalised as in `quantize`, and max x.C_k becomes a nearest-neighbour
-    search by the usual lift C_k -> (C_k, sqrt(m^2 - |C_k|^2)), x -> (x, 0), m = max |C_k|:
-    |x' - C_k'|^2 = |x|^2 + m^2 - 2 x.C_k, exact whether or not the codes are unit vectors."""
-
-    def __init__(self, codebooks: torch.Tensor, cosine: bool):
-        self.codebooks = codebooks.detach().cpu().numpy().astype(np.float32, copy=True)
-        self.cosine = cosine
-        self.trees = [cKDTree(self._points(cb)) for cb in self.codebooks]
-
-    def _points(self, cb: np.ndarray) -> np.ndarray:
-        if not self.cosine:
-            return cb.astype(np.float64)
-        sq = (cb.astype(np.float64) ** 2).sum(1)
-        return np.concatenate([cb, np.sqrt(sq.max() - sq)[:, None]], 1)
-
-    def matches(self, codebooks: torch.Tensor) -> bool:
-        """Still the quantizer's codebooks? (a tokenizer trained further after its first encode)"""
-        cb = codebooks.detach()
-        return tuple(cb.shape) == self.codebooks.shape and np.array_equal(cb.cpu().numpy(), self.codebooks)
-
-    def codes(self, z: np.ndarray, workers: int = 1) -> np.ndarray:
-        """z (n, dim) float32 -> codes (n, levels) int32, level by level on the residual."""
-        residual = np.asarray(z, dtype=np.float32)
-        out = np.empty((len(residual), len(self.trees)), dtype=np.int32)
-        for level, (tree, cb) in enumerate(zip(self.trees, self.codebooks)):
-            r = residual
-            if self.cosine:  # F.normalize, then the lifted query (r, 0)
-                r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-                r = np.concatenate([r, np.zeros((len(r), 1), np.float32)], 1)
-            _, idx = tree.query(r, k=1, workers=workers)
-            idx[idx == len(cb)] = 0  # a non-finite vector has no neighbour; argmin's answer is 0 too
-            out[:, level] = idx
-            residual = residual - cb[idx]
-        return out
+def nearest(x: torch.Tensor, codebook: torch.Tensor, cosine: bool = False) -> torch.Tensor:
+    """Nearest code of each row: the compiled exact search on the CPU, the matmul search elsewhere."""
+    if x.device.type == "cpu" and COMPILED_SEARCH_ON_CPU:
+        return torch.from_numpy(nearest_codes(x.detach().numpy(), codebook.detach().numpy(), cosine,
+                                              torch.get_num_threads())).long()
+    return nearest_code(x, codebook, (codebook * codebook).sum(1), cosine)
 
 
 class ResidualEMAQuantizer(nn.Module):
@@ -334,7 +299,7 @@ class ResidualEMAQuantizer(nn.Module):
         for level in range(self.levels):
             r = self._norm(residual)
             cb = self.codebooks[level]
-            idx = nearest_code(r, cb, (cb * cb).sum(1), self.cosine)
+            idx = nearest(r, cb, self.cosine)
             q = cb[idx]
             residuals.append(r)
             codes.append(idx)
@@ -407,7 +372,7 @@ class ResidualEMAQuantizer(nn.Module):
             self.codebooks[level] = cb
             self.ema_sum[level] = cb
             self.ema_count[level] = 1.0
-            residual = residual - cb[nearest_code(r, cb, (cb * cb).sum(1), self.cosine)]
+            residual = residual - cb[nearest(r, cb, self.cosine)]
         self.initialised.fill_(True)
         self.usage.zero_()
         self.seen.zero_()
@@ -418,7 +383,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool, generator: torch.G
     n = len(x)
     centers = x[torch.randperm(n, generator=generator)[:k]].clone()
     for _ in range(iters):
-        idx = nearest_code(x, centers, (centers * centers).sum(1), cosine)
+        idx = nearest(x, centers, cosine)
         counts = torch.bincount(idx, minlength=k).float()
         sums = torch.zeros_like(centers).index_add_(0, idx, x)
         empty = counts == 0
@@ -485,28 +450,14 @@ class Tokenizer:
             raise KeyError(f"tokenizer {self.obj} needs feature(s) {', '.join(missing)}")
         return preprocess(self.specs, feats, self.d_in)
 
-    def code_search(self) -> TreeCodeSearch | None:
-        """The k-d tree search of the current codebooks (built on first use, rebuilt if they
-        changed); None when the model is not on the CPU (the GPU matmul search is fast there)."""
-        q = self.model.quantizer
-        if q.codebooks.device.type != "cpu" or not TREE_SEARCH_ON_CPU:
-            return None
-        search = getattr(self, "_search", None)
-        if search is None or search.cosine != q.cosine or not search.matches(q.codebooks):
-            search = self._search = TreeCodeSearch(q.codebooks, q.cosine)
-        return search
-
     @torch.inference_mode()
     def encode(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         x = torch.from_numpy(self.preprocess(feats))
         out = np.empty((len(x), self.levels), dtype=np.int32)
-        search = self.code_search()
+        device = self.model.quantizer.codebooks.device
         for i in range(0, len(x), ENCODE_BATCH):
-            z = self.model.encoder(x[i : i + ENCODE_BATCH].to(self.model.quantizer.codebooks.device))
-            if search is not None:
-                out[i : i + ENCODE_BATCH] = search.codes(z.numpy(), workers=torch.get_num_threads())
-            else:
-                out[i : i + ENCODE_BATCH] = self.model.quantizer.quantize(z)[1].cpu().numpy()
+            z = self.model.encoder(x[i : i + ENCODE_BATCH].to(device))
+            out[i : i + ENCODE_BATCH] = self.model.quantizer.quantize(z)[1].cpu().numpy()
         return out
 
     @torch.inference_mode()
