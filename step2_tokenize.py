@@ -65,7 +65,7 @@ PRESETS = {
 }
 # --- apply defaults ---
 MAX_LENGTH = 128
-APPLY_CHUNK_EVENTS = 16384
+APPLY_CHUNK_EVENTS = 8192
 
 PT_BINS = (0, 10, 20, 30, 50, 75, 100, 150, 250, 500, np.inf)  # GeV, truth-pT bins of the resolution
 BTAG_FC = {"DL1d": 0.018, "GN2": 0.2}  # charm fraction of the b-tag discriminant
@@ -159,11 +159,13 @@ def object_keys(obj: str, features: list[str], info: dict) -> dict[str, str]:
     return keys
 
 
-def flatten_objects(obj: str, keys: dict[str, str], arrays: dict[str, np.ndarray], events: np.ndarray) -> dict:
-    """Chunk arrays -> {feature: 1-D over the stored objects of the selected events} (row-major)."""
+def flatten_objects(obj: str, keys: dict[str, str], arrays: dict[str, np.ndarray], events: np.ndarray,
+                    mask: np.ndarray | None = None) -> dict:
+    """Chunk arrays -> {feature: 1-D over the stored objects of the selected events} (row-major);
+    `mask` (events x slots) selects fewer objects than the stored ones."""
     if OBJECTS[obj].per_event:
         return {name: arrays[k][events] for name, k in keys.items()}
-    mask = arrays[keys["__mask__"]][events].astype(bool)
+    mask = arrays[keys["__mask__"]][events].astype(bool) if mask is None else mask
     return {name: arrays[k][events][mask] for name, k in keys.items() if name != "__mask__"}
 
 
@@ -700,13 +702,13 @@ def apply_one(path: str, toks, combined, vocab_base, args) -> str:
 
     def tables():
         bar = tqdm(total=info["n_events"], desc=f"apply {Path(path).name}", unit="ev", mininterval=1.0)
-        for lo, arrays in h5io.iter_chunks(path, all_keys, step=args.chunk_events):
+        for lo, arrays in runtime.read_ahead(h5io.iter_chunks(path, all_keys, step=args.chunk_events)):
             n = len(arrays["common/event/mu"])
             events = np.arange(n)
-            masks, codes = {}, {}
-            for o in SEQUENCE_OBJECTS:
-                masks[o] = arrays[keys[o]["__mask__"]].astype(bool)
-                codes[o] = encode_chunk(o, toks[o], flatten_objects(o, keys[o], arrays, events), combined)
+            stored = {o: arrays[keys[o]["__mask__"]].astype(bool) for o in SEQUENCE_OBJECTS}
+            masks = sequences.kept_masks(stored, vocab["caps"], vocab["max_length"])  # truncated: not encoded
+            codes = {o: encode_chunk(o, toks[o], flatten_objects(o, keys[o], arrays, events, masks[o]), combined)
+                     for o in SEQUENCE_OBJECTS}
             met = encode_chunk("met", toks["met"], flatten_objects("met", keys["met"], arrays, events), combined)
             ids, types, lengths = sequences.build_sequences(masks, codes, met, arrays["common/event/mu"], vocab)
             bar.update(n)
@@ -716,7 +718,7 @@ def apply_one(path: str, toks, combined, vocab_base, args) -> str:
         bar.close()
 
     prov = runtime.provenance("step2_tokenize.py apply", args, [path])
-    token_parquet.write_sequences(out, tables(), vocab, prov)
+    token_parquet.write_sequences(out, runtime.read_ahead(tables()), vocab, prov)  # computing overlaps writing
     return str(out)
 
 

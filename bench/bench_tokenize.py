@@ -5,9 +5,9 @@
      vector-quantize-pytorch's ResidualVQ in eval mode on the same vectors (skipped cleanly when
      the package is absent);
   2. apply throughput in objects/s: encode + quantise + sequence building + Parquet writing
-     (step2_tokenize.apply_one, in process) on synthetic step1 files, with the compiled search, and
-     on the small file with the matmul search too (the reference: the speed-up measured under the
-     same load);
+     (step2_tokenize.apply_one, in process) on synthetic step1 files, with the compiled search, at
+     the production preset (tracks 8192 codes) and with 4096 codes for every type; and on the small
+     file with the matmul search too (the reference: the speed-up measured under the same load);
   3. peak memory (ru_maxrss of a child `step2_tokenize.py apply`) as the input grows 10x;
   4. fit throughput (training objects/s of the VQ-VAE at batch 4096).
 
@@ -44,11 +44,12 @@ from test_tokenize import write_synthetic_h5  # noqa: E402
 EVENTS = 5000
 SCALE = 10
 DIM, LEVELS, CODES, CODES_TRACKS = 8, 4, 4096, 8192
+REPEATS = 3  # apply runs per setting: the median is quoted (a shared virtual machine is noisy)
 MEMORY_CHUNK_EVENTS = 1024  # both inputs span many chunks, so the comparison shows the streaming
 OUT = ROOT / "bench" / "out" / "tokenize"
 
 
-def make_tokenizers(h5: Path, out_dir: Path, seed: int) -> None:
+def make_tokenizers(h5: Path, out_dir: Path, seed: int, codes_tracks: int) -> None:
     """Production-shaped tokenizers: preprocessing fitted on the file, codebooks = encoded samples."""
     info = step2.describe_file(str(h5))
     rng = np.random.default_rng(seed)
@@ -59,7 +60,7 @@ def make_tokenizers(h5: Path, out_dir: Path, seed: int) -> None:
         specs = build_specs([OBJECTS[obj].feature(n) for n in names])
         sample = step2.preprocessing_sample(obj, names, [info], 10**9, rng)
         fit_preprocessing(specs, sample)
-        k = CODES_TRACKS if obj == "tracks" else CODES
+        k = codes_tracks if obj == "tracks" else CODES
         settings = {"dim": DIM, "levels": LEVELS, "codebook_size": k, "hidden": 128, "depth": 2, "decay": 0.99,
                     "cosine": False, "dead_fraction": 0.03}
         tok = Tokenizer(obj, specs, settings)
@@ -76,8 +77,13 @@ def make_tokenizers(h5: Path, out_dir: Path, seed: int) -> None:
 
 
 def count_objects(h5: Path) -> int:
+    """Objects that apply tokenizes: those in the sequences after the default caps and max length
+    (apply encodes no others), plus one MET per event."""
     with h5py.File(h5) as f:
-        return int(sum(f[f"common/{o}/n"][:].sum() for o in SEQUENCE_OBJECTS) + f["common/met/pt"].shape[0])
+        n = {o: f[f"common/{o}/n"][:] for o in SEQUENCE_OBJECTS}
+        n_events = f["common/met/pt"].shape[0]
+    kept = step2.sequences.kept_counts(n, step2.sequences.DEFAULT_CAPS, step2.MAX_LENGTH)
+    return int(kept.sum()) + n_events
 
 
 def sample_codebooks(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -124,7 +130,8 @@ def bench_search(threads: int) -> dict:
     return res
 
 
-def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: bool = True) -> dict:
+def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: bool = True, repeats: int = 1) -> dict:
+    """Median over `repeats` runs of apply_one, in process."""
     torch.set_num_threads(threads)
     tokenizer.COMPILED_SEARCH_ON_CPU = compiled
     toks, combined = step2.load_tokenizers(str(tok_dir))
@@ -132,11 +139,15 @@ def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: 
             for o, t in toks.items()}
     vocab = step2.sequences.build_vocab(meta, step2.sequences.DEFAULT_CAPS, step2.MAX_LENGTH)
     args = SimpleNamespace(out_dir=str(out_dir), overwrite=True, chunk_events=step2.APPLY_CHUNK_EVENTS, seed=1)
-    t = time.perf_counter()
-    step2.apply_one(str(h5), toks, combined, vocab, args)
-    dt = time.perf_counter() - t
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step2.apply_one(str(h5), toks, combined, vocab, args)
+        seconds.append(time.perf_counter() - t)
     n = count_objects(h5)
-    return {"objects": n, "seconds": dt, "objects_per_s": n / dt}
+    rates = sorted(n / dt for dt in seconds)
+    return {"objects": n, "seconds": float(np.median(seconds)), "objects_per_s": float(np.median(rates)),
+            "range": (rates[0], rates[-1])}
 
 
 def child_peak_rss_mb(h5: Path, tok_dir: Path, out_dir: Path, threads: int) -> float:
@@ -188,8 +199,9 @@ def main() -> int:
         write_synthetic_h5(small, args.events, seed=11)
     if not big.exists():
         write_synthetic_h5(big, args.events * args.scale, seed=12)
-    tok_dir = OUT / "tok"
-    make_tokenizers(small, tok_dir, 1)  # cheap; always current with this script
+    tok_dir, tok4096 = OUT / "tok", OUT / "tok4096"
+    make_tokenizers(small, tok_dir, 1, CODES_TRACKS)  # cheap; always current with this script
+    make_tokenizers(small, tok4096, 1, CODES)
 
     s = bench_search(args.threads)
     print(f"[bench] load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
@@ -202,10 +214,13 @@ def main() -> int:
     ref = bench_apply(small, tok_dir, OUT / "tokens", args.threads, compiled=False)
     print(f"[bench] apply small, matmul search (reference): {ref['objects']:,} objects in {ref['seconds']:.1f} s -> "
           f"{ref['objects_per_s']:,.0f} obj/s")
-    for name, h5 in (("small", small), ("big", big)):
-        a = bench_apply(h5, tok_dir, OUT / "tokens", args.threads)
-        print(f"[bench] apply {name}: {a['objects']:,} objects in {a['seconds']:.1f} s -> {a['objects_per_s']:,.0f} obj/s "
-              f"(encode+quantise+sequences+Parquet; goal 200,000)"
+    runs = (("small", small, tok_dir, f"tracks {CODES_TRACKS} codes"), ("big", big, tok_dir, f"tracks {CODES_TRACKS} codes"),
+            ("big", big, tok4096, f"all types {CODES} codes"))
+    for name, h5, toks, setting in runs:
+        a = bench_apply(h5, toks, OUT / "tokens", args.threads, repeats=REPEATS)
+        print(f"[bench] apply {name} ({setting}): {a['objects']:,} objects in {a['seconds']:.1f} s -> "
+              f"{a['objects_per_s']:,.0f} obj/s, median of {REPEATS} (range {a['range'][0]:,.0f}-{a['range'][1]:,.0f}; "
+              f"encode+quantise+sequences+Parquet; goal 200,000)"
               + (f"; {a['objects_per_s'] / ref['objects_per_s']:.1f}x the matmul search" if name == "small" else ""))
     print(f"[bench] load average at end {os.getloadavg()[0]:.2f}")
     rss = {name: child_peak_rss_mb(h5, tok_dir, OUT / "tokens", args.threads) for name, h5 in (("small", small), ("big", big))}

@@ -84,7 +84,7 @@ def _first_argmin(bits):
     return first
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def _search(x, cbt, cs, out):
     """x (n, dim); cbt (chunks, 8, K), the transposed codebook in 8-dimension chunks (zero-padded);
     cs (K,) the |c|^2 term."""

@@ -1,17 +1,19 @@
 """What every step script shares at run time: exit codes, one-line errors, atomic outputs,
-batch sharding, seeds and provenance (code version, settings)."""
+batch sharding, seeds, provenance (code version, settings) and read-ahead of chunk streams."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import queue
 import random
 import subprocess
 import sys
+import threading
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -162,3 +164,43 @@ def expand_inputs(paths: Iterable[str]) -> list[str]:
         pp = Path(p)
         out.extend(sorted(str(x) for x in pp.iterdir() if x.is_file()) if pp.is_dir() else [str(p)])
     return out
+
+
+def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
+    """Iterate `items` in a background thread, up to `depth` items ahead of the consumer, so that
+    producing the next chunk (reading, or computing) overlaps with using this one. Numpy, h5py,
+    pyarrow, torch and the numba kernels release the GIL in their heavy parts. An exception in
+    the producer is raised in the consumer; a consumer that stops early stops the producer."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            ready.put((end, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put((end, exc))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if exc is not None:
+                raise exc
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+

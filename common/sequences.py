@@ -59,6 +59,13 @@ def kept_counts(n: dict[str, np.ndarray], caps: dict[str, int], max_length: int)
     return np.clip(np.minimum(capped, budget - before), 0, None)
 
 
+def kept_masks(mask: dict[str, np.ndarray], caps: dict[str, int], max_length: int) -> dict[str, np.ndarray]:
+    """The objects that enter the sequences: `mask` less what the caps and max_length drop
+    (apply encodes only these)."""
+    kept = kept_counts({o: mask[o].sum(1) for o in SEQUENCE_OBJECTS}, caps, max_length)
+    return {o: mask[o] & (slot_of(mask[o]) < kept[:, i, None]) for i, o in enumerate(SEQUENCE_OBJECTS)}
+
+
 def truncation_stats(n: dict[str, np.ndarray], caps: dict[str, int], max_length: int) -> dict:
     """Counts of objects dropped by the per-type caps and by max_length, per type."""
     kept = kept_counts(n, caps, max_length)

@@ -305,8 +305,8 @@ def test_apply_sequences_contract(tmp_path, fitted):
     with h5py.File(h5[0]) as f:
         n = {o: f[f"common/{o}/n"][:] for o in SEQUENCE_OBJECTS}
         mu = f["common/event/mu"][:]
-        jet_feats = {nm: f[f"{OBJECTS['jets'].feature(nm).group}/jets/{nm}"][:][f["common/jets/mask"][:]]
-                     for nm in load_tokenizer(d / "tok" / "jets.pt").features}
+        feats = {o: {nm: f[f"{OBJECTS[o].feature(nm).group}/{o}/{nm}"][:][f[f"common/{o}/mask"][:]]
+                     for nm in load_tokenizer(d / "tok" / f"{o}.pt").features} for o in ("jets", "tracks")}
     kept = sequences.kept_counts(n, vocab["caps"], 40)
     for i, o in enumerate(SEQUENCE_OBJECTS):  # counts per type match the HDF5 after caps/max length
         assert np.array_equal(((types == TYPE_IDS[o]) & pos).sum(1), kept[:, i])
@@ -314,16 +314,19 @@ def test_apply_sequences_contract(tmp_path, fitted):
     assert stats["tracks"]["dropped_by_cap"] == int((n["tracks"] - np.minimum(n["tracks"], 5)).sum()) > 0
     assert vocab["truncation"]["events_truncated"] > 0
     assert np.array_equal(ids[:, 1, 0], sequences.mu_tokens(mu, vocab))
-    # the jet tokens are exactly the tokenizer's codes of the jets, in pT order (events without truncation)
-    tok = load_tokenizer(d / "tok" / "jets.pt")
-    codes = tok.encode(jet_feats)
-    first = np.concatenate([[0], np.cumsum(n["jets"])[:-1]])
-    full = kept[:, SEQUENCE_OBJECTS.index("jets")] == n["jets"]
-    ev = np.nonzero(full & (n["jets"] > 0))[0][:50]
-    for e in ev[:5]:
-        got = ids[e][types[e] == TYPE_IDS["jets"]]
-        want = codes[first[e] : first[e] + n["jets"][e]] + np.array([r[0] for r in vocab["ranges"]["jets"]])
-        assert np.array_equal(got[:, : tok.levels], want)
+    # the tokens are exactly the tokenizer's codes of the leading objects, in pT order: all jets,
+    # and the first tracks of events that lost tracks (apply encodes only the objects it keeps)
+    for o in ("jets", "tracks"):
+        tok = load_tokenizer(d / "tok" / f"{o}.pt")
+        codes = tok.encode(feats[o])
+        first = np.concatenate([[0], np.cumsum(n[o])[:-1]])
+        k = kept[:, SEQUENCE_OBJECTS.index(o)]
+        ev = np.nonzero((k == n[o] if o == "jets" else k < n[o]) & (k > 0))[0]
+        assert len(ev) >= 5
+        for e in ev[:5]:
+            got = ids[e][types[e] == TYPE_IDS[o]]
+            want = codes[first[e] : first[e] + k[e]] + np.array([r[0] for r in vocab["ranges"][o]])
+            assert np.array_equal(got[:, : tok.levels], want)
     # the split column contract: deterministic, the same as token_parquet.split_of
     assert set(np.unique(token_parquet.split_of("ttbar.h5", b["event_index"]))) == {0, 1, 2}
 
