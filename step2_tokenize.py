@@ -37,7 +37,7 @@ from common.tokenizer import (COMBINED, TYPE_FEATURE, Tokenizer, VQAutoencoder, 
 DIM = 8
 LEVELS = 4
 CODEBOOK_SIZE = "auto"  # auto: a power of two near (training objects / AUTO_OBJECTS_PER_CODE)
-AUTO_OBJECTS_PER_CODE = 64  # 128 left pT at 4-8%: each doubling of the codes buys ~30% resolution
+AUTO_OBJECTS_PER_CODE = 32  # 64 left e, mu, jet pT at 2.3-2.4%, 128 at 4-8%: each doubling buys ~30%
 AUTO_MIN_CODES, AUTO_MAX_CODES = 64, 2048  # 16 tau codes could not hold pT; 4096 track codes cost 2x fit time
 HIDDEN = 128
 DEPTH = 2
@@ -760,6 +760,7 @@ def run_apply(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.bound_heap_growth()  # memory flat over many chunks
     return run_fit(args) if args.command == "fit" else run_apply(args)
 
 

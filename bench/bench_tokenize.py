@@ -193,6 +193,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-fit", action="store_true")
     args = p.parse_args()
+    step2.runtime.bound_heap_growth()  # as step2_tokenize.py does
     OUT.mkdir(parents=True, exist_ok=True)
     small, big = OUT / "small.h5", OUT / "big.h5"
     if not small.exists():

@@ -3,6 +3,7 @@ batch sharding, seeds, provenance (code version, settings) and read-ahead of chu
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import queue
@@ -164,6 +165,16 @@ def expand_inputs(paths: Iterable[str]) -> list[str]:
         pp = Path(p)
         out.extend(sorted(str(x) for x in pp.iterdir() if x.is_file()) if pp.is_dir() else [str(p)])
     return out
+
+
+def bound_heap_growth(threshold: int = 1 << 20) -> None:
+    """Serve allocations of `threshold` bytes and more by mmap, so that freeing them returns the
+    memory to the system. glibc's default threshold rises with use and every thread (torch's,
+    numba's, read_ahead's) has its own heap: in a long streaming run the freed chunk-sized arrays
+    fragment those heaps and the resident memory grows with the number of chunks. Linux only."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
 
 
 def read_ahead(items: Iterable, depth: int = 1) -> Iterator:
