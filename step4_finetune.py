@@ -277,7 +277,7 @@ def train_gbdt(train: dict, val: dict, signal: list[str], norm: dict, seed: int,
     yv, wv = class_weights({"process": val["process"], "weight": val["weight"]}, signal, norm)
     model = lgb.LGBMClassifier(n_estimators=trees, num_leaves=GBDT_LEAVES, learning_rate=GBDT_LR,
                                random_state=seed, n_jobs=threads or -1, verbose=-1, subsample=0.8, subsample_freq=1)
-    model.fit(train["x"], y, sample_weight=w, eval_set=[(val["x"], yv)], eval_sample_weight=[wv],
+    model.fit(train["x"], y, sample_weight=w, eval_X=(val["x"],), eval_y=(yv,), eval_sample_weight=[wv],
               eval_metric="auc", callbacks=[lgb.early_stopping(30, verbose=False)])
     return model
 
