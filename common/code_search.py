@@ -44,9 +44,10 @@ def _rows(a):
 
 @njit(fastmath=True, cache=True)
 def _distances(c, base, w, d, first):
-    """One 8-dimension chunk for 4 vectors: d[q, j] = base[q][j] + w[q].c_j, where w holds -2 x_q
-    and base is |x|^2 + |c|^2 for the first chunk, else the sum so far. Vectorised over the codes j;
-    w and base are tuples (values, not memory), so nothing in the loop can alias the stores."""
+    """One 8-dimension chunk for 4 vectors: d[q, j] = start + w[q].c_j, where w holds -2 x_q and
+    start is |x_q|^2 + |c_j|^2 for the first chunk (base = (|x_0|^2, .., |x_3|^2, |c|^2)), else the
+    sum so far. Vectorised over the codes j; w and the |x|^2 are tuples (values, not memory), so
+    nothing in the loop can alias the stores."""
     c0, c1, c2, c3, c4, c5, c6, c7 = c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
     d0, d1, d2, d3 = d[0], d[1], d[2], d[3]
     w0, w1, w2, w3 = w
