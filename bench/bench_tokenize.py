@@ -66,13 +66,7 @@ def make_tokenizers(h5: Path, out_dir: Path, seed: int, codes_tracks: int) -> No
         tok = Tokenizer(obj, specs, settings)
         with torch.no_grad():
             z = tok.model.encoder(torch.from_numpy(tok.preprocess(sample)))
-            q = tok.model.quantizer
-            r = z
-            for level in range(LEVELS):
-                # codes at the scale of this level's residuals, as k-means/EMA training leaves them
-                cb = r[torch.randint(len(r), (k,))] + 0.01 * r.std(0) * torch.randn(k, DIM)
-                q.codebooks[level] = cb
-                r = r - cb[nearest_code(r, cb, (cb * cb).sum(1))]
+            tok.model.quantizer.codebooks.copy_(sample_codebooks(z, k))
         tok.save(out_dir / f"{obj}.pt", {"bench": True})
 
 
@@ -87,7 +81,8 @@ def count_objects(h5: Path) -> int:
 
 
 def sample_codebooks(z: torch.Tensor, k: int) -> torch.Tensor:
-    """Codebooks level by level from this level's residuals (as data-initialised training starts)."""
+    """Codebooks level by level from this level's residuals: codes at the scale of each level's
+    residuals, as data-initialised k-means/EMA training leaves them."""
     cbs, r = [], z
     for _ in range(LEVELS):
         cb = r[torch.randint(len(r), (k,))] + 0.01 * r.std(0) * torch.randn(k, DIM)
