@@ -417,7 +417,8 @@ class VQAutoencoder(nn.Module):
 # The tokenizer users load: preprocess / encode / decode, checkpoint I/O
 # ----------------------------------------------------------------------------------------------
 
-ENCODE_BATCH = 65536
+ENCODE_BATCH = 65536  # objects per quantizer call
+ENCODER_BATCH = 4096  # objects per encoder call: its activations stay in cache
 
 
 class Tokenizer:
@@ -456,7 +457,8 @@ class Tokenizer:
         out = np.empty((len(x), self.levels), dtype=np.int32)
         device = self.model.quantizer.codebooks.device
         for i in range(0, len(x), ENCODE_BATCH):
-            z = self.model.encoder(x[i : i + ENCODE_BATCH].to(device))
+            xb = x[i : i + ENCODE_BATCH].to(device)
+            z = torch.cat([self.model.encoder(xb[j : j + ENCODER_BATCH]) for j in range(0, len(xb), ENCODER_BATCH)])
             out[i : i + ENCODE_BATCH] = self.model.quantizer.quantize(z)[1].cpu().numpy()
         return out
 
