@@ -3,7 +3,6 @@ buys pT resolution), and the minibatch stream (an in-memory pass covers every ob
 a set over the cache bound keeps streaming)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -98,15 +97,3 @@ def test_pt_weight_buys_pt_resolution(tmp_path):
         assert meta["settings"]["pt_weight"] == w
         assert next(s for s in meta["specs"] if s["names"] == ["pt"])["loss_weight"] == w
     assert res[10] < 0.8 * res[1], res
-
-
-def test_small_sets_train_with_smaller_batches_and_more_steps():
-    args = argparse.Namespace(batch_size=1024, steps=800, world=1)
-    small = s2.small_set_schedule(args, 1903)  # the run_all sample's taus
-    assert (small.batch_size, small.steps) == (256, 3200)  # same objects seen, 4x the codebook updates
-    assert (args.batch_size, args.steps) == (1024, 800)  # the caller's settings are not changed
-    assert s2.small_set_schedule(args, 4096) is args  # 4 full batches: as asked
-    tiny = s2.small_set_schedule(args, 10)
-    assert tiny.steps == 800 * s2.MAX_STEP_FACTOR  # bounded
-    two_ranks = s2.small_set_schedule(argparse.Namespace(batch_size=1024, steps=800, world=2), 6000)
-    assert two_ranks.batch_size == 512  # 3000 objects per rank
