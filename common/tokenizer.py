@@ -275,7 +275,7 @@ class ResidualEMAQuantizer(nn.Module):
     codebooks."""
 
     def __init__(self, levels: int, size: int, dim: int, decay: float = 0.99, cosine: bool = False,
-                 dead_fraction: float = 0.03, eps: float = 1e-5):
+                 dead_fraction: float = 0.1, eps: float = 1e-5):
         super().__init__()
         if not 1 <= levels <= 8:
             raise ValueError(f"levels must be 1..8, got {levels}")
@@ -399,7 +399,7 @@ class VQAutoencoder(nn.Module):
     """MLP encoder -> residual EMA quantizer -> MLP decoder."""
 
     def __init__(self, d_in: int, d_out: int, dim: int, levels: int, codebook_size: int, hidden: int = 128,
-                 depth: int = 2, decay: float = 0.99, cosine: bool = False, dead_fraction: float = 0.03):
+                 depth: int = 2, decay: float = 0.99, cosine: bool = False, dead_fraction: float = 0.1):
         super().__init__()
         self.encoder = mlp(d_in, hidden, dim, depth)
         self.decoder = mlp(dim, hidden, d_out, depth)
