@@ -83,5 +83,8 @@ def test_encode_equals_training_search(monkeypatch):
         z = tok.model.encoder(torch.from_numpy(tok.preprocess(sample)))
         tok.model.quantizer.kmeans_init(z, iters=5, generator=torch.Generator().manual_seed(1))
     fast = tok.encode(sample)
+    with torch.no_grad():
+        whole = tok.model.quantizer.quantize(z)[1].numpy()  # the encoder in one batch, not encode's cache-sized ones
+    assert (fast == whole).all(1).mean() >= 0.9999
     monkeypatch.setattr(tokmod, "COMPILED_SEARCH_ON_CPU", False)
     assert (fast == tok.encode(sample)).all(1).mean() >= 0.9999
