@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common import detector
 from common import physlite_writer as plw
-from common.runtime import EXIT_OK, EXIT_USAGE, atomic_output, die, provenance
+from common.runtime import EXIT_OK, atomic_output, die, provenance
 
 # process -> ATLAS dataset id, description, Pythia settings (13.6 TeV, MPI and hadronisation on by default)
 PROCESSES = {

@@ -18,7 +18,6 @@ import csv
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

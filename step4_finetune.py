@@ -37,10 +37,10 @@ from common import highlevel
 from common.classifier_metrics import binary_metrics, summarize_seeds
 from common.continuous_inputs import ContinuousFeatures
 from common.event_data import SequenceStream, open_sequences
-from common.runtime import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, die, expand_inputs, provenance, seed_everything, write_json
+from common.runtime import EXIT_OK, EXIT_SOME_FAILED, die, expand_inputs, provenance, seed_everything, write_json
 from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import PROVENANCE_KEY, SPLITS, recorded_tokenizers
-from common.transformer import (EventClassifier, EventTransformer, ModelConfig, check_vocab, codebook_table,
+from common.transformer import (EventClassifier, EventTransformer, ModelConfig, check_vocab,
                                 load_backbone, save_module)
 
 # --- defaults (the run_all setting: a few minutes on 2 CPU cores for ~4 x 5000 events) -----------------

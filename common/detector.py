@@ -180,7 +180,6 @@ def in_crack(eta):
 
 def pairs(ev_a: np.ndarray, ev_b: np.ndarray, n_events: int):
     """All (a, b) index pairs within the same event (a and b sorted by event)."""
-    ca = np.bincount(ev_a, minlength=n_events)
     cb = np.bincount(ev_b, minlength=n_events)
     ob = np.concatenate([[0], np.cumsum(cb)[:-1]])
     per_a = cb[ev_a]

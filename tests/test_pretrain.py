@@ -153,8 +153,6 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
 
 
 def test_code_geometry_embeds_the_quantised_latent_and_hides_masked_objects():
-    import torch
-
     from common.schema import MASK
     from common.transformer import EventTransformer, ModelConfig
 
