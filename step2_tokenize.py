@@ -35,7 +35,9 @@ from common.tokenizer import (COMBINED, TYPE_FEATURE, Tokenizer, VQAutoencoder, 
 
 # --- fit defaults (quick: the run_all sample); `--preset production` is the seeds' setting ---
 DIM = 8
-LEVELS = 4
+LEVELS = "auto"  # auto: AUTO_MIN_LEVELS, more where few objects cap the codebook (AUTO_BITS per object)
+AUTO_MIN_LEVELS = 4
+AUTO_BITS = 32  # levels x log2(codes): taus (64 codes) get 6 levels, pT 2.3-2.7% -> 1.5-1.6%
 CODEBOOK_SIZE = "auto"  # auto: a power of two near (training objects / AUTO_OBJECTS_PER_CODE)
 AUTO_OBJECTS_PER_CODE = 32  # 64 left e, mu, jet pT at 2.3-2.4%, 128 at 4-8%: each doubling buys ~30%
 AUTO_MIN_CODES, AUTO_MAX_CODES = 64, 2048  # 16 tau codes could not hold pT; 4096 track codes cost 2x fit time
@@ -84,7 +86,7 @@ def parse_args(argv=None):
     f.add_argument("--mode", choices=("per-object", "combined"), default="per-object")
     f.add_argument("--preset", choices=tuple(PRESETS), default=None, help="production: dim 8, 4 levels, 4096 codes (8192 tracks)")
     f.add_argument("--dim", type=int, default=DIM)
-    f.add_argument("--levels", type=int, default=LEVELS)
+    f.add_argument("--levels", default=LEVELS, help="1-8 or 'auto'")
     f.add_argument("--codebook-size", default=CODEBOOK_SIZE, help="int or 'auto'")
     f.add_argument("--hidden", type=int, default=HIDDEN)
     f.add_argument("--depth", type=int, default=DEPTH)
@@ -257,6 +259,14 @@ def choose_codebook_size(args, obj: str, n_train: int) -> int:
         return int(args.codebook_size)
     k = 2 ** int(math.floor(math.log2(max(n_train / AUTO_OBJECTS_PER_CODE, 1))))
     return int(min(max(k, AUTO_MIN_CODES), AUTO_MAX_CODES))
+
+
+def choose_levels(args, codebook_size: int) -> int:
+    """A codebook that few objects keep small gets more levels, so each object keeps its bits
+    (a level's codes must all be hit by held-out objects; more levels ask no more of them)."""
+    if str(args.levels) != "auto":
+        return int(args.levels)
+    return min(8, max(AUTO_MIN_LEVELS, math.ceil(AUTO_BITS / math.log2(max(codebook_size, 2)))))
 
 
 def minibatches(stream_factory, specs, d_in, batch_size, rng, cache_bytes=None):
@@ -511,7 +521,8 @@ def fit_one(obj: str, infos: list[dict], args, objs_for_combined=None) -> dict:
         raise runtime.InputError(f"{obj}: no tokenizable features present in all inputs")
     fit_preprocessing(specs, sample)
     weight_pt(specs, args.pt_weight)
-    settings = {"dim": args.dim, "levels": args.levels, "codebook_size": choose_codebook_size(args, obj, n_train),
+    codebook_size = choose_codebook_size(args, obj, n_train)
+    settings = {"dim": args.dim, "levels": choose_levels(args, codebook_size), "codebook_size": codebook_size,
                 "hidden": args.hidden, "depth": args.depth, "decay": args.decay, "cosine": bool(args.cosine),
                 "dead_fraction": args.dead_fraction, "batch_size": args.batch_size, "steps": args.steps,
                 "warmup_steps": args.warmup_steps, "lr": args.lr, "commit_weight": args.commit_weight, "discrete_weight": args.discrete_weight, "pt_weight": args.pt_weight,
@@ -608,8 +619,8 @@ def run_fit(args) -> int:
     bad = [o for o in objs if o not in TOKENIZED_OBJECTS]
     if bad:
         runtime.die(f"--objects: unknown object type(s) {', '.join(bad)}; choose from {', '.join(TOKENIZED_OBJECTS)}")
-    if not 1 <= args.levels <= 8:
-        runtime.die("--levels must be 1..8")
+    if str(args.levels) != "auto" and not (str(args.levels).isdigit() and 1 <= int(args.levels) <= 8):
+        runtime.die(f"--levels must be 1..8 or auto, got {args.levels}")
     apply_transform_overrides(args.transform)
     paths = runtime.expand_inputs(args.h5)
     if not paths:
@@ -629,7 +640,7 @@ def run_fit(args) -> int:
     if args.rank == 0:
         for r in results:
             if "goals" in r:
-                print(f"[fit] {r['object']}: codes={r['settings']['codebook_size']} goals={r['goals']['pass']}")
+                print(f"[fit] {r['object']}: codes={r['settings']['codebook_size']} levels={r['settings']['levels']} goals={r['goals']['pass']}")
         if not args.no_plots and any("sha256" in r for r in results):
             from plotting.plot_tokenizer import plot_dir
 

@@ -3,9 +3,11 @@ synthetic step1 file (written with common.h5io), sequence contract, bad inputs, 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -13,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import step2_tokenize as step2
 from common import h5io, sequences, token_parquet
 from common.schema import MISSING_INT, OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS, features_for
 from common.tokenizer import (ResidualEMAQuantizer, build_specs, fit_preprocessing, load_tokenizer, postprocess,
@@ -267,6 +270,8 @@ def test_bad_usage_and_bad_file(tmp_path, fitted):
     d, _ = fitted
     r = run_step("fit", "--h5", d / "ttbar.h5", "--out-dir", tmp_path, "--objects", "gluons")
     assert r.returncode == 2 and "gluons" in r.stderr and "Traceback" not in r.stderr
+    r = run_step("fit", "--h5", d / "ttbar.h5", "--out-dir", tmp_path, "--levels", "9")
+    assert r.returncode == 2 and "--levels" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"not hdf5")
     r = run_step("apply", "--h5", bad, "--tokenizers", d / "tok", "--out-dir", tmp_path / "o")
@@ -346,6 +351,15 @@ def test_apply_shards_equal_unsharded_and_rerun_skips(tmp_path, fitted):
     before = (full / "dy.parquet").stat().st_mtime_ns
     assert step2_tokenize.main(base + ["--out-dir", str(full)]) == 0
     assert (full / "dy.parquet").stat().st_mtime_ns == before  # finished outputs are skipped
+
+
+def test_auto_levels_keep_the_bits_of_small_codebooks():
+    auto = SimpleNamespace(levels="auto")
+    levels = {k: step2.choose_levels(auto, k) for k in (64, 128, 256, 4096)}
+    assert levels == {64: 6, 128: 5, 256: 4, 4096: 4}
+    assert all(l * math.log2(k) >= step2.AUTO_BITS for k, l in levels.items())
+    assert step2.choose_levels(auto, 2) == 8  # capped at the quantizer's 8 levels
+    assert step2.choose_levels(SimpleNamespace(levels="2"), 64) == 2  # an explicit --levels is kept
 
 
 def test_vocab_ranges_disjoint():
