@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import distributed as D
 from common import h5io, runtime, sequences, token_parquet
 from common.schema import OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS
 from common.tokenizer import (COMBINED, TYPE_FEATURE, Tokenizer, VQAutoencoder, build_specs, combined_specs,
@@ -63,6 +64,7 @@ CHUNK_EVENTS = 8192
 SEED = 1
 CACHE_BYTES = 256 << 20  # a preprocessed training set up to this size is kept in memory after the first pass
 FIT_THREADS = 1  # the MLPs are small: one thread per process beats two contending ones
+FIT_DEVICE = "cpu"  # cuda: for the production preset's long fits (GPU sums are not bitwise reproducible)
 PRESETS = {
     "production": {"dim": 8, "levels": 4, "codebook_size": "4096", "codebook_size_tracks": 8192,
                    "batch_size": 8192, "steps": 20000, "warmup_steps": 1000},
@@ -70,6 +72,7 @@ PRESETS = {
 # --- apply defaults ---
 MAX_LENGTH = 128
 APPLY_CHUNK_EVENTS = 8192
+APPLY_DEVICE = "auto"  # auto: a GPU when there is one (matmul search), else the compiled CPU search
 
 PT_BINS = (0, 10, 20, 30, 50, 75, 100, 150, 250, 500, np.inf)  # GeV, truth-pT bins of the resolution
 BTAG_FC = {"DL1d": 0.018, "GN2": 0.2}  # charm fraction of the b-tag discriminant
@@ -106,6 +109,7 @@ def parse_args(argv=None):
     f.add_argument("--eval-objects", type=int, default=EVAL_OBJECTS)
     f.add_argument("--seed", type=int, default=SEED)
     f.add_argument("--threads", type=int, default=FIT_THREADS, help="torch threads per process")
+    f.add_argument("--device", default=FIT_DEVICE, help="cpu | cuda | auto (one GPU per torchrun rank)")
     f.add_argument("--no-plots", action="store_true")
     f.add_argument("--overwrite", action="store_true")
     a = sub.add_parser("apply", help="HDF5 -> Parquet event token sequences")
@@ -118,11 +122,12 @@ def parse_args(argv=None):
     a.add_argument("--shard", default=None, help="K/N: this job's share of the inputs")
     a.add_argument("--seed", type=int, default=SEED)
     a.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: cores)")
+    a.add_argument("--device", default=APPLY_DEVICE, help="auto | cpu | cuda: where encoding and code search run")
     a.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    if args.command == "fit" and args.preset:
-        for k, v in PRESETS[args.preset].items():
-            setattr(args, k, v)
+    if args.command == "fit" and args.preset:  # the preset replaces the defaults; flags given still win
+        f.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     return args
 
 
@@ -355,7 +360,7 @@ def init_codebooks(model: VQAutoencoder, batches, n_vectors: int, seed: int) -> 
 def codebook_digest(model: VQAutoencoder) -> str:
     import hashlib
 
-    return hashlib.sha256(model.quantizer.codebooks.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(model.quantizer.codebooks.cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def ranks_digests(model: VQAutoencoder, world: int) -> list[str]:
@@ -365,7 +370,7 @@ def ranks_digests(model: VQAutoencoder, world: int) -> list[str]:
         return [digest]
     import torch.distributed as dist
 
-    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64)
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=model.quantizer.codebooks.device)
     out = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(out, mine)
     return [bytes(t.tolist()).hex() for t in out]
@@ -528,15 +533,18 @@ def fit_one(obj: str, infos: list[dict], args, objs_for_combined=None) -> dict:
                 "warmup_steps": args.warmup_steps, "lr": args.lr, "commit_weight": args.commit_weight, "discrete_weight": args.discrete_weight, "pt_weight": args.pt_weight,
                 "kmeans_buffer": KMEANS_FACTOR, "seed": args.seed, "mode": args.mode, "n_train_objects": n_train}
     tok = Tokenizer(obj, specs, settings)
-    model = tok.model
+    device = torch.device(args.device)
+    model = tok.model.to(device)
     model.train()
     ddp_model = model
     if args.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    batches = minibatches(train_stream, specs, tok.d_in, args.batch_size, np.random.default_rng(args.seed + args.rank))
+    batches = (x.to(device) for x in minibatches(train_stream, specs, tok.d_in, args.batch_size,
+                                                  np.random.default_rng(args.seed + args.rank)))
     history = train(model, specs, batches, args, ddp_model, obj)
     model.eval()
     digests = ranks_digests(model, args.world)
+    model.cpu()  # evaluated and saved on the CPU, where apply and the plots load it
     if args.rank != 0:
         return {"object": obj}
     cuts = btag_cuts(sample, specs)
@@ -605,11 +613,8 @@ def apply_transform_overrides(overrides: list[str]) -> None:
 
 
 def setup_distributed(args) -> None:
-    args.world, args.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if args.world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    d = D.setup(args.device)  # ranks talk over gloo on the CPU, nccl on GPUs
+    args.world, args.rank, args.device = d.world, d.rank, str(d.device)  # the device as resolved, recorded
     torch.set_num_threads(max(1, args.threads))
 
 
@@ -759,6 +764,9 @@ def run_apply(args) -> int:
         runtime.die(str(exc))
     caps = parse_caps(args.cap)
     toks, combined = load_tokenizers(args.tokenizers)
+    device = D.setup(args.device).device
+    for tok in set(toks.values()):
+        tok.model.to(device)
     meta = {o: {"sha256": t.sha256, "features": t.features, "levels": t.levels, "codebook_size": t.codebook_size,
                 "file": Path(t.path).name} for o, t in toks.items()}
     try:

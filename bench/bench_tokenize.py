@@ -8,6 +8,7 @@
      (step2_tokenize.apply_one, in process) on synthetic step1 files, with the compiled search, at
      the production preset (tracks 8192 codes) and with 4096 codes for every type; and on the small
      file with the matmul search too (the reference: the speed-up measured under the same load);
+     where torch sees a GPU, also with encoder and search on it;
   3. peak memory (ru_maxrss of a child `step2_tokenize.py apply`) as the input grows 10x;
   4. fit throughput (training objects/s of the VQ-VAE at batch 4096).
 
@@ -125,11 +126,14 @@ def bench_search(threads: int) -> dict:
     return res
 
 
-def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: bool = True, repeats: int = 1) -> dict:
+def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: bool = True, repeats: int = 1,
+                device: str = "cpu") -> dict:
     """Median over `repeats` runs of apply_one, in process."""
     torch.set_num_threads(threads)
     tokenizer.COMPILED_SEARCH_ON_CPU = compiled
     toks, combined = step2.load_tokenizers(str(tok_dir))
+    for tok in set(toks.values()):
+        tok.model.to(device)
     meta = {o: {"sha256": t.sha256, "features": t.features, "levels": t.levels, "codebook_size": t.codebook_size}
             for o, t in toks.items()}
     vocab = step2.sequences.build_vocab(meta, step2.sequences.DEFAULT_CAPS, step2.MAX_LENGTH)
@@ -218,6 +222,10 @@ def main() -> int:
               f"{a['objects_per_s']:,.0f} obj/s, median of {REPEATS} (range {a['range'][0]:,.0f}-{a['range'][1]:,.0f}; "
               f"encode+quantise+sequences+Parquet; goal 200,000)"
               + (f"; {a['objects_per_s'] / ref['objects_per_s']:.1f}x the matmul search" if name == "small" else ""))
+    if torch.cuda.is_available():  # a GPU node: the same apply with encoder and matmul search on the GPU
+        a = bench_apply(big, tok4096, OUT / "tokens", args.threads, repeats=REPEATS, device="cuda")
+        print(f"[bench] apply big on {torch.cuda.get_device_name()} (all types {CODES} codes): {a['objects']:,} objects "
+              f"in {a['seconds']:.1f} s -> {a['objects_per_s']:,.0f} obj/s, median of {REPEATS}")
     print(f"[bench] load average at end {os.getloadavg()[0]:.2f}")
     rss = {name: child_peak_rss_mb(h5, tok_dir, OUT / "tokens", args.threads) for name, h5 in (("small", small), ("big", big))}
     print(f"[bench] apply peak RSS (--chunk-events {MEMORY_CHUNK_EVENTS}): {rss['small']:.0f} MB ({args.events} events) -> {rss['big']:.0f} MB "

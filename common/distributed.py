@@ -1,5 +1,5 @@
-"""torchrun / DistributedDataParallel plumbing for step3 and step4: one process per device,
-gloo on CPU, nccl on GPU. Without torchrun's environment everything runs as a single rank."""
+"""Device choice, and torchrun / DistributedDataParallel plumbing for step3 and step4: one
+process per device, gloo on CPU, nccl on GPU. Without torchrun's environment everything runs as a single rank."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from common import runtime
 
 
 @dataclass
@@ -30,6 +32,10 @@ def setup(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        runtime.die(f"--device {device}: torch sees no CUDA device here (use --device cpu or auto)")
+    if device not in ("auto", "cpu") and not use_cuda:
+        runtime.die(f"--device {device}: choose auto, cpu or cuda")
     dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

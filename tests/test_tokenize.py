@@ -222,6 +222,23 @@ def test_fit_writes_loadable_checkpoints_with_quality(fitted):
     assert el["charge"]["exact_match"] > 0.95 and el["LHTight"]["exact_match"] > 0.9
 
 
+def test_fit_on_gpu_or_a_clear_error(tmp_path, fitted):
+    d, h5 = fitted
+    r = run_step("fit", "--h5", *h5, "--out-dir", tmp_path, "--objects", "electrons", *QUICK, "--seed", "3",
+                 "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert r.returncode == 2 and "--device cuda" in r.stderr and "Traceback" not in r.stderr
+        return
+    assert r.returncode == 0, r.stderr[-2000:]
+    tok = load_tokenizer(tmp_path / "electrons.pt")  # a GPU fit loads on the CPU
+    side = json.loads((tmp_path / "electrons.json").read_text())
+    cpu = json.loads((d / "tok" / "electrons.json").read_text())["quality"]["features"]
+    assert tok.model.quantizer.codebooks.device.type == "cpu" and side["provenance"]["settings"]["device"] == "cuda:0"
+    # not bitwise the CPU fit (GPU sums), but as good
+    q = side["quality"]["features"]
+    assert q["charge"]["exact_match"] > 0.95 and q["pt"]["relative"]["resolution"] < 1.5 * cpu["pt"]["relative"]["resolution"]
+
+
 def test_tokenizer_api_encode_decode_physical(fitted):
     d, h5 = fitted
     tok = load_tokenizer(d / "tok" / "jets.pt")
@@ -338,19 +355,32 @@ def test_apply_sequences_contract(tmp_path, fitted):
 
 def test_apply_shards_equal_unsharded_and_rerun_skips(tmp_path, fitted):
     d, h5 = fitted
-    import step2_tokenize  # in process: four interpreter start-ups saved
 
     full, sh = tmp_path / "full", tmp_path / "sh"
-    base = ["apply", "--h5", *map(str, h5), "--tokenizers", str(d / "tok"), "--threads", "1"]
-    assert step2_tokenize.main(base + ["--out-dir", str(full)]) == 0
+    base = ["apply", "--h5", *map(str, h5), "--tokenizers", str(d / "tok"), "--threads", "1"]  # in process
+    assert step2.main(base + ["--out-dir", str(full)]) == 0
     for k in (1, 2):
-        assert step2_tokenize.main(base + ["--out-dir", str(sh), "--shard", f"{k}/2"]) == 0
+        assert step2.main(base + ["--out-dir", str(sh), "--shard", f"{k}/2"]) == 0
     for name in ("ttbar.parquet", "dy.parquet"):
         a, b = pq.read_table(full / name), pq.read_table(sh / name)
         assert a.equals(b)
     before = (full / "dy.parquet").stat().st_mtime_ns
-    assert step2_tokenize.main(base + ["--out-dir", str(full)]) == 0
+    assert step2.main(base + ["--out-dir", str(full)]) == 0
     assert (full / "dy.parquet").stat().st_mtime_ns == before  # finished outputs are skipped
+
+
+def test_apply_on_gpu_gives_the_cpu_codes_or_a_clear_error(tmp_path, fitted):
+    d, h5 = fitted
+    base = ["apply", "--h5", str(h5[1]), "--tokenizers", str(d / "tok"), "--threads", "1"]
+    assert step2.main(base + ["--out-dir", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    r = run_step(*base, "--out-dir", tmp_path / "gpu", "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert r.returncode == 2 and "--device cuda" in r.stderr and "Traceback" not in r.stderr
+        return
+    assert r.returncode == 0, r.stderr[-2000:]
+    paths = [tmp_path / x / "dy.parquet" for x in ("cpu", "gpu")]
+    a, b = (token_parquet.batch_to_numpy(pq.read_table(p), token_parquet.read_vocab(p)["levels"])["input_ids"] for p in paths)
+    assert a.shape == b.shape and np.mean(a == b) > 0.999  # float rounding may flip exact near-ties
 
 
 def test_auto_levels_keep_the_bits_of_small_codebooks():
@@ -360,6 +390,14 @@ def test_auto_levels_keep_the_bits_of_small_codebooks():
     assert all(l * math.log2(k) >= step2.AUTO_BITS for k, l in levels.items())
     assert step2.choose_levels(auto, 2) == 8  # capped at the quantizer's 8 levels
     assert step2.choose_levels(SimpleNamespace(levels="2"), 64) == 2  # an explicit --levels is kept
+
+
+def test_preset_sets_defaults_and_given_flags_win():
+    base = ["fit", "--h5", "x.h5", "--out-dir", "tok", "--preset", "production"]
+    a = step2.parse_args(base)
+    assert (a.dim, a.levels, a.codebook_size, a.codebook_size_tracks, a.steps) == (8, 4, "4096", 8192, 20000)
+    a = step2.parse_args(base + ["--steps", "600", "--levels", "2"])
+    assert (a.steps, a.levels, a.batch_size) == (600, "2", 8192)
 
 
 def test_vocab_ranges_disjoint():
