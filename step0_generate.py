@@ -80,6 +80,9 @@ def make_pythia(process: str, seed: int):
     import pythia8mc
 
     pythia = pythia8mc.Pythia("", False)  # False: no banner
+    if not pythia.settings.isParm("Beams:eCM"):  # no settings database: Pythia did not find its xmldoc
+        raise RuntimeError("Pythia found no settings database (xmldoc); set PYTHIA8DATA to the "
+                           "share/Pythia8/xmldoc folder of the pythia8mc installation")
     for line in COMMON_SETTINGS + PROCESSES[process]["settings"] + ["Random:setSeed = on", f"Random:seed = {seed}"]:
         if not pythia.readString(line):
             raise RuntimeError(f"Pythia rejected setting {line!r}")

@@ -3,6 +3,7 @@ sanity, file contract (real PHYSLITE names and units, step1 reads it), determini
 Samples of a few hundred events per process are generated once per module in tmp_path."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,9 @@ def test_bad_usage_skip_and_overwrite(tmp_path):
     step0("--process", "zz4l", "--events", 25, "--out", out, "--overwrite")
     assert uproot.open(out)["CollectionTree"].num_entries == 25
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary left behind
+    # a Pythia install whose data folder is not found (as with pip --target): one line that says what to set
+    res = subprocess.run([sys.executable, str(ROOT / "step0_generate.py"), "--process", "dy", "--events", "10", "--out",
+                          tmp_path / "y.root"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHIA8DATA": str(tmp_path / "nowhere")})
+    assert res.returncode == 1 and "PYTHIA8DATA" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "y.root").exists()
