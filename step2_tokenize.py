@@ -1,7 +1,7 @@
 """Step 2: object tokenizers (fit) and event token sequences (apply).
 
   python step2_tokenize.py fit   --h5 data/h5/*.h5 --out-dir runs/tok            # one tokenizer per object
-  python step2_tokenize.py fit   --h5 data/h5/*.h5 --out-dir runs/tok --preset production
+  python step2_tokenize.py fit   --h5 data/h5/*.h5 --out-dir runs/tok --preset production [--device cuda]
   python step2_tokenize.py apply --h5 data/h5/*.h5 --tokenizers runs/tok --out-dir data/tokens [--shard K/N]
 
 fit: for every object type a residual EMA VQ-VAE (common/tokenizer.py) on the schema's
@@ -10,6 +10,7 @@ events drawn uniformly from all inputs; training streams minibatches from the HD
 (memory does not grow with the number of events); the quality is measured on held-out events
 (the `test` split of common/token_parquet.split_of) and written to <obj>.json.
 Under torchrun the model is DistributedDataParallel and the codebook statistics are all-reduced.
+The fit runs on the CPU unless --device says otherwise; apply uses a GPU when there is one.
 
 apply: one Parquet per HDF5 (common/token_parquet.py) with the sequences of common/sequences.py.
 """

@@ -1,5 +1,6 @@
-"""Device choice, and torchrun / DistributedDataParallel plumbing for step3 and step4: one
-process per device, gloo on CPU, nccl on GPU. Without torchrun's environment everything runs as a single rank."""
+"""Device choice, and torchrun / DistributedDataParallel plumbing for step2's fit, step3 and
+step4: one process per device, gloo on CPU, nccl on GPU. Without torchrun's environment
+everything runs as a single rank."""
 from __future__ import annotations
 
 import os

@@ -355,7 +355,6 @@ def test_apply_sequences_contract(tmp_path, fitted):
 
 def test_apply_shards_equal_unsharded_and_rerun_skips(tmp_path, fitted):
     d, h5 = fitted
-
     full, sh = tmp_path / "full", tmp_path / "sh"
     base = ["apply", "--h5", *map(str, h5), "--tokenizers", str(d / "tok"), "--threads", "1"]  # in process
     assert step2.main(base + ["--out-dir", str(full)]) == 0
