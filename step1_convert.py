@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from common import nanoaod, physics, physlite
 from common.h5io import H5EventWriter
-from common.runtime import (InputError, die, exit_code, expand_inputs, parse_shard, process_inputs,
+from common.runtime import (InputError, die, exit_code, expand_inputs, parse_shard, per_object, process_inputs,
                             provenance, select_shard)
 from common.schema import (ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS, MISSING_INT,
                            features_for)
@@ -59,20 +59,6 @@ def parse_args(argv=None):
     p.add_argument("--dsid", type=int, default=None, help="dataset id (else mcChannelNumber)")
     p.add_argument("--cross-section", type=float, default=None, help="cross-section in pb (else from the file, else NaN)")
     return p.parse_args(argv)
-
-
-def per_object(text: str, defaults: dict, flag: str, cast) -> dict:
-    """'jets=25,tracks=1' on top of the defaults."""
-    out = dict(defaults)
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in defaults or not value:
-            die(f"{flag}: expected OBJECT=VALUE with OBJECT in {', '.join(defaults)}, got {item!r}")
-        try:
-            out[name] = cast(value)
-        except ValueError:
-            die(f"{flag}: {item!r} is not a number")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

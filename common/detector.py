@@ -32,6 +32,7 @@ import awkward as ak
 import fastjet
 import numpy as np
 
+from common.physics import ELECTRON_MASS, MUON_MASS
 from common.schema import ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM
 
 # --- pile-up and beam spot -----------------------------------------------------------------
@@ -88,7 +89,6 @@ QG_TRACK_PT_MIN_GEV, QG_C1_BETA = 0.5, 0.2
 # --- MET ------------------------------------------------------------------------------------
 MET_SOFT_STOCH, MET_SOFT_PER_MU_GEV = 0.5, 0.15
 
-ELECTRON_MASS_GEV, MUON_MASS_GEV, PION_MASS_GEV = 0.000511, 0.10566, 0.13957
 NEUTRINOS = (12, 14, 16)
 BTAG_PERS_KEY = 582299515  # m_persKey of the BTagging container link, as in the real file
 
@@ -329,7 +329,7 @@ def reconstruct_electrons(p, final, anc, rng) -> dict:
     e_obj = {"event": p["event"][idx], "eta": p["eta"][idx], "phi": p["phi"][idx]}
     g_par = {"event": p["event"][gam], "eta": p["eta"][gam], "phi": p["phi"][gam]}
     dressed_pt = p["pt"][idx] + cone_sum(e_obj, g_par, p["pt"][gam], ELECTRON_DRESS_DR, p["n_events"])
-    el = lepton_table(p, idx, anc, rng, ELECTRON_MASS_GEV)
+    el = lepton_table(p, idx, anc, rng, ELECTRON_MASS)
     e_true = dressed_pt * np.cosh(el["eta"])
     el["pt"] = dressed_pt * (1 + calo_smear(e_true, rng) * rng.standard_normal(len(idx)))
     eff = ELECTRON_EFF_PLATEAU * (1 - np.exp(-np.maximum(el["pt"] - ELECTRON_PT_MIN_GEV, 0) / ELECTRON_EFF_TURNON_GEV))
@@ -342,7 +342,7 @@ def reconstruct_electrons(p, final, anc, rng) -> dict:
 def reconstruct_muons(p, final, anc, rng) -> dict:
     idx = np.flatnonzero(final & (np.abs(p["id"]) == 13) & (np.abs(p["eta"]) < MUON_ETA_MAX)
                          & (p["pt"] > MUON_PT_MIN_GEV))
-    mu = lepton_table(p, idx, anc, rng, MUON_MASS_GEV)
+    mu = lepton_table(p, idx, anc, rng, MUON_MASS)
     aeta = np.abs(mu["eta"])
     res = quad(MUON_RES_CONST, MUON_RES_SLOPE * mu["pt_true"]) * np.where(aeta > MUON_BARREL_ETA, MUON_RES_ENDCAP_FACTOR, 1)
     mu["pt"] = mu["pt_true"] * (1 + res * rng.standard_normal(len(idx)))

@@ -3,8 +3,8 @@
 Leptons are the electrons and muons of /common merged and pT-ordered. The four leading
 leptons form the 4l candidate; Z1 is the same-flavour opposite-sign (SFOS) pair closest to
 the Z mass and Z2 the other pair of the same pairing (the standard H->4l pairing). b-jets
-pass a cut on the GN2 discriminant D = ln(pb / (f_c pc + (1 - f_c) pu)). Every function is
-vectorised over events; events without a valid candidate get NaN (gradient boosting handles it).
+are common.physics.is_bjet (the one b-jet definition). Every function is vectorised over
+events; events without a valid candidate get NaN (gradient boosting handles it).
 """
 from __future__ import annotations
 
@@ -15,12 +15,9 @@ import h5py
 import numpy as np
 
 from common.h5io import iter_chunks
+from common.physics import BJET_TAGGER, LEPTON_MASS, invariant_mass, is_bjet, p4, z_pairing
 
-Z_MASS = 91.1876  # GeV
-LEPTON_MASS = {"electrons": 0.000511, "muons": 0.10566}  # GeV
 N_LEPTONS = 4
-GN2_FC = 0.2  # charm fraction of the GN2 discriminant
-GN2_CUT = 2.0  # D above this is a b-jet (about the 77% efficiency working point)
 JET_PT_MIN = 25.0  # GeV, jets counted
 
 NAMES = ("n_electrons", "n_muons", "n_leptons", "lep1_pt", "lep2_pt", "lep3_pt", "lep4_pt",
@@ -29,18 +26,12 @@ NAMES = ("n_electrons", "n_muons", "n_leptons", "lep1_pt", "lep2_pt", "lep3_pt",
 
 def _keys(f: h5py.File) -> list[str]:
     keys = [f"common/{o}/{v}" for o in LEPTON_MASS for v in ("pt", "eta", "phi", "charge", "mask")]
-    keys += ["common/jets/pt", "common/jets/mask", "common/met/pt", "common/met/sumet"]
-    keys += [k for k in ("atlas/jets/GN2_pb", "atlas/jets/GN2_pc", "atlas/jets/GN2_pu") if k in f]
+    keys += ["common/jets/pt", "common/jets/eta", "common/jets/mask", "common/met/pt", "common/met/sumet"]
+    keys += [k for k in BTAG_KEYS if k in f]
     return keys
 
 
-def _p4(pt, eta, phi, m):
-    px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
-    return np.stack([np.sqrt(px**2 + py**2 + pz**2 + m**2), px, py, pz], axis=-1)
-
-
-def _mass(p):
-    return np.sqrt(np.maximum(p[..., 0] ** 2 - (p[..., 1:] ** 2).sum(-1), 0.0))
+BTAG_KEYS = tuple(f"atlas/jets/{BJET_TAGGER}_{s}" for s in ("pb", "pc", "pu"))
 
 
 def leading_leptons(c: dict[str, np.ndarray], n: int = N_LEPTONS):
@@ -49,7 +40,7 @@ def leading_leptons(c: dict[str, np.ndarray], n: int = N_LEPTONS):
     for k, (obj, mass) in enumerate(LEPTON_MASS.items()):
         m = c[f"common/{obj}/mask"].astype(bool)
         pt = np.where(m, c[f"common/{obj}/pt"], 0.0).astype(np.float64)
-        p4s.append(_p4(pt, c[f"common/{obj}/eta"], c[f"common/{obj}/phi"], mass) * m[..., None])
+        p4s.append(p4(pt, c[f"common/{obj}/eta"], c[f"common/{obj}/phi"], mass) * m[..., None])
         fl.append(np.where(m, k, -1))
         ch.append(np.where(m, c[f"common/{obj}/charge"], 0))
         pts.append(pt)
@@ -64,37 +55,16 @@ def leading_leptons(c: dict[str, np.ndarray], n: int = N_LEPTONS):
     return out
 
 
-def z_candidates(p4, flavour, charge):
-    """mZ1, mZ2 of the 4 leptons with the standard pairing; NaN without two SFOS pairs."""
-    best_z1 = np.full(len(p4), np.nan)
-    best_z2 = np.full(len(p4), np.nan)
-    for (a, b), (c, d) in (((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2))):
-        sfos = lambda i, j: (flavour[:, i] >= 0) & (flavour[:, i] == flavour[:, j]) & (charge[:, i] * charge[:, j] < 0)
-        ok = sfos(a, b) & sfos(c, d)
-        m1, m2 = _mass(p4[:, a] + p4[:, b]), _mass(p4[:, c] + p4[:, d])
-        z1, z2 = np.where(np.abs(m1 - Z_MASS) <= np.abs(m2 - Z_MASS), m1, m2), np.where(
-            np.abs(m1 - Z_MASS) <= np.abs(m2 - Z_MASS), m2, m1)
-        better = ok & (np.isnan(best_z1) | (np.abs(z1 - Z_MASS) < np.abs(best_z1 - Z_MASS)))
-        best_z1, best_z2 = np.where(better, z1, best_z1), np.where(better, z2, best_z2)
-    return best_z1, best_z2
-
-
-def gn2_discriminant(pb, pc, pu, fc: float = GN2_FC):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(pb / (fc * pc + (1 - fc) * pu))
-
-
 def compute(c: dict[str, np.ndarray]) -> np.ndarray:
     """One chunk of HDF5 arrays -> (N, len(NAMES)) float32 in the order of NAMES."""
-    p4, fl, ch, pt = leading_leptons(c)
+    lep, fl, ch, pt = leading_leptons(c)
     n_lep = (fl >= 0).sum(1)
-    four = p4.sum(1)
+    four = lep.sum(1)
     has4 = n_lep >= 4
-    z1, z2 = z_candidates(p4, fl, ch)
+    z1, z2, _ = z_pairing(lep, fl, ch)
     jm = c["common/jets/mask"].astype(bool) & (c["common/jets/pt"] > JET_PT_MIN)
-    if "atlas/jets/GN2_pb" in c:
-        d = gn2_discriminant(c["atlas/jets/GN2_pb"], c["atlas/jets/GN2_pc"], c["atlas/jets/GN2_pu"])
-        n_b = (jm & (d > GN2_CUT)).sum(1)
+    if BTAG_KEYS[0] in c:
+        n_b = (jm & is_bjet(c["common/jets/pt"], c["common/jets/eta"], *(c[k] for k in BTAG_KEYS))).sum(1)
     else:
         n_b = np.full(len(jm), np.nan)
     jpt = np.where(jm, c["common/jets/pt"], 0.0)
@@ -102,7 +72,7 @@ def compute(c: dict[str, np.ndarray]) -> np.ndarray:
         "n_electrons": c["common/electrons/mask"].sum(1), "n_muons": c["common/muons/mask"].sum(1),
         "n_leptons": n_lep,
         **{f"lep{i + 1}_pt": np.where(fl[:, i] >= 0, pt[:, i], np.nan) for i in range(N_LEPTONS)},
-        "m4l": np.where(has4, _mass(four), np.nan), "pt4l": np.where(has4, np.hypot(four[:, 1], four[:, 2]), np.nan),
+        "m4l": np.where(has4, invariant_mass(four), np.nan), "pt4l": np.where(has4, np.hypot(four[:, 1], four[:, 2]), np.nan),
         "mZ1": z1, "mZ2": z2, "met": c["common/met/pt"], "met_sumet": c["common/met/sumet"],
         "n_jets": jm.sum(1), "n_bjets": n_b, "ht": jpt.sum(1), "jet1_pt": jpt.max(1, initial=0.0),
     }

@@ -1,6 +1,7 @@
-"""Vectorised physics helpers on awkward/numpy arrays (no per-event Python loops).
+"""The one physics module: constants, the analysis definitions every step shares (b-tag
+discriminant and b-jets, four-vectors, invariant masses, the Z-candidate pairing), and the
+vectorised helpers of the converter and the detector simulation (no per-event Python loops).
 
-Used by the converter (step1) and by the detector simulation of step0: keep names stable.
 Jagged arrays are awkward arrays of shape (events, var); per-event values are numpy (events,).
 """
 from __future__ import annotations
@@ -9,6 +10,70 @@ import awkward as ak
 import numpy as np
 
 from common.schema import ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM
+
+# --- constants (GeV) ------------------------------------------------------------------------------
+Z_MASS = 91.1876
+W_MASS = 80.377
+HIGGS_MASS = 125.0
+ELECTRON_MASS, MUON_MASS, PION_MASS = 0.000511, 0.10566, 0.13957
+LEPTON_MASS = {"electrons": ELECTRON_MASS, "muons": MUON_MASS}  # the HDF5 lepton objects
+
+# --- b-tagging: D = ln(pb / (fc pc + (1 - fc) pu)), the taggers' charm fractions --------------------
+BTAG_FC = {"DL1d": 0.018, "GN2": 0.2}
+BTAG_EPS = 1e-6  # keeps D finite for scores at exactly 0
+BJET_TAGGER = "GN2"
+BJET_CUT = 2.0  # D above this is a b-jet (about the 77% efficiency working point of the built-in sample)
+BJET_PT_MIN, BJET_ETA_MAX = 25.0, 2.5  # GeV; b-jets are counted among these jets
+
+
+def btag_discriminant(pb, pc, pu, tagger: str):
+    """D of a tagger's (pb, pc, pu) triplet; an unknown tagger is a KeyError naming it."""
+    if tagger not in BTAG_FC:
+        raise KeyError(f"no charm fraction for b-tagger {tagger!r} (known: {', '.join(BTAG_FC)})")
+    fc = BTAG_FC[tagger]
+    return np.log((np.asarray(pb) + BTAG_EPS) / (fc * np.asarray(pc) + (1 - fc) * np.asarray(pu) + BTAG_EPS))
+
+
+def is_bjet(pt, eta, pb, pc, pu):
+    """The b-jet definition: pT > BJET_PT_MIN, |eta| < BJET_ETA_MAX and D(BJET_TAGGER) > BJET_CUT."""
+    with np.errstate(invalid="ignore"):
+        return (np.asarray(pt) > BJET_PT_MIN) & (np.abs(eta) < BJET_ETA_MAX) & (btag_discriminant(pb, pc, pu, BJET_TAGGER) > BJET_CUT)
+
+
+# --- four-vectors and the Z-candidate pairing ---------------------------------------------------------
+def p4(pt, eta, phi, m):
+    """(E, px, py, pz) stacked on the last axis, float64."""
+    pt, eta, phi = (np.asarray(v, np.float64) for v in (pt, eta, phi))
+    px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+    return np.stack([np.sqrt(px**2 + py**2 + pz**2 + np.asarray(m, np.float64) ** 2), px, py, pz], axis=-1)
+
+
+def invariant_mass(p):
+    """Mass of (..., 4) four-vectors (E, px, py, pz), clipped at 0."""
+    return np.sqrt(np.maximum(p[..., 0] ** 2 - (p[..., 1:] ** 2).sum(-1), 0.0))
+
+
+# The three ways to split four leptons into two pairs.
+PAIRINGS = (((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2)))
+
+
+def z_pairing(p4s, flavour, charge):
+    """The standard H->4l pairing of four leptons: (mZ1, mZ2, pairing index).
+
+    p4s (N, 4, 4), flavour (N, 4) with -1 for no lepton, charge (N, 4). Of the pairings with two
+    same-flavour opposite-sign pairs, the one whose pair lies closest to Z_MASS wins; that pair
+    is Z1 and the other Z2. NaN (and index -1) without two such pairs."""
+    n = len(p4s)
+    best_z1, best_z2, best = np.full(n, np.nan), np.full(n, np.nan), np.full(n, -1)
+    sfos = lambda i, j: (flavour[:, i] >= 0) & (flavour[:, i] == flavour[:, j]) & (charge[:, i] * charge[:, j] < 0)  # noqa: E731
+    for k, ((a, b), (c, d)) in enumerate(PAIRINGS):
+        ok = sfos(a, b) & sfos(c, d)
+        m1, m2 = invariant_mass(p4s[:, a] + p4s[:, b]), invariant_mass(p4s[:, c] + p4s[:, d])
+        first = np.abs(m1 - Z_MASS) <= np.abs(m2 - Z_MASS)
+        z1, z2 = np.where(first, m1, m2), np.where(first, m2, m1)
+        better = ok & (np.isnan(best_z1) | (np.abs(z1 - Z_MASS) < np.abs(best_z1 - Z_MASS)))
+        best_z1, best_z2, best = np.where(better, z1, best_z1), np.where(better, z2, best_z2), np.where(better, k, best)
+    return best_z1, best_z2, best
 
 
 def delta_phi(phi1, phi2):

@@ -70,6 +70,22 @@ def process_inputs(items: Sequence, fn: Callable, workers: int = 1, label: Calla
     return results, errors
 
 
+def per_object(text: str | Sequence[str], defaults: dict, flag: str, cast) -> dict:
+    """Per-object settings in the one syntax of every step, 'jets=25,tracks=1', on top of the
+    defaults. A list (a flag given several times) is read as its items joined by commas."""
+    out = dict(defaults)
+    items = text.split(",") if isinstance(text, str) else [t for part in text for t in part.split(",")]
+    for item in filter(None, (t.strip() for t in items)):
+        name, _, value = item.partition("=")
+        if name not in defaults or not value:
+            die(f"{flag}: expected OBJECT=VALUE with OBJECT in {', '.join(defaults)}, got {item!r}")
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            die(f"{flag}: {item!r} is not a number")
+    return out
+
+
 def exit_code(errors: Iterable) -> int:
     errors = list(errors)
     if errors:
