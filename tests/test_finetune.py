@@ -51,7 +51,7 @@ def test_z_candidates_standard_pairing():
     c["common/electrons/pt"][:, :2], c["common/electrons/phi"][:, :2], c["common/electrons/charge"][:, :2] = 15.0, [1, 1 + np.pi], [-1, 1]
     c["common/muons/mask"][:, :2] = c["common/electrons/mask"][:, :2] = True
     c["common/electrons/charge"][1, 1] = -1  # second event: the e pair is same-sign, no valid pairing
-    c.update({"common/jets/pt": np.array([[60, 30, 10], [0, 0, 0]], np.float32), "common/jets/mask": np.array([[1, 1, 1], [0, 0, 0]], bool),
+    c.update({"common/jets/pt": np.array([[60, 30, 10], [0, 0, 0]], np.float32), "common/jets/eta": np.zeros((n, 3), np.float32), "common/jets/mask": np.array([[1, 1, 1], [0, 0, 0]], bool),
               "common/met/pt": np.ones(n, np.float32), "common/met/sumet": np.ones(n, np.float32),
               "atlas/jets/GN2_pb": np.array([[0.9, 0.01, 0.9], [0, 0, 0]], np.float32),
               "atlas/jets/GN2_pc": np.full((n, 3), 0.05, np.float32), "atlas/jets/GN2_pu": np.full((n, 3), 0.05, np.float32)})
