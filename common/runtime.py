@@ -145,6 +145,52 @@ def select_shard(items: Sequence, shard: str | None) -> list:
     return sorted(items, key=str)[k - 1 :: n]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may really use: its affinity, capped by a cgroup CPU quota (how
+    HTCondor and Slurm limit a job) and by OMP_NUM_THREADS or SLURM_CPUS_PER_TASK when set."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    if quota:
+        n = min(n, max(1, int(quota + 0.5)))
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        try:
+            n = min(n, max(1, int(os.environ[var])))
+        except (KeyError, ValueError):
+            pass
+    return max(1, n)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by the cgroup (v2 cpu.max, v1 cfs quota/period), None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def set_threads(threads: int) -> int:
+    """--threads of every step: N > 0 threads, 0 the usable CPUs (usable_cpus). Sets torch's and
+    numba's pools; returns the number set."""
+    import torch
+
+    n = threads if threads > 0 else usable_cpus()
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    return n
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
