@@ -1,21 +1,27 @@
-"""Step 3: masked-token pretraining of the event transformer on step2's token Parquet files.
+"""Step 3: masked-object pretraining of the event transformer on step2's token Parquet files.
 
 Whole object positions are masked (15%: 80% [MASK], 10% a random code legal for the type, 10%
-kept) and every quantizer level's code is predicted, with logits restricted to the ids legal
-for the position's type and level. Only the train split is trained on and the validation split
-evaluated: test events (the shared split hash) are never read. AdamW, warmup + cosine decay,
-gradient clipping, a checkpoint per epoch (--resume). CPU, one GPU (bf16 autocast) or many
-with `torchrun --nproc_per_node N step3_pretrain.py ...` (DDP; gloo on CPU).
+kept) and the model predicts, from the rest of the event, what stood there. Objectives
+(--objective, one or several, comma separated; the losses add):
+  features  the masked object's normalised features, read from the step1 HDF5 (regression)
+  latent    its quantised latent, the sum of its codebook vectors in the step2 tokenizer (regression)
+  tokens    its code id at every quantizer level (cross-entropy over the ids legal for the type)
+Regression targets are standardised per object type, so predicting 0 is the no-context
+baseline that knows only the type; the context gain is 1 - MSE / baseline MSE per type. For
+ids the baseline is the most frequent code of each (type, level).
 
-  python step3_pretrain.py --parquet runs/x/tokens/*.parquet --out-dir runs/x/pretrain
-Outputs: backbone.pt + backbone.json (config, vocab checksum), metrics.json, history.csv,
-checkpoint.pt (+ .json), plots/.
+Only the train and validation splits are read: test events (the shared split hash) are never
+pretrained on. AdamW, warm-up + cosine decay, gradient clipping, a checkpoint per epoch
+(--resume). CPU, one GPU (bf16 autocast) or many with `torchrun --nproc_per_node N ...`.
+
+  python step3_pretrain.py --parquet runs/x/tokens/*.parquet --h5-dir runs/x/h5 --out-dir runs/x/pretrain
+Outputs: backbone.pt + backbone.json (config, objective, representation, vocabulary checksum),
+metrics.json, history.csv, checkpoint.pt, plots/.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,59 +31,60 @@ import torch
 from tqdm import tqdm
 
 from common import distributed as D
+from common import training as T
+from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
-from common.runtime import EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, expand_inputs, provenance, seed_everything, write_json
+from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, expand_inputs, provenance, seed_everything,
+                            set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
-from common.transformer import (EventTransformer, MaskedTokenHead, MaskedTokenModel, ModelConfig, backbone_sidecar,
-                                codebook_table, save_module)
+from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, RegressionHead,
+                                backbone_sidecar, codebook_table, save_module)
 
 # --- defaults (the run_all setting: small and quick on 2 CPU cores) ------------------------------------
 OUT_DIR = "runs/pretrain"
-D_MODEL, N_HEADS, N_LAYERS, D_FF, DROPOUT = 64, 4, 2, 256, 0.1
+OBJECTIVE = "features"  # chosen by measurement: bench/README.md, "pretraining objectives"
+OBJECTIVES = ("features", "latent", "tokens")
+REPRESENTATION = "mean"  # the event representation fine-tuning reads: the mean of the object states
 EPOCHS = 4
 BATCH_SIZE = 128
 LR = 1e-3
-WEIGHT_DECAY = 0.01
-WARMUP_FRACTION = 0.05
-GRAD_CLIP = 1.0
 MASK_PROB = 0.15
 SHUFFLE_BUFFER = 16384
+SCALER_BATCHES = 20  # training batches that fix the standardisation of the regression targets
 SEED = 1
-DEVICE = "auto"
 CODE_GEOMETRY = True  # embed each object's quantised latent (from the step2 codebooks) beside its code ids
-THREADS = 0  # 0: all cores (1.1-1.4x faster, quiet 2-core box); 1 if others share the cores (all: 5-20x slower)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--parquet", nargs="+", required=True, help="step2 token Parquet files (or directories)")
+    p.add_argument("--objective", default=OBJECTIVE, help=f"comma separated, of {', '.join(OBJECTIVES)}")
     p.add_argument("--tokenizers", default=None, help="step2 tokenizer folder (default: recorded in the Parquet)")
+    p.add_argument("--h5-dir", default=None, help="step1 HDF5 folder, for --objective features "
+                                                  "(default: the inputs recorded in the Parquet)")
     p.add_argument("--no-code-geometry", dest="code_geometry", action="store_false", default=CODE_GEOMETRY,
                    help="code ids only: do not add the codebook vectors to the embedding")
     p.add_argument("--out-dir", default=OUT_DIR)
-    p.add_argument("--d-model", type=int, default=D_MODEL)
-    p.add_argument("--n-heads", type=int, default=N_HEADS)
-    p.add_argument("--n-layers", type=int, default=N_LAYERS)
-    p.add_argument("--d-ff", type=int, default=D_FF)
-    p.add_argument("--dropout", type=float, default=DROPOUT)
+    T.add_model_args(p)
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="per rank")
     p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    p.add_argument("--warmup-fraction", type=float, default=WARMUP_FRACTION)
-    p.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
+    p.add_argument("--weight-decay", type=float, default=T.WEIGHT_DECAY)
+    p.add_argument("--warmup-fraction", type=float, default=T.WARMUP_FRACTION)
+    p.add_argument("--grad-clip", type=float, default=T.GRAD_CLIP)
     p.add_argument("--mask-prob", type=float, default=MASK_PROB)
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="events held for shuffling")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
-    p.add_argument("--device", default=DEVICE)
-    p.add_argument("--threads", type=int, default=THREADS,
-                   help="torch CPU threads (0: all cores; 1 on a busy shared machine)")
-    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on GPU)")
+    T.add_runtime_args(p)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
+    args.objectives = [o.strip() for o in args.objective.split(",") if o.strip()]
+    bad = [o for o in args.objectives if o not in OBJECTIVES]
+    if bad or not args.objectives:
+        p.error(f"--objective {args.objective!r}: choose one or more of {', '.join(OBJECTIVES)}")
     if not 0 < args.mask_prob < 1:
         p.error("--mask-prob must be in (0, 1)")
     if args.d_model % args.n_heads:
@@ -85,14 +92,7 @@ def parse_args(argv=None):
     return args
 
 
-def lr_lambda(total: int, warmup: int):
-    """Linear warmup, then cosine decay to zero."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
-
+# --- the masked-token statistics (objective 'tokens') -------------------------------------------------
 
 class LevelStats:
     """Masked-token loss/accuracy summed per (type, level); reduced over ranks before reading."""
@@ -115,60 +115,142 @@ class LevelStats:
 
     def summary(self, vocab: dict, dist) -> dict:
         n, correct, loss, base = D.all_sum(self.sums, dist).cpu().numpy()
-        ratio = lambda a, b: float(a.sum() / b.sum()) if b.sum() else float("nan")
+        ratio = lambda a, b: float(a.sum() / b.sum()) if b.sum() else float("nan")  # noqa: E731
         out = {"n_masked": int(n.sum()), "acc": ratio(correct, n), "loss": ratio(loss, n),
                "frequency_baseline_acc": ratio(base, n),
-               "per_level": {str(l): {"n": int(n[:, l].sum()), "acc": ratio(correct[:, l], n[:, l]),
-                                      "loss": ratio(loss[:, l], n[:, l])} for l in range(n.shape[1])},
+               "per_level": {str(lvl): {"n": int(n[:, lvl].sum()), "acc": ratio(correct[:, lvl], n[:, lvl]),
+                                        "loss": ratio(loss[:, lvl], n[:, lvl])} for lvl in range(n.shape[1])},
                "per_type": {}}
         for obj, t in vocab["type_ids"].items():
             if n[t].sum():
                 out["per_type"][obj] = {"n": int(n[t].sum()), "acc": ratio(correct[t], n[t]), "loss": ratio(loss[t], n[t]),
                                         "frequency_baseline_acc": ratio(base[t], n[t]),
-                                        "acc_per_level": [ratio(correct[t, l], n[t, l]) for l in range(n.shape[1])]}
+                                        "acc_per_level": [ratio(correct[t, lvl], n[t, lvl]) for lvl in range(n.shape[1])]}
         return out
 
 
-def to_torch(batch: dict, device) -> tuple:
-    return tuple(torch.from_numpy(np.ascontiguousarray(batch[k])).to(device)
-                 for k in ("input_ids", "token_type_ids", "attention_mask"))
+def count_codes(code_counts: np.ndarray, batch: dict) -> None:
+    """Frequency baseline: how often each code stands at each (type, level)."""
+    keep = batch["attention_mask"] > 0
+    t, v = batch["token_type_ids"][keep].astype(np.int64), batch["input_ids"][keep]
+    q, size = v.shape[1], code_counts.shape[-1]
+    flat = ((t[:, None] * q + np.arange(q)) * size + v).ravel()
+    code_counts += np.bincount(flat, minlength=code_counts.size).reshape(code_counts.shape)
 
 
-def run_epoch(model, stream, epoch, steps, ranges, args, dist, stats, mode=None, opt=None, sched=None,
-              code_counts=None, desc=""):
-    """One pass over a stream: trains when an optimizer is given, else evaluates."""
+# --- the regression targets (objectives 'features' and 'latent') ---------------------------------------
+
+def regression_targets(batch: dict, ids: torch.Tensor, chosen: torch.Tensor, objectives, code_table, cont) -> dict:
+    """{objective: (targets (M, dim), valid (M, dim))} of the chosen positions, unstandardised."""
+    out = {}
+    if "latent" in objectives:  # the sum of the object's codebook vectors
+        out["latent"] = code_table[ids[chosen].long()].sum(-2)
+    if "features" in objectives:
+        feats = cont.features(batch)[chosen.cpu().numpy()]
+        out["features"] = torch.from_numpy(feats).to(ids.device)
+    return out
+
+
+def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, dist) -> dict[str, T.TargetScaler]:
+    """Standardisation of each regression target from SCALER_BATCHES training batches (all objects)."""
+    dims = {"latent": lambda: code_table.shape[1], "features": lambda: cont.width}
+    scalers = {o: T.TargetScaler(n_types, dims[o]()) for o in objectives if o != "tokens"}
+    if not scalers:
+        return scalers
+    count = ranges[1]
+    for batch in stream.batches(0, max_steps=SCALER_BATCHES):
+        ids, types, attn = T.to_device(batch, dist.device)
+        objects = torch.from_numpy((count[batch["token_type_ids"].astype(np.int64)] > 0).any(-1) & (batch["attention_mask"] > 0))
+        targets = regression_targets(batch, ids, objects.to(ids.device), scalers, code_table, cont)
+        t = types[objects.to(types.device)].long().cpu().numpy()
+        for name, scaler in scalers.items():
+            x = targets[name].float().cpu().numpy()
+            valid = cont_valid(t, cont, x.shape[1]) if name == "features" else np.ones_like(x)
+            scaler.add(t, x, valid)
+    return {o: s.finish(lambda a: D.all_sum(torch.from_numpy(a).to(dist.device), dist).cpu().numpy())
+            for o, s in scalers.items()}
+
+
+def cont_valid(types: np.ndarray, cont: ContinuousFeatures, width: int) -> np.ndarray:
+    """1 where a feature column exists for the object's type (types have different widths)."""
+    dims = np.zeros(max(cont.type_ids.values()) + 1, np.int64)
+    for o, t in cont.type_ids.items():
+        dims[t] = cont.dims[o]
+    return (np.arange(width)[None] < dims[types][:, None]).astype(np.float64)
+
+
+# --- one pass over a stream ---------------------------------------------------------------------------
+
+def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sched=None, code_counts=None, desc=""):
+    """One pass: trains when an optimizer is given, else evaluates (the same masks every epoch)."""
     train = opt is not None
     model.train(train)
-    rng = np.random.default_rng([args.seed, epoch if train else 10**6, dist.rank])  # val: the same masks each epoch
-    amp = args.amp == "on" or (args.amp == "auto" and dist.device.type == "cuda")
+    rng = np.random.default_rng([args.seed, epoch if train else 10**6, dist.rank])
+    amp = T.use_amp(args.amp, dist.device)
     n_events = 0
     bar = tqdm(total=steps, desc=desc, disable=not dist.main, leave=False, file=sys.stderr)
     for batch in stream.batches(epoch, max_steps=steps):
-        ids, labels, chosen = mask_objects(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                                           ranges, rng, args.mask_prob)
-        if code_counts is not None:  # frequency baseline: how often each code stands at each (type, level)
-            t = batch["token_type_ids"][batch["attention_mask"] > 0].astype(np.int64)
-            v = batch["input_ids"][batch["attention_mask"] > 0]
-            q, size = v.shape[1], code_counts.shape[-1]
-            flat = ((t[:, None] * q + np.arange(q)) * size + v).ravel()
-            code_counts += np.bincount(flat, minlength=code_counts.size).reshape(code_counts.shape)
-        b_ids, b_types, b_attn = to_torch({**batch, "input_ids": ids}, dist.device)
-        b_chosen = torch.from_numpy(chosen).to(dist.device)
-        b_labels = torch.from_numpy(labels).long().to(dist.device)[b_chosen]
+        ids_np, labels, chosen_np = mask_objects(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                                 ctx["ranges"], rng, args.mask_prob)
+        if code_counts is not None:
+            count_codes(code_counts, batch)
+        orig, types, attn = T.to_device(batch, dist.device)
+        ids = torch.from_numpy(ids_np).to(dist.device)
+        chosen = torch.from_numpy(chosen_np).to(dist.device)
+        b_labels = torch.from_numpy(labels).long().to(dist.device)[chosen]
+        m_types = types[chosen].long()
+        targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"], ctx["cont"])
         with torch.set_grad_enabled(train), torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=amp):
-            per_level_loss, correct = model(b_ids, b_types, b_attn, b_chosen, b_labels)
-        loss = stats.add(per_level_loss, correct, b_labels, b_types[b_chosen].long(), mode)
+            out = model(ids, types, attn, chosen, b_labels)
+        loss = 0.0
+        for name in args.objectives:
+            if name == "tokens":
+                loss = loss + stats[name].add(*out[name], b_labels, m_types, ctx.get("mode"))
+            else:
+                z, valid = ctx["scalers"][name].standardise(m_types, targets[name])
+                loss = loss + stats[name].add(m_types, out[name], z, valid)
         if train:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            sched.step()
+            T.optimiser_step(loss, model, opt, sched, args.grad_clip)
         n_events += len(ids)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return n_events
+
+
+def new_stats(objectives, cfg, device) -> dict:
+    return {o: LevelStats(cfg.n_types, cfg.levels, device) if o == "tokens" else T.RegressionStats(cfg.n_types, device)
+            for o in objectives}
+
+
+def summarise(stats: dict, vocab: dict, dist) -> dict:
+    out = {o: (s.summary(vocab, dist) if o == "tokens" else s.summary(vocab, lambda t: D.all_sum(t, dist)))
+           for o, s in stats.items()}
+    out["loss"] = sum(v["loss"] if o == "tokens" else v["mse"] for o, v in out.items())
+    return out
+
+
+def context_gain(val: dict, objective: str) -> dict:
+    """Per object type: 1 - MSE / baseline MSE (regression), or accuracy / frequency-baseline accuracy (ids)."""
+    per_type = val[objective]["per_type"]
+    if objective == "tokens":
+        return {o: {"accuracy": v["acc"], "baseline_accuracy": v["frequency_baseline_acc"],
+                    "ratio": v["acc"] / v["frequency_baseline_acc"] if v["frequency_baseline_acc"] else float("nan")}
+                for o, v in per_type.items()}
+    return {o: {"mse": v["mse"], "baseline_mse": v["baseline_mse"], "gain": v["context_gain"]} for o, v in per_type.items()}
+
+
+def history_row(epoch, step, lr, train, val, seconds, events):
+    row = {"epoch": epoch, "step": step, "lr": lr, "seconds": round(seconds, 2), "events_per_s": round(events / seconds, 1),
+           "train_loss": train["loss"], "val_loss": val["loss"]}
+    for name, v in val.items():
+        if name == "tokens":
+            row.update(val_acc=v["acc"], val_frequency_baseline_acc=v["frequency_baseline_acc"])
+            row.update({f"val_acc_L{lvl}": x["acc"] for lvl, x in v["per_level"].items()})
+        elif name != "loss":
+            row[f"val_{name}_context_gain"] = v["context_gain"]
+            row.update({f"val_{name}_gain_{obj}": x["context_gain"] for obj, x in v["per_type"].items()})
+    return row
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
@@ -179,20 +261,10 @@ def write_history(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def history_row(epoch, step, lr, train, val, seconds, events):
-    row = {"epoch": epoch, "step": step, "lr": lr, "seconds": round(seconds, 2), "events_per_s": round(events / seconds, 1),
-           "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"], "val_acc": val["acc"],
-           "val_frequency_baseline_acc": val["frequency_baseline_acc"]}
-    row.update({f"val_acc_L{l}": v["acc"] for l, v in val["per_level"].items()})
-    row.update({f"val_acc_{obj}": v["acc"] for obj, v in val["per_type"].items()})
-    return row
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out = Path(args.out_dir)
     if (out / "backbone.pt").exists() and not (args.overwrite or args.resume):
         print(f"{out / 'backbone.pt'} exists, skipping (use --overwrite to redo)")
@@ -206,7 +278,7 @@ def main(argv=None) -> int:
     dist = D.setup(args.device)
 
     # Data: train and validation splits only; the test split is never read.
-    stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS[split],
+    stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS[split],  # noqa: E731
                                                    shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
                                                    rank=dist.rank, world=dist.world)
     train_stream, val_stream = stream("train", True), stream("val", False)
@@ -221,25 +293,34 @@ def main(argv=None) -> int:
         die(f"{n_train} train events give no full step for {dist.world} rank(s) of batch {args.batch_size}")
     val_steps = val_stream.steps_per_epoch(n_val, even=False)
 
-    # Model, optimizer, schedule.
-    code_table = None
-    if args.code_geometry:
+    # What the objectives need: the tokenizers' codebooks, the HDF5 features.
+    code_table = cont = None
+    if args.code_geometry or "latent" in args.objectives:
+        tok_dir = args.tokenizers or recorded_tokenizers(paths[0])
         try:
-            code_table = codebook_table(vocab, args.tokenizers or recorded_tokenizers(paths[0]))
+            code_table = codebook_table(vocab, tok_dir)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            die(f"code geometry: {str(exc).splitlines()[0]} (or run with --no-code-geometry)")
-    cfg = ModelConfig.from_vocab(vocab, d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
-                                 d_ff=args.d_ff, dropout=args.dropout,
-                                 code_dim=0 if code_table is None else code_table.shape[1])
+            need = "--objective latent" if "latent" in args.objectives else "code geometry (or run with --no-code-geometry)"
+            die(f"{need} needs the step2 tokenizers: {str(exc).splitlines()[0]}")
+    if "features" in args.objectives:
+        try:
+            cont = ContinuousFeatures(h5_locations(paths, args.h5_dir), vocab, args.tokenizers or recorded_tokenizers(paths[0]))
+        except (OSError, ValueError, KeyError) as exc:
+            die(f"--objective features needs the step1 HDF5 files: {str(exc).splitlines()[0]}")
+    cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),
+                                 code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1])
     ranges = code_ranges(vocab)
     backbone = EventTransformer(cfg)
-    if code_table is not None:
+    if cfg.code_dim:
         backbone.set_code_vectors(code_table)
-    model = MaskedTokenModel(backbone, MaskedTokenHead(cfg, legal_id_mask(vocab))).to(dist.device)
+    table = None if code_table is None else torch.from_numpy(code_table).to(dist.device)
+    scalers = fit_scalers(train_stream, args.objectives, ranges, table, cont, cfg.n_types, dist)
+    heads = {o: RegressionHead(cfg.d_model, len(s.mean[0])) for o, s in scalers.items()}
+    token_head = MaskedTokenHead(cfg, legal_id_mask(vocab)) if "tokens" in args.objectives else None
+    model = PretrainModel(backbone, token_head, heads).to(dist.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = steps * args.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(args.warmup_fraction * total))))
-    code_counts = np.zeros((cfg.n_types, cfg.levels, cfg.vocab_size), dtype=np.int64)
+    sched = T.warmup_cosine(opt, steps * args.epochs, args.warmup_fraction)
+    code_counts = np.zeros((cfg.n_types, cfg.levels, cfg.vocab_size), dtype=np.int64) if token_head else None
     start_epoch, history = 0, []
     ckpt = out / "checkpoint.pt"
     if args.resume and ckpt.exists():
@@ -247,39 +328,44 @@ def main(argv=None) -> int:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-        code_counts = state["code_counts"].numpy()
+        if token_head:
+            code_counts = state["code_counts"].numpy()
         start_epoch, history = int(state["epoch"]) + 1, state["history"]
         if dist.main:
             print(f"resuming after epoch {start_epoch - 1} from {ckpt}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
+    ctx = {"ranges": ranges, "code_table": table, "cont": cont, "scalers": scalers}
     if dist.main:
         n_params = sum(p.numel() for p in backbone.parameters())
-        print(f"pretraining on {n_train} train / {n_val} val events, {steps} steps/epoch x {args.epochs} epochs, "
-              f"{dist.world} rank(s) on {dist.device}, backbone {n_params} parameters")
+        print(f"pretraining ({', '.join(args.objectives)}) on {n_train} train / {n_val} val events, {steps} steps/epoch "
+              f"x {args.epochs} epochs, {dist.world} rank(s) on {dist.device}, backbone {n_params} parameters")
 
     train_summary = val_summary = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
-        train_stats = LevelStats(cfg.n_types, cfg.levels, dist.device)
-        n_ev = run_epoch(ddp, train_stream, epoch, steps, ranges, args, dist, train_stats, opt=opt, sched=sched,
+        train_stats = new_stats(args.objectives, cfg, dist.device)
+        n_ev = run_epoch(ddp, train_stream, epoch, steps, ctx, args, dist, train_stats, opt=opt, sched=sched,
                          code_counts=code_counts if epoch == 0 else None, desc=f"epoch {epoch} train")
         seconds = time.perf_counter() - t0
-        counts = D.all_sum(torch.from_numpy(code_counts).to(dist.device), dist).cpu()
-        mode = counts.argmax(-1).to(dist.device)  # the most frequent code of each (type, level) in train
-        val_stats = LevelStats(cfg.n_types, cfg.levels, dist.device)
+        if token_head:  # the most frequent code of each (type, level) in train
+            ctx["mode"] = D.all_sum(torch.from_numpy(code_counts).to(dist.device), dist).argmax(-1)
+        val_stats = new_stats(args.objectives, cfg, dist.device)
         with torch.no_grad():
-            run_epoch(model, val_stream, 0, val_steps, ranges, args, dist, val_stats, mode=mode, desc=f"epoch {epoch} val")
-        train_summary, val_summary = train_stats.summary(vocab, dist), val_stats.summary(vocab, dist)
+            run_epoch(model, val_stream, 0, val_steps, ctx, args, dist, val_stats, desc=f"epoch {epoch} val")
+        train_summary, val_summary = summarise(train_stats, vocab, dist), summarise(val_stats, vocab, dist)
         n_ev = int(D.all_sum(torch.tensor([n_ev], dtype=torch.float64, device=dist.device), dist).item())
         history.append(history_row(epoch, sched.last_epoch, sched.get_last_lr()[0], train_summary, val_summary, seconds, n_ev))
         if dist.main:
-            h = history[-1]
-            print(f"epoch {epoch}: train loss {h['train_loss']:.4f} acc {h['train_acc']:.4f} | val loss {h['val_loss']:.4f} "
-                  f"acc {h['val_acc']:.4f} (frequency baseline {h['val_frequency_baseline_acc']:.4f}) | {h['events_per_s']} events/s")
+            gains = ", ".join(f"{o} context gain {val_summary[o]['context_gain']:.3f}" if o != "tokens" else
+                              f"tokens acc {val_summary[o]['acc']:.4f} (frequency baseline "
+                              f"{val_summary[o]['frequency_baseline_acc']:.4f})" for o in args.objectives)
+            print(f"epoch {epoch}: train loss {train_summary['loss']:.4f} | val loss {val_summary['loss']:.4f}, {gains} "
+                  f"| {history[-1]['events_per_s']} events/s")
             out.mkdir(parents=True, exist_ok=True)
             with atomic_output(ckpt) as tmp:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "code_counts": torch.from_numpy(code_counts), "epoch": epoch, "history": history}, tmp)
+                            "code_counts": torch.from_numpy(code_counts if code_counts is not None else np.zeros(0)),
+                            "epoch": epoch, "history": history}, tmp)
             write_history(out / "history.csv", history)
         D.barrier(dist)
 
@@ -287,12 +373,14 @@ def main(argv=None) -> int:
         if train_summary is None:  # resumed a finished run: evaluate nothing new, keep the last numbers
             print("all epochs already done; writing the backbone from the checkpoint")
         prov = provenance("step3_pretrain.py", args, paths)
-        metrics = {"train": train_summary, "val": val_summary, "n_events": {"train": n_train, "val": n_val},
-                   "epochs": args.epochs, "steps_per_epoch": steps, "world_size": dist.world, "history": history,
-                   "provenance": prov}
+        metrics = {"objectives": args.objectives, "representation": REPRESENTATION, "train": train_summary,
+                   "val": val_summary, "context_gain": context_gain(val_summary, args.objectives[0]) if val_summary else None,
+                   "target_scalers": {o: s.state() for o, s in scalers.items()},
+                   "n_events": {"train": n_train, "val": n_val}, "epochs": args.epochs, "steps_per_epoch": steps,
+                   "world_size": dist.world, "history": history, "provenance": prov}
         write_json(out / "metrics.json", metrics)
-        save_module(out / "backbone.pt", backbone, backbone_sidecar(cfg, vocab, provenance=prov,
-                                                                     val_masked_acc=(val_summary or {}).get("acc")))
+        save_module(out / "backbone.pt", backbone, backbone_sidecar(cfg, vocab, provenance=prov, objectives=args.objectives,
+                                                                     representation=REPRESENTATION))
         if not args.no_plots:
             from plotting.plot_training import plot_pretraining
             plot_pretraining(out / "metrics.json", out / "plots")

@@ -9,13 +9,16 @@ standardised with the mean/std of the first chunk of the first file.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow.parquet as pq
 
 from common.schema import OBJECTS, TOKENIZED_OBJECTS
+from common.token_parquet import PROVENANCE_KEY
 
 FALLBACK_FIT_EVENTS = 20000
 READ_BLOCK = 4096  # events per cached HDF5 read
@@ -147,3 +150,18 @@ class ContinuousFeatures:
                 x = self.normalisers[o].preprocess(feats)
                 out[ev[e_loc], pos, : x.shape[1]] = x
         return out
+
+
+def h5_locations(paths: list[str], h5_dir: str | None) -> dict[str, str]:
+    """source_file name -> HDF5 path: --h5-dir, else the inputs recorded in the Parquet provenance."""
+    out = {}
+    for path in paths:
+        names = set(pq.read_table(path, columns=["source_file"]).column("source_file").unique().to_pylist())
+        prov = json.loads((pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY, b"{}"))
+        recorded = {Path(p).name: p for p in prov.get("inputs", [])}
+        for n in names:
+            cand = Path(h5_dir) / n if h5_dir else Path(recorded.get(n, n))
+            if not cand.exists():
+                raise ValueError(f"{path}: source HDF5 {n} not found at {cand} (use --h5-dir)")
+            out[n] = str(cand)
+    return out

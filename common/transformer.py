@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from common.runtime import atomic_output, write_json
-from common.schema import PAD
+from common.schema import PAD, SPECIAL_TYPE_ID
 
 # The parts of the vocabulary that decide what an id means; a backbone is valid for any
 # Parquet whose vocabulary agrees on these.
@@ -166,39 +166,76 @@ def legal_spans(legal: np.ndarray) -> np.ndarray:
     return np.stack([lo, hi], axis=-1).astype(np.int64)
 
 
-class MaskedTokenModel(nn.Module):
-    """Backbone + masked-token head in one module, so DistributedDataParallel wraps both."""
+class RegressionHead(nn.Module):
+    """Masked-object regression: hidden state -> the standardised target vector of the object
+    (its quantised latent, or its normalised features). A small MLP shared by all types: the
+    type embedding in the hidden state tells it which object it predicts."""
 
-    def __init__(self, backbone: EventTransformer, head: MaskedTokenHead):
+    def __init__(self, d_model: int, dim: int):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.net = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, dim))
 
-    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels):
-        """-> (loss (M,Q), correct (M,Q)) of the M chosen (masked) positions, in row-major order."""
-        hidden = self.backbone(input_ids, token_type_ids, attention_mask)
-        return self.head(hidden[chosen], token_type_ids[chosen], labels)
+    def forward(self, hidden):
+        return self.net(hidden).float()
+
+
+class PretrainModel(nn.Module):
+    """Backbone + the heads of the pretraining objectives in one module (DDP wraps both):
+    hidden states of the masked positions go to each head."""
+
+    def __init__(self, backbone: EventTransformer, token_head: MaskedTokenHead | None = None,
+                 regression_heads: dict[str, RegressionHead] | None = None):
+        super().__init__()
+        self.backbone, self.token_head = backbone, token_head
+        self.regression_heads = nn.ModuleDict(regression_heads or {})
+
+    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None):
+        """-> {objective: output} for the M chosen positions (row-major): 'tokens' gives
+        (loss (M,Q), correct (M,Q)), a regression objective its prediction (M, dim)."""
+        hidden = self.backbone(input_ids, token_type_ids, attention_mask)[chosen]
+        out = {name: head(hidden) for name, head in self.regression_heads.items()}
+        if self.token_head is not None:
+            out["tokens"] = self.token_head(hidden, token_type_ids[chosen], labels)
+        return out
+
+
+def pool_mask(token_type_ids, attention_mask):
+    """The positions an event representation averages: every stored position but [CLS] and [SEP]."""
+    return (attention_mask > 0) & (token_type_ids > SPECIAL_TYPE_ID["MASK"])
+
+
+def pool(hidden, token_type_ids, attention_mask, pooling: str = "mean"):
+    """(B, L, d) -> (B, d): the mean of the object states ('mean'), or the [CLS] state ('cls')."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = pool_mask(token_type_ids, attention_mask).unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 class ClassifierHead(nn.Module):
-    """[CLS] state -> 2 logits: Linear-ReLU-Dropout-Linear (or one Linear for a linear probe)."""
+    """Event representation -> class logits: Linear-ReLU-Dropout-Linear (one Linear for a probe)."""
 
-    def __init__(self, d_model: int, dropout: float = 0.1, linear: bool = False):
+    def __init__(self, d_model: int, n_classes: int = 2, dropout: float = 0.1, linear: bool = False):
         super().__init__()
-        self.net = nn.Linear(d_model, 2) if linear else nn.Sequential(
-            nn.Linear(d_model, d_model), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, 2))
+        self.net = nn.Linear(d_model, n_classes) if linear else nn.Sequential(
+            nn.Linear(d_model, d_model), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, n_classes))
 
-    def forward(self, hidden):
-        return self.net(hidden[:, 0])  # position 0 is [CLS]
+    def forward(self, x):
+        return self.net(x)
 
 
 class EventClassifier(nn.Module):
-    def __init__(self, backbone: EventTransformer, linear_probe: bool = False):
+    def __init__(self, backbone: EventTransformer, pooling: str = "mean", n_classes: int = 2):
         super().__init__()
-        self.backbone = backbone
-        self.head = ClassifierHead(backbone.cfg.d_model, backbone.cfg.dropout, linear=linear_probe)
+        self.backbone, self.pooling = backbone, pooling
+        self.head = ClassifierHead(backbone.cfg.d_model, n_classes, backbone.cfg.dropout)
+
+    def embed(self, input_ids, token_type_ids, attention_mask, features=None):
+        return pool(self.backbone(input_ids, token_type_ids, attention_mask, features), token_type_ids,
+                    attention_mask, self.pooling)
 
     def forward(self, input_ids, token_type_ids, attention_mask, features=None):
-        return self.head(self.backbone(input_ids, token_type_ids, attention_mask, features))
+        return self.head(self.embed(input_ids, token_type_ids, attention_mask, features))
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -229,10 +266,11 @@ def load_backbone(path: str | os.PathLike) -> tuple[EventTransformer, dict]:
     return model, sidecar
 
 
-def check_vocab(sidecar: dict, vocab: dict, where: str) -> None:
+def check_vocab(sidecar: dict, vocab: dict, backbone: str) -> None:
     """A backbone only understands the ids of the vocabulary it was trained on."""
     if sidecar.get("vocab_checksum") != vocab_checksum(vocab):
-        raise ValueError(f"{where}: token vocabulary (checksum {vocab_checksum(vocab)}) does not match the "
-                         f"backbone's (checksum {sidecar.get('vocab_checksum')}); re-tokenize or re-pretrain")
+        raise ValueError(f"{backbone}: the backbone was pretrained on another token vocabulary (checksum "
+                         f"{sidecar.get('vocab_checksum')}) than these token files (checksum {vocab_checksum(vocab)}); "
+                         "re-tokenize or re-pretrain")
 
 

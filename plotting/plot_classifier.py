@@ -20,6 +20,8 @@ from plotting.figures import plt, save_figure  # noqa: E402  (sets the headless 
 def plot_roc(m: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5))
     for arm, r in m["arms"].items():
+        if "roc" not in r:  # an arm that could not be computed
+            continue
         tpr, fpr = np.array(r["roc"]["tpr"]), np.array(r["roc"]["fpr"])
         keep = fpr > 0
         ax.plot(tpr[keep], 1 / fpr[keep], label=f"{arm} (AUC {r['auc']:.3f})")
@@ -51,30 +53,34 @@ def plot_scores(m: dict, scores_path: Path, out: Path) -> Path | None:
 
 
 def plot_training(m: dict, out: Path) -> Path | None:
-    nets = {a: h for a, h in m.get("training", {}).items() if h and "epoch" in h[0]}
+    nets = {a: h for a, h in m["training"].items() if h and "step" in h[0]}
     if not nets:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for arm, h in nets.items():
-        a.plot([r["epoch"] for r in h], [r["train_loss"] for r in h], "o-", label=arm)
-        b.plot([r["epoch"] for r in h], [r["val_auc"] for r in h], "o-", label=arm)
-    a.set(xlabel="epoch", ylabel="weighted training loss")
-    b.set(xlabel="epoch", ylabel="validation AUC")
+        a.plot([r["step"] for r in h], [r["train_loss"] for r in h], "o-", label=arm)
+        b.plot([r["step"] for r in h], [r["val_auc"] for r in h], "o-", label=arm)
+    a.set(xlabel="optimiser step", ylabel="weighted training loss")
+    b.set(xlabel="optimiser step", ylabel="validation AUC (all labels, first seed)")
     a.legend(fontsize=8)
     return save_figure(fig, out / "training_curves.png")
 
 
 def plot_efficiency(m: dict, out: Path) -> Path | None:
-    eff = m.get("data_efficiency") or {}
-    if not eff:
+    eff = m["data_efficiency"]
+    if not any(len(pts) > 1 for pts in eff.values()):
         return None
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for arm, pts in eff.items():
-        n = [p["n_labelled"] for p in pts]
-        auc = np.array([p["auc"] for p in pts])
-        lo, hi = np.array([p["auc_ci95"][0] for p in pts]), np.array([p["auc_ci95"][1] for p in pts])
-        ax.errorbar(n, auc, yerr=[auc - lo, hi - auc], fmt="o-", capsize=3, label=arm)
-    ax.set(xscale="log", xlabel="labelled training events", ylabel="test AUC", title="data efficiency")
+        pts = [p for p in pts if "auc" in p]
+        n = np.array([p["n_labelled"] for p in pts])
+        auc, std = np.array([p["auc"] for p in pts]), np.array([p["auc_std"] for p in pts])
+        line = ax.errorbar(n, auc, yerr=std, fmt="o-", capsize=3, label=arm)
+        for p in pts:  # every seed's AUC, so the spread is seen, not only summarised
+            seeds = [s["auc"] for s in p["per_seed"] if "auc" in s]
+            ax.plot([p["n_labelled"]] * len(seeds), seeds, ".", color=line[0].get_color(), alpha=0.5)
+    ax.set(xscale="log", xlabel="labelled training events", ylabel="test AUC (mean and spread over seeds)",
+           title="data efficiency")
     ax.legend()
     return save_figure(fig, out / "data_efficiency.png")
 
@@ -87,10 +93,10 @@ def plot_generalisation(m: dict, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(bkgs) * len(gen) / 3), 4))
     width = 0.8 / len(gen)
     for i, (arm, per) in enumerate(gen.items()):
-        ax.bar(np.arange(len(bkgs)) + i * width, [per[b]["auc"] for b in bkgs], width, label=arm)
+        ax.bar(np.arange(len(bkgs)) + i * width, [per[b].get("auc_mean") or np.nan for b in bkgs], width, label=arm)
     trained = set(m["generalisation"]["trained_on"])
     ax.set_xticks(np.arange(len(bkgs)) + 0.4 - width / 2, [b + ("" if b in trained else "\n(not trained on)") for b in bkgs])
-    ax.set(ylabel="test AUC, signal vs this background", ylim=(0.4, 1.0), title="generalisation")
+    ax.set(ylabel="test AUC vs this background (mean of seeds)", ylim=(0.4, 1.0), title="generalisation")
     ax.legend(fontsize=7)
     return save_figure(fig, out / "generalisation.png")
 

@@ -1,5 +1,5 @@
-"""Pretraining diagnostics (step3): loss and masked-token accuracy per epoch, the accuracy per
-object type and quantizer level against the frequency baseline.
+"""Pretraining diagnostics (step3): loss and context gain per epoch, and the context gain of the
+masked-object prediction per object type against its no-context baseline.
 
   python plotting/plot_training.py runs/x/pretrain/metrics.json --out-dir runs/x/pretrain/plots
 """
@@ -23,31 +23,29 @@ def plot_pretraining(metrics_path, out_dir) -> list[Path]:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(ep, [h["train_loss"] for h in hist], "o-", label="train")
     a.plot(ep, [h["val_loss"] for h in hist], "s-", label="validation")
-    a.set(xlabel="epoch", ylabel="masked-token loss (mean over levels)")
+    a.set(xlabel="epoch", ylabel=f"loss ({' + '.join(m['objectives'])})")
     a.legend()
-    b.plot(ep, [h["train_acc"] for h in hist], "o-", label="train")
-    b.plot(ep, [h["val_acc"] for h in hist], "s-", label="validation")
-    b.plot(ep, [h["val_frequency_baseline_acc"] for h in hist], "k--", label="most frequent code (val)")
-    b.set(xlabel="epoch", ylabel="masked-token accuracy")
-    b.legend()
+    for name in m["objectives"]:
+        if name == "tokens":
+            b.plot(ep, [h["val_acc"] / h["val_frequency_baseline_acc"] for h in hist], "s-",
+                   label="tokens: accuracy / frequency baseline")
+        else:
+            b.plot(ep, [h[f"val_{name}_context_gain"] for h in hist], "s-", label=f"{name}: 1 - MSE / no-context MSE")
+    b.set(xlabel="epoch", ylabel="validation context gain")
+    b.legend(fontsize=8)
     written.append(save_figure(fig, out / "training_curves.png"))
 
-    val = m.get("val") or {}
-    per_type = val.get("per_type", {})
-    if per_type:
-        names = list(per_type)
-        levels = len(next(iter(per_type.values()))["acc_per_level"])
+    gain = m["context_gain"] or {}
+    if gain:
+        names = list(gain)
+        key = "ratio" if m["objectives"][0] == "tokens" else "gain"
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-        width = 0.8 / (levels + 1)
-        for l in range(levels):
-            ax.bar([i + l * width for i in range(len(names))], [per_type[n]["acc_per_level"][l] for n in names],
-                   width, label=f"level {l}")
-        ax.bar([i + levels * width for i in range(len(names))], [per_type[n]["frequency_baseline_acc"] for n in names],
-               width, color="grey", label="frequency baseline")
-        ax.set_xticks([i + 0.4 for i in range(len(names))], names)
-        ax.set(ylabel="validation masked-token accuracy", title="per object type and quantizer level")
-        ax.legend(fontsize=8)
-        written.append(save_figure(fig, out / "masked_accuracy_per_type.png"))
+        ax.bar(names, [gain[n][key] for n in names])
+        ax.axhline(3.0 if key == "ratio" else 0.2, color="k", ls="--", lw=1, label="goal")
+        ax.set(ylabel="accuracy / frequency baseline" if key == "ratio" else "1 - MSE / no-context MSE",
+               title=f"context gain of the masked-object prediction ({m['objectives'][0]}, validation)")
+        ax.legend()
+        written.append(save_figure(fig, out / "context_gain_per_type.png"))
     return written
 
 

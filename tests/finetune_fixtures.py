@@ -75,6 +75,7 @@ def make_h5(path: Path, process: str, n: int, seed: int) -> dict[str, np.ndarray
     mult = _multiplicities(process, n, rng)
     mult.update(taus=rng.poisson(0.2, n), photons=rng.poisson(0.3, n), tracks=rng.poisson(2.0 if process == "ttbar" else 1.0, n))
     scale = PT_SCALE[process] * rng.gamma(8.0, 1 / 8.0, n)  # an event-wide pT scale: context to learn
+    axis_eta, axis_phi = rng.normal(0, 1.0, n), rng.uniform(-np.pi, np.pi, n)
     arrays = {}
     for obj in SEQUENCE_OBJECTS:
         m = MAX_OBJECTS[obj]
@@ -82,6 +83,10 @@ def make_h5(path: Path, process: str, n: int, seed: int) -> dict[str, np.ndarray
         mask = np.arange(m)[None] < nobj[:, None]
         for f in features_for(obj, "atlas"):
             v = _feature_values(obj, f, (n, m), scale if obj != "jets" else scale * 1.5, rng)
+            if f.name == "eta":  # objects of an event share its rapidity: context a masked object can be told from
+                v = axis_eta[:, None] + rng.normal(0, 0.3, (n, m))
+            if f.name == "phi":  # and alternate back to back around its axis
+                v = (axis_phi[:, None] + np.pi * (np.arange(m)[None] % 2) + rng.normal(0, 0.2, (n, m)) + np.pi) % (2 * np.pi) - np.pi
             if obj == "jets" and f.name == "GN2_pb":  # ttbar: two b-jets
                 v = np.where((process == "ttbar") & (np.arange(m)[None] < 2), 0.9, 0.02) * np.ones((n, m))
             if obj == "jets" and f.name in ("GN2_pc", "GN2_pu"):
@@ -156,8 +161,9 @@ def make_sample(root: Path, n: int = 600, seed: int = 3, processes=tuple(PROCESS
 # --- one sample and one pretraining, shared by test_pretrain.py and test_finetune.py ----------------------
 
 SHARED_EVENTS = 1200  # per process
-# Strong enough to beat the frequency baseline clearly (asserted in test_pretrain.py), small enough to be quick.
-PRETRAIN_ARGS = ["--epochs", "5", "--lr", "3e-3", "--mask-prob", "0.3", "--dropout", "0", "--d-model", "32",
+# Both objectives at once; strong enough to beat the no-context baselines clearly (asserted in test_pretrain.py),
+# small enough to be quick.
+PRETRAIN_ARGS = ["--objective", "features,tokens", "--epochs", "5", "--lr", "3e-3", "--mask-prob", "0.3", "--dropout", "0", "--d-model", "32",
                  "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1", "--no-plots"]
 _SHARED: dict = {}
 

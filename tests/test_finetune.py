@@ -24,7 +24,7 @@ import step4_finetune  # noqa: E402
 from common import highlevel  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
 
-SMALL = ["--batch-size", "64", "--epochs", "2", "--patience", "2", "--shuffle-buffer", "2000", "--max-steps", "10",
+SMALL = ["--batch-size", "64", "--steps", "20", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
          "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -90,11 +90,20 @@ def test_all_arms_protocols_and_plots(sample, tmp_path, capsys):
     assert m["arms"]["standard_gbdt"]["auc"] > 0.8 and m["arms"]["scratch"]["auc"] > 0.6
     assert m["arms"]["continuous"]["auc"] > 0.6
     assert m["training"]["standard_gbdt"][0]["best_iteration"] <= 60, "--gbdt-trees caps the boosting rounds"
-    assert set(m["generalisation"]["arms"]["scratch"]) == {"ttbar", "zz4l", "dy"}
+    gen = m["generalisation"]["arms"]["scratch"]
+    assert set(gen) == {"ttbar", "zz4l", "dy"} and len(gen["dy"]["auc_per_seed"]) == 2
     eff = m["data_efficiency"]["finetune"]
     assert [e["fraction"] for e in eff] == [0.2, 1.0] and eff[0]["n_labelled"] < eff[1]["n_labelled"]
     assert 0.1 < eff[0]["n_labelled"] / eff[1]["n_labelled"] < 0.3
-    assert set(m["data_efficiency"]) == {"scratch", "finetune", "frozen"}
+    assert [s["seed"] for s in eff[0]["per_seed"]] == [1, 2] and eff[0]["auc_std"] > 0
+    assert eff[1]["auc"] == pytest.approx(m["arms"]["finetune"]["seeds"]["auc"]["mean"])
+    assert set(m["data_efficiency"]) == set(m["arms"]), "every arm at every label fraction"
+    for fraction in ("0.2", "1.0"):  # paired test-set intervals of the pretraining verdicts
+        v = m["pretraining_verdict"][fraction]["finetune_minus_scratch"]
+        assert v["ci95"][0] <= v["delta_auc"] <= v["ci95"][1] and v["seeds"] == [1, 2]
+        assert v["verdict"] in ("better", "worse", "not distinguishable")
+    net = m["training"]["finetune"]
+    assert net[0]["step"] == 10 and net[-1]["step"] <= 20, "validation every --eval-every steps, --steps in all"
     scores = np.load(out / "test_scores.npz", allow_pickle=False)
     assert len(scores["score_scratch"]) == len(scores["score_standard_gbdt"]) == len(scores["process"])
     assert {"hzz4l", "zz4l", "ttbar", "dy"} == set(scores["process"]), "test set: signal, backgrounds, test-only dy"
@@ -106,8 +115,8 @@ def test_seeded_runs_are_reproducible(sample, tmp_path, capsys):
     """The same seed gives the same AUCs: one run in-process, one in a fresh process with another hash seed
     (so neither global state left by earlier tests nor set/dict order can hide a missing seed)."""
     args = ["--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", "--arms",
-            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--epochs", "1", "--batch-size",
-            "64", "--seed", "5", "--max-steps", "5", "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
+            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--steps", "5", "--batch-size",
+            "64", "--seed", "5", "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
     code, _, err = step4(capsys, *args, "--out-dir", tmp_path / "o0")
     assert code == 0, err[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "step4_finetune.py"), *map(str, args), "--out-dir", str(tmp_path / "o1")],
@@ -127,7 +136,7 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            str(ROOT / "step4_finetune.py"), "--parquet", *map(str, sample["parquet"].values()), "--signal-process", "hzz4l",
            "--background", "ttbar", "--init", str(sample["init"]), "--arms", "finetune", "--device", "cpu",
-           "--out-dir", str(tmp_path / "ddp"), "--no-plots", "--epochs", "1", "--batch-size", "32", "--max-steps", "10",
+           "--out-dir", str(tmp_path / "ddp"), "--no-plots", "--steps", "10", "--batch-size", "32",
            "--bootstrap", "20", "--threads", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -136,7 +145,7 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
 
 def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     pqs = list(sample["parquet"].values())
-    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--epochs", "1"]
+    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--steps", "2"]
     code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "higgs", "--background", "zz4l", *base)
     assert code == 2 and "signal 'higgs' matches no events" in err
     bad = tmp_path / "bad.parquet"
@@ -146,10 +155,40 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     other = make_sample(tmp_path / "other", n=100, processes=("hzz4l", "zz4l"), vocab=make_vocab(tokenizer_tag="refit"))
     code, _, err = step4(capsys, "--parquet", *other["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
                          "--init", sample["init"], *base[:-2], "--arms", "finetune")
-    assert code == 1 and "does not match the backbone" in err
+    assert code == 1 and f"{sample['init']}: the backbone was pretrained on another token vocabulary" in err
+    assert len(err.strip().splitlines()) == 1, "the backbone is named, not every Parquet file"
     tiny = make_sample(tmp_path / "tiny", n=3, processes=("hzz4l", "zz4l"))  # too few events to fill every split
     code, _, err = step4(capsys, "--parquet", *tiny["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", *base)
     assert code == 1 and "split holds no" in err and len(err.strip().splitlines()) == 1
     code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "hzz4l", "--background", "zz4l", "--bootstrap", "0", *base)
     assert code == 2 and "--bootstrap must be at least 1" in err
     assert not (tmp_path / "o").exists(), "no output from a failed run"
+
+
+def test_protocol_entries_that_cannot_be_computed_leave_the_rest(sample, tmp_path, capsys):
+    """A label fraction that leaves no signal event, and a test-only background without test events, are
+    reported as not computable; the main task's metrics are still written."""
+    from common.token_parquet import batch_to_numpy, sequences_table, split_of, write_sequences
+
+    # wz: dy's sequences renamed, as a background whose events all fall in the train split (no test events)
+    idx = np.flatnonzero(split_of("train_only.h5", np.arange(5000)) == 0)[:40]
+    b = batch_to_numpy(pq.read_table(sample["parquet"]["dy"]).slice(0, 40), sample["vocab"]["levels"])
+    t = sequences_table(b["input_ids"], b["token_type_ids"], b["length"], idx, "train_only.h5", "wz", 361601, np.ones(40))
+    write_sequences(tmp_path / "wz.parquet", [t], sample["vocab"], {})
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), tmp_path / "wz.parquet", "--signal", "hzz4l",
+                         "--background", "zz4l", "--test-background", "wz", "--arms", "scratch,counts_gbdt",
+                         "--label-fractions", "0.0005,1", "--out-dir", tmp_path / "o", "--no-plots", *SMALL)
+    assert code == 0, err[-2000:]
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["arms"]["scratch"]["auc"] > 0.6, "the main task is still measured"
+    tiny = [p for p in m["data_efficiency"]["scratch"] if p["fraction"] == 0.0005][0]
+    assert "not computable" in tiny["error"] and "no signal" in tiny["error"]
+    assert "not computable" in m["generalisation"]["arms"]["scratch"]["wz"]["error"]
+
+
+def test_backbone_representation_must_match_pooling(sample, tmp_path, capsys):
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
+                         "--init", sample["init"], "--arms", "finetune", "--pooling", "cls", "--out-dir", tmp_path / "o",
+                         *SMALL)
+    assert code == 2 and f"{sample['init']}: the backbone was pretrained for the 'mean' event representation" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -1,0 +1,127 @@
+"""The training plumbing step3 (pretraining) and step4 (fine-tuning) share: the model-size
+defaults, the warm-up + cosine schedule, the AMP choice, batches to the device, an optimiser
+step with clipping, and the pooled event representation of a sequence."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# The run_all model: small and quick on 2 CPU cores. Steps 3 and 4 take these as flag defaults.
+D_MODEL, N_HEADS, N_LAYERS, D_FF, DROPOUT = 64, 4, 2, 256, 0.1
+WEIGHT_DECAY = 0.01
+WARMUP_FRACTION = 0.05
+GRAD_CLIP = 1.0
+SEQUENCE_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def add_model_args(p) -> None:
+    """The model-size flags, with the same defaults in every step that builds a model."""
+    p.add_argument("--d-model", type=int, default=D_MODEL)
+    p.add_argument("--n-heads", type=int, default=N_HEADS)
+    p.add_argument("--n-layers", type=int, default=N_LAYERS)
+    p.add_argument("--d-ff", type=int, default=D_FF)
+    p.add_argument("--dropout", type=float, default=DROPOUT)
+
+
+def model_sizes(args) -> dict:
+    return {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "dropout")}
+
+
+def add_runtime_args(p, device: str = "auto") -> None:
+    """--device, --threads and --amp, one meaning in every step."""
+    p.add_argument("--device", default=device, help="auto (a GPU when torch sees one), cpu or cuda")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: the CPUs this process may use: affinity, cgroup quota, OMP_NUM_THREADS)")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on GPU)")
+
+
+def use_amp(amp: str, device: torch.device) -> bool:
+    return amp == "on" or (amp == "auto" and device.type == "cuda")
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_fraction: float = WARMUP_FRACTION):
+    """Linear warm-up over warmup_fraction of the steps, then cosine decay to zero."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def to_device(batch: dict, device, keys=SEQUENCE_KEYS) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(batch[k])).to(device) for k in keys)
+
+
+def optimiser_step(loss: torch.Tensor, model: torch.nn.Module, opt, sched, grad_clip: float = GRAD_CLIP) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+
+
+# --- masked-object regression targets (step3) ----------------------------------------------------------
+
+class TargetScaler:
+    """Per object type and target dimension: the mean and spread of a regression target, from
+    the objects of a few training batches. Targets are standardised with them, so every type and
+    dimension weighs alike in the loss, and predicting 0 is the no-context baseline (the type's mean)."""
+
+    def __init__(self, n_types: int, dim: int):
+        self.sums = np.zeros((3, n_types, dim))  # n, sum, sum of squares
+        self.mean = self.std = self.valid = None
+
+    def add(self, types: np.ndarray, targets: np.ndarray, valid: np.ndarray) -> None:
+        for k, v in enumerate((valid, targets * valid, targets**2 * valid)):
+            np.add.at(self.sums[k], types, v)
+
+    def finish(self, reduce=lambda a: a) -> "TargetScaler":
+        n, s, s2 = reduce(self.sums)
+        self.valid = n > 0
+        self.mean = np.divide(s, n, out=np.zeros_like(s), where=self.valid)
+        var = np.divide(s2, n, out=np.zeros_like(s), where=self.valid) - self.mean**2
+        self.std = np.sqrt(np.where(var > 1e-12, var, 1.0))
+        return self
+
+    def state(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "valid": self.valid.tolist()}
+
+    def standardise(self, types: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, valid) of targets (M, dim) of objects of the given types (M,)."""
+        t = types.long()
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=targets.device)[t]  # noqa: E731
+        valid = as_t(self.valid)
+        return (targets.float() - as_t(self.mean)) / as_t(self.std) * valid, valid
+
+
+class RegressionStats:
+    """Squared errors of the model and of the no-context baseline (predicting 0 in standardised
+    units, the type's training mean) summed per object type; reduced over ranks before reading."""
+
+    def __init__(self, n_types: int, device):
+        self.sums = torch.zeros(4, n_types, dtype=torch.float64, device=device)  # objects, values, model, baseline
+
+    def add(self, types, pred, z, valid) -> torch.Tensor:
+        """Accumulates and returns the mean squared error of this batch (the loss)."""
+        sq = (pred - z) ** 2 * valid
+        t = types.long()
+        for k, v in enumerate((torch.ones_like(t, dtype=torch.float64), valid.sum(1), sq.sum(1), (z**2 * valid).sum(1))):
+            self.sums[k].index_add_(0, t, v.detach().double())
+        return sq.sum() / valid.sum().clamp(min=1)
+
+    def summary(self, vocab: dict, reduce=lambda t: t) -> dict:
+        n, values, model, base = reduce(self.sums).cpu().numpy()
+        ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
+        gain = lambda m, b: 1 - m / b if b else float("nan")  # noqa: E731
+        out = {"n_masked": int(n.sum()), "mse": ratio(model.sum(), values.sum()),
+               "baseline_mse": ratio(base.sum(), values.sum()), "context_gain": gain(model.sum(), base.sum()),
+               "per_type": {}}
+        for obj, t in vocab["type_ids"].items():
+            if n[t]:
+                out["per_type"][obj] = {"n": int(n[t]), "mse": ratio(model[t], values[t]),
+                                        "baseline_mse": ratio(base[t], values[t]), "context_gain": gain(model[t], base[t])}
+        return out
