@@ -52,7 +52,7 @@ PROCESSES = {
     # Higgs production modes beside ggF, same H -> ZZ* -> 4l decay
     "vbfh4l": dict(dsid=346228, description="VBF qq -> qqH(125), H -> ZZ* -> 4l, l = e, mu (WW and ZZ fusion)",
                    settings=["HiggsSM:ff2Hff(t:ZZ) = on", "HiggsSM:ff2Hff(t:WW) = on", *HIGGS_ZZ4L,
-                             "SpaceShower:dipoleRecoil = on"]),  # no spurious central radiation in VBF
+                             "SpaceShower:dipoleRecoil = on"]),  # recommended for VBF: global recoil overfills the central gap
     "whh4l": dict(dsid=346311, description="WH(125), H -> ZZ* -> 4l, l = e, mu; W inclusive",
                   settings=["HiggsSM:ffbar2HW = on", *HIGGS_ZZ4L]),
     "zhh4l": dict(dsid=346310, description="qqbar -> ZH(125), H -> ZZ* -> 4l, l = e, mu; Z inclusive",

@@ -127,8 +127,9 @@ def test_vbf_has_two_forward_jets_with_a_large_mass(obs):
 def test_vh_has_the_associated_boson(obs, proc):
     vh, ggf = obs[proc], obs["hzz4l"]
     assert vh["n_jets"].mean() > ggf["n_jets"].mean() + 0.3  # W/Z -> qq
-    assert np.mean(vh["n_leptons"] > 4) > np.mean(ggf["n_leptons"] > 4)  # W -> l nu, Z -> ll
-    assert np.mean(ggf["n_leptons"] > 4) < 0.01
+    fifth = np.mean(vh["n_leptons"] > 4)
+    assert fifth > np.mean(ggf["n_leptons"] > 4) and np.mean(ggf["n_leptons"] > 4) < 0.01  # W -> l nu, Z -> ll
+    assert fifth < 0.15  # the W or Z decays inclusively: rarely to leptons, unlike the H's Z bosons
 
 
 def test_tth_has_b_jets(obs):
