@@ -22,21 +22,54 @@ from tqdm import tqdm
 
 from common import detector
 from common import physlite_writer as plw
+from common.physics import HIGGS_MASS
 from common.runtime import EXIT_OK, atomic_output, die, provenance
 
-# process -> ATLAS dataset id, description, Pythia settings (13.6 TeV, MPI and hadronisation on by default)
+# H -> ZZ* -> 4l, l = e, mu, the one decay of every Higgs production mode. Pythia has one decay table
+# per particle: where the H's Z bosons are the event's only ones the table says Z -> e, mu; in ZH the
+# associated Z stays inclusive and a process-level veto keeps the events whose H -> ZZ -> 4l (e, mu).
+# Either way Pythia's cross-section is that of the 4l final state.
+HZZ_LEPTONS = (11, 13)
+HIGGS_TO_ZZ = [f"25:m0 = {HIGGS_MASS}", "25:onMode = off", "25:onIfMatch = 23 23"]
+Z_TO_EMU = ["23:onMode = off", "23:onIfAny = " + " ".join(map(str, HZZ_LEPTONS))]
+HIGGS_ZZ4L = HIGGS_TO_ZZ + Z_TO_EMU
+Z_TO_LL = ["23:onMode = off", "23:onIfAny = 11 13 15"]  # Z -> ll, l = e, mu, tau
+W_TO_LNU = ["24:onMode = off", "24:onIfAny = 11 13 15"]  # W -> l nu, l = e, mu, tau
+QCD_PTHAT_MIN_GEV = 30.0  # jets from about 25 GeV up; the cross-section falls as pTHat^-4 or so
+
+# process -> ATLAS dataset id (the real one of a comparable sample), description, Pythia settings
+# (13.6 TeV, MPI and hadronisation on by default). The cross-section is Pythia's own (sigmaGen).
 PROCESSES = {
+    # the signal and its backgrounds
     "hzz4l": dict(dsid=345060, description="ggF H(125) -> ZZ* -> 4l, l = e, mu (the signal; Pythia LO gg -> H)",
-                  settings=["HiggsSM:gg2H = on", "25:m0 = 125.0", "25:onMode = off", "25:onIfMatch = 23 23",
-                            "23:onMode = off", "23:onIfAny = 11 13"]),
+                  settings=["HiggsSM:gg2H = on", *HIGGS_ZZ4L]),
     "zz4l": dict(dsid=364250, description="qqbar -> ZZ -> 4l, l = e, mu (Z only, no gamma*)",
-                 settings=["WeakDoubleBoson:ffbar2gmZgmZ = on", "WeakZ0:gmZmode = 2",
-                           "23:onMode = off", "23:onIfAny = 11 13"]),
+                 settings=["WeakDoubleBoson:ffbar2gmZgmZ = on", "WeakZ0:gmZmode = 2", *Z_TO_EMU]),
     "ttbar": dict(dsid=410470, description="ttbar, inclusive decays (410470 is the non-all-hadronic slice)",
                   settings=["Top:gg2ttbar = on", "Top:qqbar2ttbar = on"]),
     "dy": dict(dsid=361106, description="Z/gamma* -> ll, l = e, mu, tau, mll > 40 GeV (361106 is the Zee slice)",
-               settings=["WeakSingleBoson:ffbar2gmZ = on", "PhaseSpace:mHatMin = 40.0",
-                         "23:onMode = off", "23:onIfAny = 11 13 15"]),
+               settings=["WeakSingleBoson:ffbar2gmZ = on", "PhaseSpace:mHatMin = 40.0", *Z_TO_LL]),
+    # Higgs production modes beside ggF, same H -> ZZ* -> 4l decay
+    "vbfh4l": dict(dsid=346228, description="VBF qq -> qqH(125), H -> ZZ* -> 4l, l = e, mu (WW and ZZ fusion)",
+                   settings=["HiggsSM:ff2Hff(t:ZZ) = on", "HiggsSM:ff2Hff(t:WW) = on", *HIGGS_ZZ4L,
+                             "SpaceShower:dipoleRecoil = on"]),  # recommended for VBF: global recoil overfills the central gap
+    "whh4l": dict(dsid=346311, description="WH(125), H -> ZZ* -> 4l, l = e, mu; W inclusive",
+                  settings=["HiggsSM:ffbar2HW = on", *HIGGS_ZZ4L]),
+    "zhh4l": dict(dsid=346310, description="qqbar -> ZH(125), H -> ZZ* -> 4l, l = e, mu; Z inclusive",
+                  settings=["HiggsSM:ffbar2HZ = on", *HIGGS_TO_ZZ], veto_unless_higgs_zz4l=True),
+    "tthh4l": dict(dsid=346343, description="ttH(125), H -> ZZ* -> 4l, l = e, mu; tops inclusive",
+                   settings=["HiggsSM:gg2Httbar = on", "HiggsSM:qqbar2Httbar = on", *HIGGS_ZZ4L]),
+    # the generic pretraining corpus
+    "wjets": dict(dsid=361100, description="W -> l nu, l = e, mu, tau, jets from the parton shower "
+                                           "(matrix-element corrected first emission; 361100 is the W+ -> e nu slice)",
+                  settings=["WeakSingleBoson:ffbar2W = on", *W_TO_LNU]),
+    "qcd": dict(dsid=364701, description=f"QCD 2 -> 2 multijet, pTHat > {QCD_PTHAT_MIN_GEV:g} GeV (364701 is the JZ1 dijet slice)",
+                settings=["HardQCD:all = on", f"PhaseSpace:pTHatMin = {QCD_PTHAT_MIN_GEV}"]),
+    "singletop": dict(dsid=410658, description="t-channel single top and antitop, t -> W b, W -> l nu, l = e, mu, tau "
+                                               "(410658 is the leptonic top slice)",
+                      settings=["Top:qq2tq(t:W) = on", *W_TO_LNU]),
+    "wz": dict(dsid=364253, description="WZ -> l nu ll, l = e, mu, tau (Z only, no gamma*)",
+               settings=["WeakDoubleBoson:ffbar2ZW = on", *W_TO_LNU, *Z_TO_LL]),
 }
 COMMON_SETTINGS = ["Beams:eCM = 13600.", "PartonLevel:MPI = on", "HadronLevel:all = on",
                    "Print:quiet = on", "Next:numberCount = 0"]
@@ -76,7 +109,22 @@ def block_seed(seed: int, dsid: int, block: int) -> int:
     return int(np.random.SeedSequence([seed, dsid, block]).generate_state(1)[0]) % 900_000_000 + 1
 
 
+def higgs_zz4l_veto(pythia8mc):
+    """A process-level veto of the events whose H -> ZZ does not go to four HZZ_LEPTONS; vetoed events
+    do not count in Pythia's cross-section."""
+    class HiggsZZ4lVeto(pythia8mc.UserHooks):
+        def canVetoProcessLevel(self):
+            return True
+
+        def doVetoProcessLevel(self, process):
+            h = next(process[i] for i in range(process.size()) if process[i].id() == 25)
+            return any(process[process[z].daughter1()].idAbs() not in HZZ_LEPTONS for z in (h.daughter1(), h.daughter2()))
+
+    return HiggsZZ4lVeto()
+
+
 def make_pythia(process: str, seed: int):
+    """(initialised Pythia, its user hooks or None: they must live as long as Pythia does)."""
     import pythia8mc
 
     pythia = pythia8mc.Pythia("", False)  # False: no banner
@@ -86,9 +134,12 @@ def make_pythia(process: str, seed: int):
     for line in COMMON_SETTINGS + PROCESSES[process]["settings"] + ["Random:setSeed = on", f"Random:seed = {seed}"]:
         if not pythia.readString(line):
             raise RuntimeError(f"Pythia rejected setting {line!r}")
+    hooks = higgs_zz4l_veto(pythia8mc) if PROCESSES[process].get("veto_unless_higgs_zz4l") else None
+    if hooks is not None:
+        pythia.setUserHooksPtr(hooks)
     if not pythia.init():
         raise RuntimeError(f"Pythia initialisation failed for {process}")
-    return pythia
+    return pythia, hooks
 
 
 def generate_block(task: tuple) -> tuple[dict, dict]:
@@ -96,7 +147,7 @@ def generate_block(task: tuple) -> tuple[dict, dict]:
     process, seed, block, n_events, first_event = task
     t0 = time.perf_counter()
     dsid = PROCESSES[process]["dsid"]
-    pythia = make_pythia(process, block_seed(seed, dsid, block))
+    pythia, _hooks = make_pythia(process, block_seed(seed, dsid, block))
     t1 = time.perf_counter()
     batch = pythia.nextBatch(n_events)
     t2 = time.perf_counter()

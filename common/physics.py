@@ -248,3 +248,9 @@ def overlaps(offsets1, eta1, phi1, offsets2, eta2, phi2, dr_max: float):
     f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
     close = delta_r(f64(eta1)[i1], f64(phi1)[i1], f64(eta2)[i2], f64(phi2)[i2]) < dr_max
     return np.bincount(i1[close], minlength=int(offsets1[-1])) > 0
+
+
+def transverse_mass(pt1, phi1, pt2, phi2):
+    """mT of two massless transverse objects (a lepton and the MET): sqrt(2 pT1 pT2 (1 - cos dphi))."""
+    pt1, pt2 = np.asarray(pt1, np.float64), np.asarray(pt2, np.float64)
+    return np.sqrt(np.maximum(2 * pt1 * pt2 * (1 - np.cos(delta_phi(phi1, phi2))), 0.0))
