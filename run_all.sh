@@ -10,11 +10,14 @@
 # and names the step and its log.
 set -euo pipefail
 
-EVENTS="${EVENTS:-5000}"            # events generated per process
+EVENTS="${EVENTS:-5000}"            # events generated per process of the labelled task
 SEED="${SEED:-1}"
-PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"
+PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"  # the labelled task's processes
 SIGNAL="${SIGNAL:-hzz4l}"
 BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
+PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz}"  # unlabelled corpus, beside the task's own events
+PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-5000}"  # events generated per corpus process
+SEEDS="${SEEDS:-1,2,3}"             # every classifier training is repeated with these seeds
 RUN="${RUN:-runs/default}"          # output folder of this run
 SAMPLE_DIR="${SAMPLE_DIR:-data/raw/${EVENTS}ev_seed${SEED}}"  # generated ROOT files, cached between runs
 DEVICE="${DEVICE:-auto}"            # auto | cpu | cuda
@@ -25,6 +28,13 @@ LABEL_FRACTIONS="${LABEL_FRACTIONS:-0.01,0.1,1}"  # data-efficiency protocol
 
 cd "$(dirname "$0")"
 source ./env.sh
+known="$(python step0_generate.py --list-processes | cut -d' ' -f1)"
+for p in $PROCESSES $PRETRAIN_PROCESSES; do
+    if ! grep -qx "$p" <<< "$known"; then
+        echo "[run_all] error: unknown process '$p' (known: $(echo $known))" >&2
+        exit 2
+    fi
+done
 mkdir -p "$RUN/logs" "$SAMPLE_DIR"
 overwrite=()
 [ "$OVERWRITE" = 1 ] && overwrite=(--overwrite)
@@ -47,45 +57,52 @@ run_step() {
     echo "[run_all] $name: finished in $((SECONDS - t0)) s"
 }
 
-# 0. the built-in sample (cached in SAMPLE_DIR: a rerun does not regenerate it)
-for p in $PROCESSES; do
+# 0. the built-in sample (cached in SAMPLE_DIR: a rerun does not regenerate it): the task's processes, then
+#    the pretraining corpus (corpus processes already in the task keep the task's events)
+corpus=()
+for p in $PRETRAIN_PROCESSES; do [[ " $PROCESSES " == *" $p "* ]] || corpus+=("$p"); done
+all_processes=($PROCESSES "${corpus[@]}")
+for p in "${all_processes[@]}"; do
+    n="$EVENTS"; [[ " ${corpus[*]} " == *" $p "* ]] && n="$PRETRAIN_EVENTS"
     run_step "step0_$p" "$SAMPLE_DIR/$p.root" \
-        python step0_generate.py --process "$p" --events "$EVENTS" --seed "$SEED" \
+        python step0_generate.py --process "$p" --events "$n" --seed "$SEED" \
             --workers "$WORKERS" --out "$SAMPLE_DIR/$p.root"
 done
 raw=()
-for p in $PROCESSES; do raw+=("$SAMPLE_DIR/$p.root"); done
+for p in "${all_processes[@]}"; do raw+=("$SAMPLE_DIR/$p.root"); done
 
 # 1. ROOT -> HDF5
 h5=()
-for p in $PROCESSES; do h5+=("$RUN/h5/$p.h5"); done
+for p in "${all_processes[@]}"; do h5+=("$RUN/h5/$p.h5"); done
 run_step step1_convert "${h5[-1]}" \
     python step1_convert.py "${raw[@]}" --out-dir "$RUN/h5" --workers "$WORKERS" --seed "$SEED" "${overwrite[@]}"
 
 # 2. tokenizers, then token sequences
 run_step step2_fit "$RUN/tok/met.json" \
     python step2_tokenize.py fit --h5 "${h5[@]}" --out-dir "$RUN/tok" --seed "$SEED"
-parquet=()
-for p in $PROCESSES; do parquet+=("$RUN/tokens/$p.parquet"); done
+parquet=() task_parquet=()
+for p in "${all_processes[@]}"; do parquet+=("$RUN/tokens/$p.parquet"); done
+for p in $PROCESSES; do task_parquet+=("$RUN/tokens/$p.parquet"); done
 run_step step2_apply "${parquet[-1]}" \
     python step2_tokenize.py apply --h5 "${h5[@]}" --tokenizers "$RUN/tok" --out-dir "$RUN/tokens" \
         --cap "tracks=$TRACKS_IN_SEQUENCE" --seed "$SEED" "${overwrite[@]}"
 
-# 3. masked-token pretraining
+# 3. masked-object pretraining on every process, task and corpus (train and validation splits only:
+#    the test events of the task are never pretrained on)
 run_step step3_pretrain "$RUN/pretrain/metrics.json" \
-    python step3_pretrain.py --parquet "${parquet[@]}" --tokenizers "$RUN/tok" --out-dir "$RUN/pretrain" \
-        --seed "$SEED" --device "$DEVICE"
+    python step3_pretrain.py --parquet "${parquet[@]}" --tokenizers "$RUN/tok" --h5-dir "$RUN/h5" \
+        --out-dir "$RUN/pretrain" --seed "$SEED" --device "$DEVICE"
 
 # 4. fine-tuning and baselines on the main task, with the data-efficiency protocol;
 #    then the generalisation protocol: trained against the first background only, tested on all
 run_step step4_finetune "$RUN/finetune/metrics.json" \
-    python step4_finetune.py --parquet "${parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
-        --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
+    python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
+        --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
         --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE"
 first_bkg="${BACKGROUND%%,*}"
 run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
-    python step4_finetune.py --parquet "${parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
-        --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt \
+    python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
+        --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt --seeds "$SEEDS" \
         --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
         --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE"
 

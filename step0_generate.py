@@ -94,6 +94,7 @@ def parse_args(argv=None):
     ap.add_argument("--chunk", type=int, default=CHUNK, help="events per write to the file")
     ap.add_argument("--out", type=Path, default=None, help="default data/raw/<process>.root")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--list-processes", action="store_true", help="print every process (name, dataset id, what) and exit")
     args = ap.parse_args(argv)
     for name in ("events", "workers", "block", "chunk"):
         if getattr(args, name) < 1:
@@ -225,6 +226,10 @@ def metadata(args, totals: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.list_processes:
+        for name, proc in PROCESSES.items():
+            print(f"{name} {proc['dsid']} {proc['description']}")
+        return EXIT_OK
     if args.out.exists() and not args.overwrite:
         print(f"step0: {args.out} exists, skipped (use --overwrite to regenerate)", file=sys.stderr)
         return EXIT_OK

@@ -1,15 +1,16 @@
-"""Pretraining throughput (step3): events/s and tokens/s of a full training epoch run as a child
+"""Pretraining throughput (step3): events/s and tokens/s of a training epoch run as a child
 process (its peak memory from ru_maxrss), against a reference measured in this process: the same
-model's forward-only pass over the same batches.
+model's forward-only pass over the same batches. With --scales 1,10 the corpus grows and the
+peak memory of each child is compared with the first (streaming keeps it flat).
 
   python bench/bench_pretrain.py                                   # synthetic sample, 4 x 5000 events
-  python bench/bench_pretrain.py --parquet runs/default/tokens/*.parquet
+  python bench/bench_pretrain.py --parquet runs/default/tokens/*.parquet --h5-dir runs/default/h5
+  python bench/bench_pretrain.py --scales 1,10 --max-steps 300     # memory as the corpus grows 10x
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,10 +21,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common import training as T  # noqa: E402
 from common.event_data import SequenceStream, open_sequences  # noqa: E402
 from common.token_parquet import SPLITS  # noqa: E402
 from common.transformer import EventTransformer, ModelConfig  # noqa: E402
 
+# runs a command and prints its own peak RSS (kB): each child measured alone, not the largest so far
+PEAK_OF_CHILD = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
 EVENTS_PER_PROCESS = 5000
 BATCH_SIZE = 128
 
@@ -34,48 +39,62 @@ def synthetic(out: Path, n: int) -> list[str]:
     return [str(p) for p in make_sample(out, n=n)["parquet"].values()]
 
 
+def child_epoch(paths, out, args) -> tuple[float, float, float]:
+    """(train events/s, peak RSS MB, wall s) of one step3 epoch in a child process, on one thread."""
+    cmd = [sys.executable, str(ROOT / "step3_pretrain.py"), "--parquet", *paths, "--out-dir", str(out), "--epochs", "1",
+           "--batch-size", str(args.batch_size), "--no-plots", "--device", args.device, "--threads", "1",
+           "--objective", args.objective]
+    cmd += ["--h5-dir", args.h5_dir] if args.h5_dir else []
+    cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    cmd += [] if args.tokenizers else ["--no-code-geometry"]
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        sys.exit(f"step3 failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    hist = json.loads((Path(out) / "metrics.json").read_text())["history"][0]
+    return hist["events_per_s"], int(r.stdout.strip().splitlines()[-1]) / 1024, wall
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parquet", nargs="*", default=None)
+    p.add_argument("--h5-dir", default=None, help="step1 HDF5 of --parquet (the features objective)")
+    p.add_argument("--tokenizers", default=None, help="step2 tokenizers of --parquet (code geometry)")
+    p.add_argument("--objective", default="features")
     p.add_argument("--events", type=int, default=EVENTS_PER_PROCESS, help="per process, synthetic sample")
+    p.add_argument("--scales", default="1", help="synthetic corpus sizes in units of --events, e.g. 1,10")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on the child's training steps")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(1)  # one thread for both measurements, so the ratio compares like with like
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = args.parquet or synthetic(Path(tmp), args.events)
-        vocab, paths, _ = open_sequences(paths)
-        stream = SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS["train"])
-        n_train = stream.count()
-        tokens = sum(int(b["attention_mask"].sum()) for b in stream.batches())
+        for k, scale in enumerate(int(s) for s in args.scales.split(",")):
+            paths = args.parquet or synthetic(Path(tmp) / f"x{scale}", args.events * scale)
+            vocab, paths, _ = open_sequences(paths)
+            stream = SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS["train"])
+            n_train, n_batches, tokens = 0, 0, 0
+            for b in stream.batches(max_steps=args.max_steps):
+                n_train, n_batches, tokens = n_train + len(b["length"]), n_batches + 1, tokens + int(b["attention_mask"].sum())
+            train_eps, peak_mb, wall = child_epoch(paths, Path(tmp) / f"pre{k}", args)
 
-        # 1. step3 itself, one epoch, in a child process
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, str(ROOT / "step3_pretrain.py"), "--parquet", *paths, "--out-dir",
-                            f"{tmp}/pre", "--epochs", "1", "--batch-size", str(args.batch_size), "--no-plots",
-                            "--device", args.device], capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if r.returncode:
-            print(r.stderr[-2000:], file=sys.stderr)
-            return 1
-        hist = json.loads(Path(f"{tmp}/pre/metrics.json").read_text())["history"][0]
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        train_eps = hist["events_per_s"]
-
-        # 2. reference: the same (default-size) model, forward only, same batches, this process
-        model = EventTransformer(ModelConfig.from_vocab(vocab)).to(args.device).eval()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for b in stream.batches():
-                model(*(torch.from_numpy(b[k]).to(args.device) for k in ("input_ids", "token_type_ids", "attention_mask")))
-        fwd_eps = n_train / (time.perf_counter() - t0)
-    mean_len = tokens / n_train
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}, {n_train} train events, mean length {mean_len:.1f}")
-    print("| measurement | events/s | tokens/s | peak RSS (MB) |")
-    print("|---|---|---|---|")
-    print(f"| step3 train epoch (fwd+bwd, masking, streaming) | {train_eps:.0f} | {train_eps * mean_len:.0f} | {peak_mb:.0f} |")
-    print(f"| reference: same model forward only | {fwd_eps:.0f} | {fwd_eps * mean_len:.0f} | - |")
-    print(f"ratio train / forward-only: {train_eps / fwd_eps:.2f}; child wall time {wall:.1f} s (incl. start-up, validation)")
+            # reference: the same model size, forward only, the same batches, this process
+            model = EventTransformer(ModelConfig.from_vocab(vocab)).to(args.device).eval()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for b in stream.batches(max_steps=args.max_steps):
+                    model(*T.to_device(b, args.device))
+            fwd_eps = n_train / (time.perf_counter() - t0)
+            rows.append((scale, n_train, tokens / n_train, train_eps, fwd_eps, peak_mb, wall))
+    print(f"device {args.device}, 1 torch thread, objective {args.objective}, batch {args.batch_size}")
+    print("| corpus | train events read | mean length | step3 train events/s | tokens/s | forward-only events/s | "
+          "train / forward | peak RSS (MB) | peak / first |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for scale, n, length, tr, fw, peak, wall in rows:
+        print(f"| {scale}x | {n} | {length:.1f} | {tr:.0f} | {tr * length:.0f} | {fw:.0f} | {tr / fw:.2f} | {peak:.0f} | "
+              f"{peak / rows[0][5]:.2f} |")
     return 0
 
 
