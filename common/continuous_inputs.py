@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from common.schema import OBJECTS, TOKENIZED_OBJECTS
+from common.schema import OBJECTS, TOKENIZED_OBJECTS, dataset_path
 
 FALLBACK_FIT_EVENTS = 20000
 READ_BLOCK = 4096  # events per cached HDF5 read
@@ -24,9 +24,10 @@ CLIP = 6.0
 
 
 def _dataset(obj: str, name: str, available: set[str]) -> str | None:
+    """The HDF5 dataset of a tokenized feature, None when the file lacks it."""
     for f in OBJECTS[obj].features:
-        if f.name == name and f.tokenize and f"{f.group}/{obj}/{name}" in available:
-            return f"{f.group}/{obj}/{name}"
+        if f.name == name and f.tokenize and dataset_path(obj, f) in available:
+            return dataset_path(obj, f)
     return None
 
 

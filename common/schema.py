@@ -26,7 +26,6 @@ MISSING_INT = -1  # fill of an absent integer feature (flags, categories); float
 #   category   : small set of integer values (`categories`); cross-entropy loss
 #   id         : bookkeeping integer (event number, ...), never tokenized
 # ---------------------------------------------------------------------------------------
-KINDS = ("continuous", "angle", "score", "flag", "category", "id")
 TRANSFORMS = ("quantile", "log_standard", "standard")
 
 
@@ -51,11 +50,6 @@ class Feature:
             return "int64"
         return "float32"
 
-    @property
-    def path(self) -> str:
-        """Dataset path below the object, e.g. 'atlas/jets/GN2_pb' (object filled in by caller)."""
-        return f"{self.group}/{{obj}}/{self.name}"
-
 
 @dataclass(frozen=True)
 class ObjectType:
@@ -69,9 +63,6 @@ class ObjectType:
             if f.name == name and (group is None or f.group == group):
                 return f
         raise KeyError(f"{self.name} has no feature {name!r}")
-
-    def in_group(self, group: str) -> tuple[Feature, ...]:
-        return tuple(f for f in self.features if f.group == group)
 
     @property
     def token_features(self) -> tuple[Feature, ...]:
@@ -215,7 +206,6 @@ SPECIAL_TYPE_ID = {"PAD": 0, "CLS": 1, "SEP": 2, "MASK": 3}
 TYPE_IDS = {**SPECIAL_TYPE_ID, **{o.name: o.type_id for o in OBJECTS.values()}}
 
 EXPERIMENT_ID = {"atlas": 0, "cms": 1}
-GROUPS = ("common", "atlas", "cms")
 
 METADATA_KEYS = (
     "experiment", "format_version", "input_file", "n_events", "git_hash", "pt_cuts", "max_objects",
@@ -235,4 +225,5 @@ def features_for(obj: str, experiment: str) -> tuple[Feature, ...]:
 
 
 def dataset_path(obj: str, feature: Feature) -> str:
+    """The HDF5 dataset of one feature of an object, e.g. 'atlas/jets/GN2_pb'."""
     return f"{feature.group}/{obj}/{feature.name}"
