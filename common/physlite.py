@@ -10,6 +10,8 @@ multiplied by 1000. Lengths are mm, angles rad, as stored.
 """
 from __future__ import annotations
 
+import json
+
 import awkward as ak
 import numpy as np
 import uproot
@@ -111,7 +113,7 @@ INPUTS: dict[str, tuple[list[str], bool]] = {
 }
 
 # Optional one-entry TTree with what a real file keeps in AMI/CutBookkeepers (step0 writes it):
-#   process (string), dsid (int64), cross_section_pb (float64), sum_weights (float64)
+#   process (string), dsid (int64), cross_section_pb (float64), sum_weights (float64), ...
 METADATA_TREE = "GeneratorMetaData"
 
 TAU_TRACK_CHARGED_BIT = 5  # xAOD::TauJetParameters::classifiedCharged
@@ -215,17 +217,15 @@ def _member(array, suffix):
 
 
 def read_generator_metadata(f) -> dict:
-    """process / dsid / cross_section_pb / sum_weights from the optional METADATA_TREE ({} when absent)."""
+    """The one entry of the optional METADATA_TREE as {branch: value} ({} when the file has none):
+    process, dsid, cross_section_pb, sum_weights, and what step0 adds (common/physlite_writer.py),
+    its provenance decoded from JSON."""
     if METADATA_TREE not in {k.split(";")[0] for k in f.keys(recursive=False)}:
         return {}
-    t = f[METADATA_TREE]
-    out = {}
-    for name in ("process", "dsid", "cross_section_pb", "sum_weights"):
-        if name in t.keys():
-            value = t[name].array(library="np", entry_stop=1)
-            if len(value):
-                v = value[0]
-                out[name] = v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
+    scalar = lambda v: v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)  # noqa: E731
+    out = {k: scalar(v[0]) for k, v in f[METADATA_TREE].arrays(library="np", entry_stop=1).items() if len(v)}
+    if isinstance(out.get("provenance"), str):
+        out["provenance"] = json.loads(out["provenance"])
     return out
 
 
