@@ -1,7 +1,8 @@
 """HDF5 event files (step1 output): chunked writing under a temporary name, chunked reading.
 
-The layout is the one of common/schema.py. Writers append event chunks to resizable
-datasets, so memory holds one chunk whatever the file size; readers iterate in chunks.
+The layout is the one of common/schema.py (written out in docs/DESIGN.md). Writers append event
+chunks to resizable datasets, so memory holds one chunk whatever the file size; readers iterate
+in chunks.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Vocabulary: special ids 0-3 (PAD CLS SEP MASK), then the event tokens (binned pile-up mu),
 then one contiguous id range for every (object type, quantizer level).
 
-Sequence (DESIGN.md), one position per object, Q ids per position:
+Sequence (docs/DESIGN.md), one position per object, Q ids per position:
   [CLS] [EVENT] e.. [SEP] mu.. [SEP] tau.. [SEP] gamma.. [SEP] jet.. [SEP] track.. [SEP] [MET]
 Special and event positions hold PAD beyond level 0. Each object type keeps its first `cap`
 objects (the HDF5 stores them pT-ordered); if the event is still longer than `max_length`,

@@ -11,8 +11,9 @@ Columns (one row per event):
 The vocabulary (id ranges, Q, type ids, layout, caps, tokenizer checksums) is JSON under the
 schema-metadata key b"vocab"; how the file was made is JSON under b"provenance".
 
-Train/validation/test membership is a hash of (source_file, event_index): step3 and step4
-call the same `split_of`, so pretraining never sees a classifier's test events.
+Train/validation/test membership is a hash of (source_file, event_index): step2 fit, step3 and
+step4 call the same `split_of`, so pretraining never sees a classifier's test events.
+The contract (vocabulary, layout, columns, split) is written out in docs/DESIGN.md.
 """
 from __future__ import annotations
 
