@@ -1,7 +1,8 @@
 """ATLAS DAOD_PHYSLITE reading: TTree `CollectionTree` (Run 2 / Run 3) and RNTuple `EventData` (Athena 25).
 
 BRANCHES below is the ONE place that says which file branch feeds which schema feature:
-candidates in order, the first that exists in the file wins. Names are written in the TTree
+candidates in order, the first that exists in the file wins (TRUTH_BRANCHES: the same for the
+truth branches the sample plots read). Names are written in the TTree
 spelling `<Container>AuxDyn.<var>`; an RNTuple spells them `<Container>AuxDyn:<var>` (derived).
 A step0 file (Pythia8 + parametric detector) is read by the same code as a real file.
 
