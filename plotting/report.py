@@ -195,9 +195,8 @@ def section_sample(run_dir: Path, sample_dir: Path | None, h5s: list[dict], erro
         for s in h5s:
             row = [s["meta"]["process"]]
             for obj in LIST_OBJECTS:
-                h = s["counts"][obj]
-                mean = float((np.arange(len(h)) * h).sum() / h.sum()) if h.sum() else float("nan")  # capped at MAX_MULTIPLICITY
-                row.append(f"{mean:.2f} ({1 - h[0] / h.sum():.0%})" if h.sum() else "n/a")
+                h = s["counts"][obj]  # capped at MAX_MULTIPLICITY
+                row.append(f"{(np.arange(len(h)) * h).sum() / h.sum():.2f} ({1 - h[0] / h.sum():.0%})" if h.sum() else "n/a")
             rows.append(row)
         parts.append(table(["process"] + list(LIST_OBJECTS), rows))
         parts.append(multiplicity_plot(h5s))
