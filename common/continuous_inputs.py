@@ -9,7 +9,6 @@ standardised with the mean/std of the first chunk of the first file.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 
-from common.schema import OBJECTS, TOKENIZED_OBJECTS
-from common.token_parquet import PROVENANCE_KEY
+from common.schema import OBJECTS, TOKENIZED_OBJECTS, dataset_path
+from common.token_parquet import read_provenance
 
 FALLBACK_FIT_EVENTS = 20000
 READ_BLOCK = 4096  # events per cached HDF5 read
@@ -27,9 +26,10 @@ CLIP = 6.0
 
 
 def _dataset(obj: str, name: str, available: set[str]) -> str | None:
+    """The HDF5 dataset of a tokenized feature, None when the file lacks it."""
     for f in OBJECTS[obj].features:
-        if f.name == name and f.tokenize and f"{f.group}/{obj}/{name}" in available:
-            return f"{f.group}/{obj}/{name}"
+        if f.name == name and f.tokenize and dataset_path(obj, f) in available:
+            return dataset_path(obj, f)
     return None
 
 
@@ -157,7 +157,7 @@ def h5_locations(paths: list[str], h5_dir: str | None) -> dict[str, str]:
     out = {}
     for path in paths:
         names = set(pq.read_table(path, columns=["source_file"]).column("source_file").unique().to_pylist())
-        prov = json.loads((pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY, b"{}"))
+        prov = read_provenance(path)
         recorded = {Path(p).name: p for p in prov.get("inputs", [])}
         for n in names:
             cand = Path(h5_dir) / n if h5_dir else Path(recorded.get(n, n))

@@ -1,7 +1,8 @@
 """HDF5 event files (step1 output): chunked writing under a temporary name, chunked reading.
 
-The layout is the one of common/schema.py. Writers append event chunks to resizable
-datasets, so memory holds one chunk whatever the file size; readers iterate in chunks.
+The layout is the one of common/schema.py (written out in docs/DESIGN.md). Writers append event
+chunks to resizable datasets, so memory holds one chunk whatever the file size; readers iterate
+in chunks.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Iterator, Sequence
 import h5py
 import numpy as np
 
-from common.schema import FORMAT_VERSION, OBJECTS, features_for
+from common.schema import FORMAT_VERSION, OBJECTS, dataset_path, features_for
 
 COMPRESSION = dict(compression="gzip", compression_opts=1, shuffle=True)
 
@@ -111,13 +112,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
         return {k: decode_attr(v) for k, v in f["metadata"].attrs.items()}
 
 
-def n_events(path: str | os.PathLike) -> int:
-    return int(read_metadata(path)["n_events"])
-
-
 def object_datasets(obj: str, experiment: str) -> list[str]:
     """Every dataset path step1 writes for `obj` in a file of `experiment`."""
-    keys = [f"{f.group}/{obj}/{f.name}" for f in features_for(obj, experiment)]
+    keys = [dataset_path(obj, f) for f in features_for(obj, experiment)]
     if not OBJECTS[obj].per_event:
         keys += [f"common/{obj}/mask", f"common/{obj}/n"]
     return keys
@@ -136,9 +133,3 @@ def iter_chunks(path: str | os.PathLike, keys: Sequence[str], step: int = 65536,
             hi = min(lo + step, stop)
             yield lo, {k: f[k][lo:hi] for k in keys}
 
-
-def read_rows(path: str | os.PathLike, keys: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Read the given (sorted, unique) event rows of each dataset."""
-    rows = np.asarray(rows)
-    with h5py.File(path, "r") as f:
-        return {k: f[k][rows] for k in keys}

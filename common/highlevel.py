@@ -16,6 +16,7 @@ import numpy as np
 
 from common.h5io import iter_chunks
 from common.physics import BJET_TAGGER, LEPTON_MASS, invariant_mass, is_bjet, p4, z_pairing
+from common.schema import OBJECTS, dataset_path
 
 N_LEPTONS = 4
 JET_PT_MIN = 25.0  # GeV, jets counted
@@ -31,7 +32,7 @@ def _keys(f: h5py.File) -> list[str]:
     return keys
 
 
-BTAG_KEYS = tuple(f"atlas/jets/{BJET_TAGGER}_{s}" for s in ("pb", "pc", "pu"))
+BTAG_KEYS = tuple(dataset_path("jets", OBJECTS["jets"].feature(f"{BJET_TAGGER}_{s}")) for s in ("pb", "pc", "pu"))
 
 
 def leading_leptons(c: dict[str, np.ndarray], n: int = N_LEPTONS):

@@ -1,7 +1,8 @@
 """ATLAS DAOD_PHYSLITE reading: TTree `CollectionTree` (Run 2 / Run 3) and RNTuple `EventData` (Athena 25).
 
 BRANCHES below is the ONE place that says which file branch feeds which schema feature:
-candidates in order, the first that exists in the file wins. Names are written in the TTree
+candidates in order, the first that exists in the file wins (TRUTH_BRANCHES: the same for the
+truth branches the sample plots read). Names are written in the TTree
 spelling `<Container>AuxDyn.<var>`; an RNTuple spells them `<Container>AuxDyn:<var>` (derived).
 A step0 file (Pythia8 + parametric detector) is read by the same code as a real file.
 
@@ -10,13 +11,16 @@ multiplied by 1000. Lengths are mm, angles rad, as stored.
 """
 from __future__ import annotations
 
+import json
+
 import awkward as ak
 import numpy as np
 import uproot
 
 from common import physics
 from common.runtime import InputError
-from common.schema import EXPERIMENT_ID, ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, MISSING_INT, OBJECTS
+from common.schema import (EXPERIMENT_ID, ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, MISSING_INT, OBJECTS,
+                           dataset_path)
 
 TREES = {"CollectionTree": "ttree", "EventData": "rntuple"}
 
@@ -85,6 +89,15 @@ BRANCHES: dict[str, dict[str, list[str]]] = {
     },
 }
 
+# Truth branches of simulated PHYSLITE (step0 writes them too): never converted, read by the sample
+# plots (plotting/plot_sample.py). truthType is MCTruthClassifier's type (2/3 iso/non-iso electron,
+# 6/7 muon); HadronConeExclTruthLabelID the jet's hadron label (5 b, 4 c, 0 light).
+TRUTH_BRANCHES: dict[str, dict[str, list[str]]] = {
+    "electrons": {"truthType": [_E + "truthType"]},
+    "muons": {"truthType": [_MU + "truthType"]},
+    "jets": {"HadronConeExclTruthLabelID": [_JET + "HadronConeExclTruthLabelID"]},
+}
+
 # Inputs that computed features are made from. `required` ones are kinematic: their absence is an error.
 INPUTS: dict[str, tuple[list[str], bool]] = {
     "track_theta": ([_TRK + "theta"], True),
@@ -101,7 +114,7 @@ INPUTS: dict[str, tuple[list[str], bool]] = {
 }
 
 # Optional one-entry TTree with what a real file keeps in AMI/CutBookkeepers (step0 writes it):
-#   process (string), dsid (int64), cross_section_pb (float64), sum_weights (float64)
+#   process (string), dsid (int64), cross_section_pb (float64), sum_weights (float64), ...
 METADATA_TREE = "GeneratorMetaData"
 
 TAU_TRACK_CHARGED_BIT = 5  # xAOD::TauJetParameters::classifiedCharged
@@ -118,6 +131,8 @@ MET_DEFINITION = (
 ISO_SELF_DR = 0.01  # the charged lepton's own track is the nearest track within this dR
 
 SCALE = {"GeV": 1e-3, "1/GeV": 1e3}  # PHYSLITE MeV -> schema unit
+# The b-tag scores (schema kind "score"): BTagging container entries, reached through btaggingLink.
+JET_SCORES = tuple(f.name for f in OBJECTS["jets"].features if f.kind == "score" and f.name in BRANCHES["jets"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,17 +218,15 @@ def _member(array, suffix):
 
 
 def read_generator_metadata(f) -> dict:
-    """process / dsid / cross_section_pb / sum_weights from the optional METADATA_TREE ({} when absent)."""
+    """The one entry of the optional METADATA_TREE as {branch: value} ({} when the file has none):
+    process, dsid, cross_section_pb, sum_weights, and what step0 adds (common/physlite_writer.py),
+    its provenance decoded from JSON."""
     if METADATA_TREE not in {k.split(";")[0] for k in f.keys(recursive=False)}:
         return {}
-    t = f[METADATA_TREE]
-    out = {}
-    for name in ("process", "dsid", "cross_section_pb", "sum_weights"):
-        if name in t.keys():
-            value = t[name].array(library="np", entry_stop=1)
-            if len(value):
-                v = value[0]
-                out[name] = v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
+    scalar = lambda v: v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)  # noqa: E731
+    out = {k: scalar(v[0]) for k, v in f[METADATA_TREE].arrays(library="np", entry_stop=1).items() if len(v)}
+    if isinstance(out.get("provenance"), str):
+        out["provenance"] = json.loads(out["provenance"])
     return out
 
 
@@ -280,10 +293,10 @@ class PhysliteReader(ColumnReader):
         for obj, table in BRANCHES.items():
             for feat in table:
                 if not self.has(obj, feat) and not (obj == "muons" and feat == "passIDCuts" and self.has("muons", "quality")):
-                    missing.append(f"{OBJECTS[obj].feature(feat).group}/{obj}/{feat}")
+                    missing.append(dataset_path(obj, OBJECTS[obj].feature(feat)))
         btag_ok = self.has("link", "jet_btag_link")
         if not btag_ok:  # scores exist but cannot be matched to jets
-            missing += [f"atlas/jets/{f}" for f in BRANCHES["jets"] if f[:4] in ("DL1d", "GN2_") and self.has("jets", f)]
+            missing += [dataset_path("jets", OBJECTS["jets"].feature(f)) for f in JET_SCORES if self.has("jets", f)]
         if not (self.has("link", "tau_track_links") and self.has("input", "tau_track_flags")) and not self.has("taus", "NNDecayMode"):
             missing.append("common/taus/is_1prong")
         if not self.has("input", "mc_weights") and not self.has("input", "event_type"):
@@ -320,10 +333,9 @@ class PhysliteReader(ColumnReader):
         offsets = {obj: physics.flat(col(obj, "pt"))[0] for obj in ("electrons", "muons", "taus", "photons", "jets")}
         for obj, off in offsets.items():
             for feat in BRANCHES[obj]:
-                f = OBJECTS[obj].feature(feat)
-                if feat == "n_trk" or feat[:4] in ("DL1d", "GN2_"):
+                if feat == "n_trk" or feat in JET_SCORES:
                     continue
-                out[f"{f.group}/{obj}/{feat}"] = self._feature(chunk, obj, feat, off)
+                out[dataset_path(obj, OBJECTS[obj].feature(feat))] = self._feature(chunk, obj, feat, off)
 
         # muon quality bits
         if self.has("muons", "quality"):
@@ -339,14 +351,13 @@ class PhysliteReader(ColumnReader):
         if self.has("link", "jet_btag_link"):
             link = physics.flat(link_index(col("link", "jet_btag_link"),
                                            col("link_key", "jet_btag_link") if self.has("link_key", "jet_btag_link") else None))[1]
-        for feat in BRANCHES["jets"]:
-            if feat[:4] in ("DL1d", "GN2_"):
-                scores = np.full(j_off[-1], np.nan, np.float32)
-                if link is not None and self.has("jets", feat):
-                    b_off, values = physics.flat(col("jets", feat))
-                    source, ok = physics.gather_index(b_off, j_off, link)
-                    scores[ok] = values[source[ok]].astype(np.float32)
-                out[f"atlas/jets/{feat}"] = physics.jagged(j_off, scores)
+        for feat in JET_SCORES:
+            scores = np.full(j_off[-1], np.nan, np.float32)
+            if link is not None and self.has("jets", feat):
+                b_off, values = physics.flat(col("jets", feat))
+                source, ok = physics.gather_index(b_off, j_off, link)
+                scores[ok] = values[source[ok]].astype(np.float32)
+            out[dataset_path("jets", OBJECTS["jets"].feature(feat))] = physics.jagged(j_off, scores)
 
         out["common/taus/is_1prong"] = self._is_1prong(chunk, offsets["taus"])
 

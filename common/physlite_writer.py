@@ -24,13 +24,13 @@ import numpy as np
 import uproot
 
 from common import detector as det
+from common.physlite import METADATA_TREE
 
 TREE = "CollectionTree"
-# The generator metadata the converter reads (common/physlite.py METADATA_TREE): a one-entry
-# TTree with branches process (string), dsid (int64), cross_section_pb (float64),
-# sum_weights (float64), plus n_events, sum_weights_squared, cross_section_error_pb,
+# The generator metadata (physlite.METADATA_TREE, read by physlite.read_generator_metadata): a
+# one-entry TTree with branches process (string), dsid (int64), cross_section_pb (float64),
+# sum_weights (float64), plus n_events, sum_weights_squared, cross_section_error_pb, description,
 # ecm_gev, generator and provenance (a JSON string: script, settings, git hash).
-METADATA_TREE = "GeneratorMetaData"
 MEV = 1000.0
 RUN_NUMBER = 410000  # mc23a-like MC run number
 SOFT_CLUS_SOURCE, SOFT_TRACK_SOURCE = 69664, 81952  # MissingETBase source bits of SoftClusCore, PVSoftTrkCore

@@ -4,10 +4,11 @@ Every step reads this module: step1 writes exactly these HDF5 datasets, step2 bu
 tokenizer per object from the features flagged `tokenize`, the sequence builder takes its
 type ids and order from here, and the plots label axes with the units given here.
 
-HDF5 layout (format_version 1): `/<group>/<object>/<feature>` where group is `common`,
-`atlas` or `cms`. Per-object datasets are (n_events, max_objects), pT-sorted, zero padded,
-with `common/<object>/mask` (bool) and `common/<object>/n` (int32). Per-event objects
-(met, event) are (n_events,). `/metadata` holds attributes only (METADATA_KEYS).
+HDF5 layout (format_version 1; the full contract, /metadata included, is docs/DESIGN.md):
+`/<group>/<object>/<feature>` (dataset_path) where group is `common`, `atlas` or `cms`.
+Per-object datasets are (n_events, max_objects), pT-sorted, zero padded, with
+`common/<object>/mask` (bool) and `common/<object>/n` (int32). Per-event objects (met, event)
+are (n_events,). `/metadata` holds attributes only (METADATA_KEYS and more).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ MISSING_INT = -1  # fill of an absent integer feature (flags, categories); float
 #   category   : small set of integer values (`categories`); cross-entropy loss
 #   id         : bookkeeping integer (event number, ...), never tokenized
 # ---------------------------------------------------------------------------------------
-KINDS = ("continuous", "angle", "score", "flag", "category", "id")
 TRANSFORMS = ("quantile", "log_standard", "standard")
 
 
@@ -51,11 +51,6 @@ class Feature:
             return "int64"
         return "float32"
 
-    @property
-    def path(self) -> str:
-        """Dataset path below the object, e.g. 'atlas/jets/GN2_pb' (object filled in by caller)."""
-        return f"{self.group}/{{obj}}/{self.name}"
-
 
 @dataclass(frozen=True)
 class ObjectType:
@@ -69,9 +64,6 @@ class ObjectType:
             if f.name == name and (group is None or f.group == group):
                 return f
         raise KeyError(f"{self.name} has no feature {name!r}")
-
-    def in_group(self, group: str) -> tuple[Feature, ...]:
-        return tuple(f for f in self.features if f.group == group)
 
     @property
     def token_features(self) -> tuple[Feature, ...]:
@@ -180,7 +172,7 @@ TRACKS = ObjectType("tracks", 9, False, _kin(False) + (
             doc="longitudinal impact parameter w.r.t. the primary vertex"),
     _cont("qOverP", unit="1/GeV", tokenize=True),
     _cont("chiSquared", tokenize=True),
-    _cont("nDoF", tokenize=True, transform="standard", doc="standard-only: a log hurts (seeds' finding)"),
+    _cont("nDoF", tokenize=True, transform="standard", doc="standard only: a log transform hurts its reconstruction"),
 ))
 
 MET = ObjectType("met", 7, True, (
@@ -202,20 +194,19 @@ EVENT = ObjectType("event", 10, True, (
     Feature("event", "cms", "id"), Feature("run", "cms", "id"), Feature("luminosityBlock", "cms", "id"),
 ))
 
-# Sequence order of DESIGN.md: [CLS] [EVENT] e.. [SEP] mu.. [SEP] tau.. [SEP] gamma.. [SEP] jet.. [SEP] track.. [SEP] [MET]
+# Sequence order (docs/DESIGN.md): [CLS] [EVENT] e.. [SEP] mu.. [SEP] tau.. [SEP] gamma.. [SEP] jet.. [SEP] track.. [SEP] [MET]
 OBJECTS: dict[str, ObjectType] = {o.name: o for o in (ELECTRONS, MUONS, TAUS, PHOTONS, JETS, TRACKS, MET, EVENT)}
 SEQUENCE_OBJECTS = ("electrons", "muons", "taus", "photons", "jets", "tracks")  # SEP after each
 TOKENIZED_OBJECTS = SEQUENCE_OBJECTS + ("met",)
 LIST_OBJECTS = tuple(o.name for o in OBJECTS.values() if not o.per_event)
 
-# Special tokens and type ids (DESIGN.md).
+# Special token ids and type ids (docs/DESIGN.md, the token vocabulary).
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 N_SPECIAL = 4
 SPECIAL_TYPE_ID = {"PAD": 0, "CLS": 1, "SEP": 2, "MASK": 3}
 TYPE_IDS = {**SPECIAL_TYPE_ID, **{o.name: o.type_id for o in OBJECTS.values()}}
 
 EXPERIMENT_ID = {"atlas": 0, "cms": 1}
-GROUPS = ("common", "atlas", "cms")
 
 METADATA_KEYS = (
     "experiment", "format_version", "input_file", "n_events", "git_hash", "pt_cuts", "max_objects",
@@ -223,7 +214,7 @@ METADATA_KEYS = (
     "cross_section_pb", "sum_weights", "missing_features", "met_definition",
 )
 
-# trk_iso03 definition (DESIGN.md), shared by the converter and the detector simulation.
+# trk_iso03 definition (recorded in /metadata), shared by the converter and the detector simulation.
 ISO_CONE = 0.3
 ISO_PT_FLOOR_GEV = 0.5
 ISO_Z0SINTHETA_CUT_MM = 3.0
@@ -235,4 +226,5 @@ def features_for(obj: str, experiment: str) -> tuple[Feature, ...]:
 
 
 def dataset_path(obj: str, feature: Feature) -> str:
+    """The HDF5 dataset of one feature of an object, e.g. 'atlas/jets/GN2_pb'."""
     return f"{feature.group}/{obj}/{feature.name}"

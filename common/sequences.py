@@ -3,7 +3,7 @@
 Vocabulary: special ids 0-3 (PAD CLS SEP MASK), then the event tokens (binned pile-up mu),
 then one contiguous id range for every (object type, quantizer level).
 
-Sequence (DESIGN.md), one position per object, Q ids per position:
+Sequence (docs/DESIGN.md), one position per object, Q ids per position:
   [CLS] [EVENT] e.. [SEP] mu.. [SEP] tau.. [SEP] gamma.. [SEP] jet.. [SEP] track.. [SEP] [MET]
 Special and event positions hold PAD beyond level 0. Each object type keeps its first `cap`
 objects (the HDF5 stores them pT-ordered); if the event is still longer than `max_length`,
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.schema import CLS, N_SPECIAL, PAD, SEP, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS
+from common.schema import CLS, MASK, N_SPECIAL, PAD, SEP, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS
 
 LAYOUT = "[CLS] [EVENT] electrons.. [SEP] muons.. [SEP] taus.. [SEP] photons.. [SEP] jets.. [SEP] tracks.. [SEP] [MET]"
 MU_EDGES = tuple(float(x) for x in np.arange(5.0, 80.0, 5.0))  # pile-up mu bins: <5, 5-10, ..., >=75
@@ -42,7 +42,7 @@ def build_vocab(tokenizers: dict[str, dict], caps: dict[str, int], max_length: i
             start += t["codebook_size"]
     return {
         "levels": levels, "vocab_size": start, "type_ids": dict(TYPE_IDS), "ranges": ranges,
-        "special": {"PAD": PAD, "CLS": CLS, "SEP": SEP, "MASK": 3},
+        "special": {"PAD": PAD, "CLS": CLS, "SEP": SEP, "MASK": MASK},
         "event_tokens": {"offset": ev_offset, "size": ev_size, "mu_edges": list(mu_edges), "feature": "mu"},
         "layout": LAYOUT, "sequence_objects": list(SEQUENCE_OBJECTS), "caps": {o: int(caps[o]) for o in SEQUENCE_OBJECTS},
         "max_length": int(max_length), "mode": "combined" if combined else "per_object",
@@ -79,16 +79,6 @@ def truncation_stats(n: dict[str, np.ndarray], caps: dict[str, int], max_length:
                                "dropped_by_max_length": int((capped - kept[:, i]).sum())}
     stats["events_truncated"] = int(truncated.sum())
     return stats
-
-
-def merge_stats(a: dict | None, b: dict) -> dict:
-    if a is None:
-        return b
-    out = {"events": a["events"] + b["events"], "events_truncated": a["events_truncated"] + b["events_truncated"],
-           "by_type": {}}
-    for o, v in a["by_type"].items():
-        out["by_type"][o] = {k: v[k] + b["by_type"][o][k] for k in v}
-    return out
 
 
 def mu_tokens(mu: np.ndarray, vocab: dict) -> np.ndarray:

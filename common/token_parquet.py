@@ -11,8 +11,9 @@ Columns (one row per event):
 The vocabulary (id ranges, Q, type ids, layout, caps, tokenizer checksums) is JSON under the
 schema-metadata key b"vocab"; how the file was made is JSON under b"provenance".
 
-Train/validation/test membership is a hash of (source_file, event_index): step3 and step4
-call the same `split_of`, so pretraining never sees a classifier's test events.
+Train/validation/test membership is a hash of (source_file, event_index): step2 fit, step3 and
+step4 call the same `split_of`, so pretraining never sees a classifier's test events.
+The contract (vocabulary, layout, columns, split) is written out in docs/DESIGN.md.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.runtime import atomic_output
+from common.schema import CLS, SEP
 
 VOCAB_KEY = b"vocab"
 PROVENANCE_KEY = b"provenance"
@@ -78,7 +80,7 @@ def legal_id_mask(vocab: dict) -> np.ndarray:
         for level, (start, count) in enumerate(ranges):
             legal[t, level, start : start + count] = True
         legal[t, len(ranges):, 0] = True  # fewer levels than Q: PAD
-    for name, token in (("CLS", 1), ("SEP", 2)):  # special positions: their own id, then PAD
+    for name, token in (("CLS", CLS), ("SEP", SEP)):  # special positions: their own id, then PAD
         if name in vocab["type_ids"]:
             legal[vocab["type_ids"][name], 0, token] = True
             legal[vocab["type_ids"][name], 1:, 0] = True
@@ -132,10 +134,15 @@ def write_sequences(path: str | os.PathLike, tables: Iterable[pa.Table], vocab: 
 
 # --- reading ------------------------------------------------------------------------------------
 
+def read_provenance(path: str | os.PathLike) -> dict:
+    """How a token file was made (runtime.provenance of step2 apply: script, settings, inputs,
+    git_hash); {} when it records none."""
+    return json.loads((pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY, b"{}"))
+
+
 def recorded_tokenizers(path: str | os.PathLike) -> str | None:
     """The step2 tokenizer folder a token file was made with (from its provenance)."""
-    prov = json.loads((pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY, b"{}"))
-    return (prov.get("settings") or {}).get("tokenizers")
+    return (read_provenance(path).get("settings") or {}).get("tokenizers")
 
 
 def check_columns(path: str | os.PathLike) -> None:

@@ -2,10 +2,11 @@
 
     python plotting/plot_sample.py data/raw/*.root --out-dir runs/plots/sample
 
-PNGs: m4l after a standard 4-lepton selection, the Z-candidate mll, b-jet multiplicity,
-GN2 pb for b vs light jets, object multiplicities per process, and lepton isolation for
-prompt vs non-prompt leptons (truthType). The analysis functions are also what
-tests/test_generate.py asserts on.
+PNGs: m4l after a standard 4-lepton selection, the Z-candidate mll, the truth b-jet multiplicity,
+the GN2 b-tag discriminant for b, c and light jets, object multiplicities per process, and
+lepton isolation for prompt vs non-prompt leptons (truthType). Branch names come from
+common/physlite.py, the Z mass, pairing and b-jet definition from common/physics.py. The
+analysis functions are also what tests/test_generate.py asserts on.
 """
 from __future__ import annotations
 
@@ -17,60 +18,77 @@ import awkward as ak
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import physics  # noqa: E402
+from common.physlite import (BRANCHES, MUON_QUALITY_MASK, SCALE, TREES, TRUTH_BRANCHES, first_present,  # noqa: E402
+                             open_tree, read_generator_metadata, tree_keys)
 from common.runtime import EXIT_OK, EXIT_USAGE, error_line  # noqa: E402
+from common.schema import SEQUENCE_OBJECTS  # noqa: E402
 from plotting.figures import plt, save_figure  # noqa: E402
 
 OUT_DIR = "runs/plots/sample"
-MZ = 91.1876
 # the standard H->4l lepton selection (ATLAS-like): object cuts, then two same-flavour opposite-charge pairs
 E_PT, E_ETA, MU_PT, MU_ETA = 7.0, 2.47, 5.0, 2.7
+MU_LOOSE = 2  # muon quality: 0 Tight, 1 Medium, 2 Loose, 3 VeryLoose
 LEAD_PTS = (20.0, 15.0, 10.0)
 M12_WINDOW, M34_WINDOW = (50.0, 106.0), (12.0, 115.0)
-B_TAG_PT, B_TAG_ETA, GN2_B_CUT = 20.0, 2.5, 0.5
-CONTAINERS = {"electrons": "AnalysisElectronsAuxDyn", "muons": "AnalysisMuonsAuxDyn", "taus": "AnalysisTauJetsAuxDyn",
-              "photons": "AnalysisPhotonsAuxDyn", "jets": "AnalysisJetsAuxDyn", "tracks": "InDetTrackParticlesAuxDyn"}
+TRUTH_B, TRUTH_C, TRUTH_LIGHT = 5, 4, 0  # HadronConeExclTruthLabelID
+LEPTON_FIELDS = ("pt", "eta", "phi", "charge", "truthType", "ptvarcone30")
 
 
 def load(path) -> dict:
-    """The branches the plots need, in GeV, as {object: awkward record array}."""
-    import uproot
+    """The branches the plots need, in GeV, as {object: awkward record array}.
 
-    with uproot.open(path) as f:
-        t = f["CollectionTree"]
-        e, mu, j = "AnalysisElectronsAuxDyn.", "AnalysisMuonsAuxDyn.", "AnalysisJetsAuxDyn."
-        names = [e + x for x in ("pt", "eta", "phi", "charge", "truthType", "DFCommonElectronsLHLoose",
-                                 "ptvarcone30_Nonprompt_All_MaxWeightTTVALooseCone_pt1000", "topoetcone20")]
-        names += [mu + x for x in ("pt", "eta", "phi", "charge", "truthType", "quality", "ptvarcone30", "topoetcone20")]
-        names += [j + x for x in ("pt", "eta", "HadronConeExclTruthLabelID")]
-        names += ["BTagging_AntiKt4EMPFlowAuxDyn.GN2v01_pb", "AnalysisTauJetsAuxDyn.pt", "AnalysisPhotonsAuxDyn.pt",
-                  "InDetTrackParticlesAuxDyn.phi", "EventInfoAuxDyn.mcEventWeights"]
-        a = t.arrays(names)
-        process = f["GeneratorMetaData"]["process"].array(library="np")[0] if "GeneratorMetaData" in f else Path(path).stem
-    gev = lambda x: a[x] * 1e-3  # noqa: E731
-    lep = lambda p, flavour, iso, loose: ak.zip({  # noqa: E731
-        "pt": gev(p + "pt"), "eta": a[p + "eta"], "phi": a[p + "phi"], "charge": a[p + "charge"],
-        "flavour": ak.full_like(a[p + "pt"], flavour, dtype=np.int8), "prompt": a[p + "truthType"] % 2 == 0,
-        "rel_iso": a[p + iso] / a[p + "pt"], "rel_calo_iso": a[p + "topoetcone20"] / a[p + "pt"], "loose": loose})
+    Jets get the GN2 b-tag discriminant and physics.is_bjet; their BTagging entries are taken in
+    jet order, which holds for step0 files (btaggingLink index = jet index)."""
+    tree, name, f = open_tree(path, TREES)
+    with f:
+        keys, kind = tree_keys(tree), TREES[name]
+
+        def branch(obj: str, feat: str) -> str:
+            table = TRUTH_BRANCHES if feat in TRUTH_BRANCHES.get(obj, {}) else BRANCHES
+            found = first_present(table[obj][feat], keys, kind)
+            if found is None:
+                raise KeyError(f"no {obj} {feat} branch ({table[obj][feat][0]})")
+            return found
+
+        wanted = {(o, v) for o in ("electrons", "muons") for v in LEPTON_FIELDS}
+        wanted |= {("electrons", "LHLoose"), ("muons", "quality"), ("jets", "pt"), ("jets", "eta"),
+                   ("jets", "HadronConeExclTruthLabelID"), ("tracks", "phi")}
+        wanted |= {(o, "pt") for o in SEQUENCE_OBJECTS if o != "tracks"}  # tracks store no pt: counted by phi
+        wanted |= {("jets", f"{physics.BJET_TAGGER}_{s}") for s in ("pb", "pc", "pu")}
+        names = {w: branch(*w) for w in sorted(wanted)}
+        arrays = tree.arrays(sorted(set(names.values())))
+        process = read_generator_metadata(f).get("process", Path(path).stem)
+    a = lambda obj, feat: arrays[names[(obj, feat)]]  # noqa: E731
+    gev = lambda obj, feat: a(obj, feat) * SCALE["GeV"]  # noqa: E731
+
+    def leptons(obj: str, flavour: int, loose) -> ak.Array:
+        pt = gev(obj, "pt")
+        return ak.zip({
+            "pt": pt, "eta": a(obj, "eta"), "phi": a(obj, "phi"), "charge": a(obj, "charge"),
+            "mass": ak.full_like(pt, physics.LEPTON_MASS[obj], dtype=np.float64),
+            "flavour": ak.full_like(pt, flavour, dtype=np.int8),
+            "prompt": a(obj, "truthType") % 2 == 0,  # MCTruthClassifier: 2/6 isolated (prompt) e/mu, 3/7 non-isolated
+            "rel_iso": a(obj, "ptvarcone30") / a(obj, "pt"), "loose": loose})
+
+    jet_pt, jet_eta = gev("jets", "pt"), a("jets", "eta")
+    off, flat_pt = physics.flat(jet_pt)
+    scores = [physics.flat(a("jets", f"{physics.BJET_TAGGER}_{s}"))[1] for s in ("pb", "pc", "pu")]
+    discriminant = physics.btag_discriminant(*scores, physics.BJET_TAGGER)
+    tagged = physics.is_bjet(flat_pt, physics.flat(jet_eta)[1], *scores)
     return {
         "process": str(process),
-        "electrons": lep(e, 11, "ptvarcone30_Nonprompt_All_MaxWeightTTVALooseCone_pt1000",
-                         a[e + "DFCommonElectronsLHLoose"] == 1),
-        "muons": lep(mu, 13, "ptvarcone30", (a[mu + "quality"] & 3) <= 2),
-        "jets": ak.zip({"pt": gev(j + "pt"), "eta": a[j + "eta"], "label": a[j + "HadronConeExclTruthLabelID"],
-                        "gn2_pb": a["BTagging_AntiKt4EMPFlowAuxDyn.GN2v01_pb"]}),
-        "n": {"electrons": ak.num(a[e + "pt"]), "muons": ak.num(a[mu + "pt"]), "taus": ak.num(a["AnalysisTauJetsAuxDyn.pt"]),
-              "photons": ak.num(a["AnalysisPhotonsAuxDyn.pt"]), "jets": ak.num(a[j + "pt"]),
-              "tracks": ak.num(a["InDetTrackParticlesAuxDyn.phi"])},
+        "electrons": leptons("electrons", 11, a("electrons", "LHLoose") == 1),
+        "muons": leptons("muons", 13, (a("muons", "quality") & MUON_QUALITY_MASK) <= MU_LOOSE),
+        "jets": ak.zip({"pt": jet_pt, "eta": jet_eta, "label": a("jets", "HadronConeExclTruthLabelID"),
+                        "btag_d": physics.jagged(off, discriminant), "is_bjet": physics.jagged(off, tagged)}),
+        "n": {o: ak.num(a(o, "phi" if o == "tracks" else "pt")) for o in SEQUENCE_OBJECTS},
     }
 
 
-def _p4(lep):
-    return (lep.pt * np.cos(lep.phi), lep.pt * np.sin(lep.phi), lep.pt * np.sinh(lep.eta), lep.pt * np.cosh(lep.eta))
-
-
-def _mass(*leps):
-    px, py, pz, e = (sum(c) for c in zip(*(_p4(l) for l in leps)))
-    return np.sqrt(np.maximum(e ** 2 - px ** 2 - py ** 2 - pz ** 2, 0))
+def p4(leptons: ak.Array) -> np.ndarray:
+    """(E, px, py, pz) of a flat (not per-event) array of lepton records."""
+    return physics.p4(*(ak.to_numpy(leptons[v]) for v in ("pt", "eta", "phi", "mass")))
 
 
 def selected_leptons(s: dict) -> ak.Array:
@@ -81,56 +99,63 @@ def selected_leptons(s: dict) -> ak.Array:
     return leps[ak.argsort(leps.pt, axis=1, ascending=False)]
 
 
+def best_per_event(values: np.ndarray, distance: np.ndarray, counts) -> np.ndarray:
+    """Per event, the value of its candidate with the smallest finite distance (NaN when none)."""
+    values = ak.unflatten(np.where(np.isfinite(distance), values, np.nan), counts)
+    best = ak.firsts(values[ak.argmin(ak.unflatten(distance, counts), axis=1, keepdims=True)], axis=1)
+    return ak.to_numpy(ak.fill_none(best, np.nan)).astype(float)
+
+
 def z_candidate_mass(s: dict) -> np.ndarray:
-    """Per event with a same-flavour opposite-charge pair: the pair mass closest to mZ."""
+    """Per event with a same-flavour opposite-charge pair: the pair mass closest to the Z mass."""
     pairs = ak.combinations(selected_leptons(s), 2, fields=["a", "b"])
     pairs = pairs[(pairs.a.flavour == pairs.b.flavour) & (pairs.a.charge * pairs.b.charge < 0)]
-    m = _mass(pairs.a, pairs.b)
-    best = ak.firsts(m[ak.argmin(abs(m - MZ), axis=1, keepdims=True)], axis=1)
-    return ak.to_numpy(ak.drop_none(best)).astype(float)
+    flat = ak.flatten(pairs)
+    m = physics.invariant_mass(p4(flat.a) + p4(flat.b))
+    best = best_per_event(m, np.abs(m - physics.Z_MASS), ak.num(pairs))
+    return best[np.isfinite(best)]
 
 
 def four_lepton_mass(s: dict) -> np.ndarray:
-    """m4l of events passing the standard selection: two SFOS pairs, Z1 (closest to mZ) in
-    50-106 GeV, Z2 in 12-115 GeV, leading lepton pTs above 20/15/10 GeV."""
-    leps = selected_leptons(s)
-    quads = ak.combinations(leps, 4, fields=["l0", "l1", "l2", "l3"])  # pT-ordered within a quadruplet
-    best_m, best_dz = None, None
-    for (a, b), (c, d) in ((("l0", "l1"), ("l2", "l3")), (("l0", "l2"), ("l1", "l3")), (("l0", "l3"), ("l1", "l2"))):
-        for z1, z2 in (((a, b), (c, d)), ((c, d), (a, b))):
-            p1, p2 = (quads[z1[0]], quads[z1[1]]), (quads[z2[0]], quads[z2[1]])
-            sfos = lambda p: (p[0].flavour == p[1].flavour) & (p[0].charge * p[1].charge < 0)  # noqa: E731
-            m12, m34 = _mass(*p1), _mass(*p2)
-            ok = (sfos(p1) & sfos(p2) & (m12 > M12_WINDOW[0]) & (m12 < M12_WINDOW[1])
-                  & (m34 > M34_WINDOW[0]) & (m34 < M34_WINDOW[1]) & (abs(m12 - MZ) <= abs(m34 - MZ)))
-            ok = ok & (quads.l0.pt > LEAD_PTS[0]) & (quads.l1.pt > LEAD_PTS[1]) & (quads.l2.pt > LEAD_PTS[2])
-            dz = ak.where(ok, abs(m12 - MZ), np.inf)
-            m4 = _mass(quads.l0, quads.l1, quads.l2, quads.l3)
-            if best_m is None:
-                best_m, best_dz = ak.where(ok, m4, np.nan), dz
-            else:
-                better = dz < best_dz
-                best_m, best_dz = ak.where(better, m4, best_m), ak.where(better, dz, best_dz)
-    if best_m is None:
-        return np.array([])
-    pick = ak.firsts(best_m[ak.argmin(best_dz, axis=1, keepdims=True)], axis=1)
-    m = ak.to_numpy(ak.fill_none(pick, np.nan)).astype(float)
-    return m[np.isfinite(m)]
+    """m4l of events passing the standard selection: Z1 and Z2 from physics.z_pairing, Z1 in
+    50-106 GeV, Z2 in 12-115 GeV, leading lepton pTs above 20/15/10 GeV; of several passing
+    quadruplets, the one with Z1 closest to the Z mass."""
+    fields = ("l0", "l1", "l2", "l3")
+    quads = ak.combinations(selected_leptons(s), 4, fields=list(fields))  # pT-ordered within a quadruplet
+    flat = ak.flatten(quads)
+    p4s = np.stack([p4(flat[f]) for f in fields], axis=1)
+    flavour, charge = (np.stack([ak.to_numpy(flat[f][v]) for f in fields], axis=1) for v in ("flavour", "charge"))
+    mz1, mz2, _ = physics.z_pairing(p4s, flavour, charge)
+    with np.errstate(invalid="ignore"):
+        ok = ((mz1 > M12_WINDOW[0]) & (mz1 < M12_WINDOW[1]) & (mz2 > M34_WINDOW[0]) & (mz2 < M34_WINDOW[1])
+              & np.all(np.stack([ak.to_numpy(flat[f].pt) for f in fields[:3]], 1) > LEAD_PTS, axis=1))
+    m4l = physics.invariant_mass(p4s.sum(axis=1))
+    best = best_per_event(m4l, np.where(ok, np.abs(mz1 - physics.Z_MASS), np.inf), ak.num(quads))
+    return best[np.isfinite(best)]
 
 
 def central_jets(s: dict) -> ak.Array:
+    """Jets in the b-tagging acceptance of physics.is_bjet (pT and |eta|)."""
     j = s["jets"]
-    return j[(j.pt > B_TAG_PT) & (abs(j.eta) < B_TAG_ETA)]
+    return j[(j.pt > physics.BJET_PT_MIN) & (abs(j.eta) < physics.BJET_ETA_MAX)]
 
 
-def n_bjets(s: dict) -> np.ndarray:
-    """Truth-labelled b-jets (HadronConeExclTruthLabelID 5) per event, pT > 20 GeV, |eta| < 2.5."""
-    return ak.to_numpy(ak.sum(central_jets(s).label == 5, axis=1))
+def n_truth_bjets(s: dict) -> np.ndarray:
+    """Truth-labelled b-jets (HadronConeExclTruthLabelID 5) per event, in the b-tagging acceptance."""
+    return ak.to_numpy(ak.sum(central_jets(s).label == TRUTH_B, axis=1))
 
 
-def gn2_pb(s: dict, label: int) -> np.ndarray:
+def btag_discriminant(s: dict, label: int) -> np.ndarray:
+    """The GN2 discriminant D of central jets with this truth label."""
     j = central_jets(s)
-    return ak.to_numpy(ak.flatten(j.gn2_pb[j.label == label])).astype(float)
+    return ak.to_numpy(ak.flatten(j.btag_d[j.label == label])).astype(float)
+
+
+def tagged_fraction(samples: list[dict], label: int) -> float:
+    """Fraction of central jets with this truth label that are b-jets (physics.is_bjet)."""
+    tagged = [ak.to_numpy(ak.flatten(j.is_bjet[j.label == label])) for j in map(central_jets, samples)]
+    tagged = np.concatenate(tagged)
+    return float(tagged.mean()) if len(tagged) else float("nan")
 
 
 def lepton_isolation(s: dict, prompt: bool) -> np.ndarray:
@@ -162,29 +187,33 @@ def plot_all(samples: list[dict], out_dir: Path) -> list[Path]:
         m = z_candidate_mass(s)
         if len(m):
             ax.hist(m, bins=np.arange(40, 140, 1.0), histtype="step", density=True, label=s["process"])
-    ax.axvline(MZ, color="grey", ls=":")
+    ax.axvline(physics.Z_MASS, color="grey", ls=":")
     ax.set(xlabel="m(SFOS pair closest to mZ) [GeV]", ylabel="normalised", title="Z candidate mass")
     ax.legend()
     save(fig, "mll.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in samples:
-        ax.hist(n_bjets(s), bins=np.arange(-0.5, 6.5), histtype="step", density=True, label=s["process"])
-    ax.set(xlabel="b-labelled jets (pT > 20 GeV, |eta| < 2.5)", ylabel="fraction of events")
+        ax.hist(n_truth_bjets(s), bins=np.arange(-0.5, 6.5), histtype="step", density=True, label=s["process"])
+    ax.set(xlabel=f"b-labelled jets (pT > {physics.BJET_PT_MIN:g} GeV, |eta| < {physics.BJET_ETA_MAX:g})",
+           ylabel="fraction of events")
     ax.legend()
     save(fig, "n_bjets.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    pooled = {lab: np.concatenate([gn2_pb(s, lab) for s in samples]) for lab in (5, 4, 0)}
-    for lab, name in ((5, "b"), (4, "c"), (0, "light")):
-        if len(pooled[lab]):
-            ax.hist(pooled[lab], bins=np.linspace(0, 1, 41), histtype="step", density=True, label=f"{name} jets")
-    ax.set(xlabel="GN2 pb", ylabel="normalised", yscale="log")
+    for lab, name in ((TRUTH_B, "b"), (TRUTH_C, "c"), (TRUTH_LIGHT, "light")):
+        d = np.concatenate([btag_discriminant(s, lab) for s in samples])
+        if len(d):
+            ax.hist(d, bins=np.linspace(-10, 10, 81), histtype="step", density=True,
+                    label=f"{name} jets ({tagged_fraction(samples, lab):.1%} b-tagged)")
+    ax.axvline(physics.BJET_CUT, color="grey", ls=":")
+    ax.set(xlabel=f"{physics.BJET_TAGGER} discriminant D (b-jet: D > {physics.BJET_CUT:g})", ylabel="normalised",
+           yscale="log")
     ax.legend()
-    save(fig, "gn2_pb.png")
+    save(fig, "btag_discriminant.png")
 
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
-    for ax, obj in zip(axes.flat, CONTAINERS):
+    for ax, obj in zip(axes.flat, SEQUENCE_OBJECTS):
         for s in samples:
             n = ak.to_numpy(s["n"][obj])
             hi = max(int(np.percentile(n, 99)) + 2, 4)

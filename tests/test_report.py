@@ -1,9 +1,12 @@
-"""plotting/report.py: one self-contained HTML page from a run folder, robust to missing parts,
-and rendered by a real browser (headless Chromium, skipped when absent)."""
+"""plotting/report.py on a small real run: a Pythia8 signal sample (step0) and a real ATLAS PHYSLITE
+file as the background, converted by step1, tokenized by step2, pretrained by step3 and classified
+by step4, every step through its own main(argv). The page must show the numbers those steps wrote
+(so a change of a step's output keys fails here), say which parts are missing, survive broken
+parts, and render in a real browser (headless Chromium, skipped when absent)."""
 from __future__ import annotations
 
 import base64
-import csv
+import html
 import json
 import re
 import shutil
@@ -11,128 +14,68 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
+import uproot
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from finetune_fixtures import call_main  # noqa: E402
 
-from common.h5io import H5EventWriter  # noqa: E402
-from common.schema import OBJECTS, features_for  # noqa: E402
+from common import h5io  # noqa: E402
+from common.runtime import git_hash, set_threads  # noqa: E402
+from common.schema import TOKENIZED_OBJECTS  # noqa: E402
 
-REPORT = ROOT / "plotting" / "report.py"
-PROCESSES = {"hzz4l": (345060, 0.0133, 4), "dy": (700322, 2100.0, 2)}  # dsid, cross-section, leptons/event
-
-
-def write_h5(path: Path, process: str, n: int, seed: int) -> None:
-    """A small step1-shaped file: every dataset of common/schema.py, with a known multiplicity."""
-    rng = np.random.default_rng(seed)
-    dsid, xs, n_lep = PROCESSES[process]
-    arrays = {}
-    for obj, ot in OBJECTS.items():
-        width = () if ot.per_event else (4,)
-        if not ot.per_event:
-            k = np.full(n, n_lep if obj in ("electrons", "muons") else 1, dtype=np.int32)
-            k[: n // 4] = 0  # a quarter of the events have none
-            arrays[f"common/{obj}/n"] = k
-            arrays[f"common/{obj}/mask"] = np.arange(4)[None, :] < k[:, None]
-        for f in features_for(obj, "atlas"):
-            arrays[f"{f.group}/{obj}/{f.name}"] = rng.random((n,) + width).astype(f.dtype)
-    with H5EventWriter(path) as w:
-        w.append(arrays)
-        w.close({"experiment": "atlas", "process": process, "dsid": dsid, "cross_section_pb": xs,
-                 "sum_weights": float(n), "git_hash": "abc123def456", "input_file": f"{process}.root",
-                 "missing_features": ["atlas/taus/NNDecayMode"] if process == "dy" else [],
-                 "met_definition": "core soft terms + hard objects (approximation)",
-                 "pt_cuts": {"jets": 20.0}, "max_objects": {"jets": 4}})
+SIGNAL_EVENTS = 60
+BACKGROUND_FILE = ROOT / "tests/data/physlite/PHYSLITE_example.root"  # real ATLAS MC: Z+jets (700322), 100 events
+FIT = ["--steps", "40", "--warmup-steps", "5", "--batch-size", "64", "--levels", "2", "--codebook-size", "16",
+       "--hidden", "16", "--threads", "1", "--no-plots"]
+PRETRAIN = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--d-model", "16", "--n-heads", "2",
+            "--n-layers", "1", "--d-ff", "32", "--threads", "1", "--device", "cpu", "--no-plots"]  # the report draws them
+FINETUNE = ["--arms", "scratch,finetune,counts_gbdt,standard_gbdt", "--label-fractions", "0.5,1", "--epochs", "1",
+            "--max-steps", "3", "--batch-size", "16", "--gbdt-trees", "10", "--bootstrap", "20", "--threads", "1",
+            "--device", "cpu"]
 
 
-def png_bytes(seed: int) -> bytes:
-    import matplotlib
+def build_run(base: Path) -> tuple[Path, Path]:
+    """(run folder, sample folder) of the whole chain on SIGNAL_EVENTS hzz4l events and the real file."""
+    import step1_convert
+    import step2_tokenize
+    import step3_pretrain
+    import step4_finetune
 
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(3, 2))
-    ax.hist(np.random.default_rng(seed).normal(size=500), bins=20)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def make_run(run: Path) -> Path:
-    """A run folder with the files each step writes (h5/, tok/, tokens/, pretrain/, finetune/), in the
-    shapes the steps write them (keys taken from real step2/3/4 outputs)."""
-    for i, p in enumerate(PROCESSES):
-        write_h5(run / "h5" / f"{p}.h5", p, 400, i)
-    prov = {"script": "step2_tokenize.py fit", "settings": {"codebook_size": "auto", "levels": 2, "seed": 1},
-            "inputs": ["h5/hzz4l.h5"], "git_hash": "abc123def456", "python": "3.11"}
-    (run / "tok" / "plots" / "jets").mkdir(parents=True)
-    feature_q = {"pt": {"kind": "continuous", "n": 900, "bias": 0.4, "resolution": 7.8,
-                        "relative": {"bias": 0.0156, "resolution": 0.2243, "n": 900},
-                        "relative_binned": [{"lo": 20, "hi": 30, "n": 450, "bias": 0.05, "resolution": 0.1196}]},
-                 "phi": {"kind": "angle", "n": 900, "bias": -0.03, "resolution": 0.0712},
-                 "GN2_pb": {"kind": "score", "n": 900, "bias": 0.0, "resolution": 0.0408}}
-    (run / "tok" / "jets.json").write_text(json.dumps({
-        "object": "jets", "features": ["pt", "phi", "GN2_pb"], "features_used": ["pt", "phi", "GN2_pb"],
-        "dropped_features": [], "settings": {"levels": 2, "codebook_size": 64, "dim": 8, "n_train_objects": 8809},
-        "quality": {"n_objects": 900, "features": feature_q,
-                    "codes": [{"level": 0, "used": 40, "dead": 24, "used_fraction": 0.625, "perplexity": 31.5},
-                              {"level": 1, "used": 64, "dead": 0, "used_fraction": 1.0, "perplexity": 60.1}],
-                    "goals": {"pt_relative_resolution": 0.2243, "pass": {"codes_used_ge_90pct": False,
-                                                                         "btag_within_1pct": None}}},
-        "provenance": prov}))
-    (run / "tok" / "plots" / "jets" / "reco_vs_original.png").write_bytes(png_bytes(1))
-    (run / "pretrain").mkdir(parents=True)
-    per_type = {"jets": {"acc": 0.3011, "acc_per_level": [0.4, 0.2], "frequency_baseline_acc": 0.07, "loss": 4.3, "n": 436}}
-    (run / "pretrain" / "metrics.json").write_text(json.dumps({
-        "epochs": 6, "steps_per_epoch": 5, "n_events": {"train": 1422, "val": 278}, "world_size": 1,
-        "val": {"acc": 0.4321, "frequency_baseline_acc": 0.0508, "loss": 2.1, "n_masked": 1832, "per_type": per_type,
-                "per_level": {"0": {"acc": 0.5, "loss": 2.0, "n": 916}}},
-        "train": {"acc": 0.45, "frequency_baseline_acc": 0.0, "loss": 2.0, "n_masked": 4276},
-        "provenance": {**prov, "script": "step3_pretrain.py"}}))
-    with open(run / "pretrain" / "history.csv", "w", newline="") as f:  # no step plots: the report plots this
-        w = csv.writer(f)
-        w.writerow(["epoch", "step", "train_loss", "val_loss", "train_acc", "val_acc"])
-        w.writerows([[e, 5 * e, 3 - 0.3 * e, 3.1 - 0.25 * e, 0.1 + 0.05 * e, 0.1 + 0.04 * e] for e in range(6)])
-    (run / "finetune" / "plots").mkdir(parents=True)
-
-    def arm(auc, lo, hi, rej):
-        return {"auc": auc, "auc_ci95": [lo, hi], "rejection_at_30": 2 * rej, "rejection_at_50": rej,
-                "n_test": {"signal": 148, "background": 152}, "seeds": {"n_seeds": 1, "auc": {"mean": auc, "std": 0.0}},
-                "train_seconds": 3.3, "roc": {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]}}
-
-    (run / "finetune" / "metrics.json").write_text(json.dumps({
-        "arms": {"finetune": arm(0.912, 0.90, 0.924, 31.0), "scratch": arm(0.874, 0.86, 0.889, 18.0),
-                 "standard_gbdt": arm(0.905, 0.89, 0.92, 27.5)},
-        "data_efficiency": {"finetune": [{"fraction": 0.1, "n_labelled": 141, "auc": 0.85, "auc_ci95": [0.8, 0.9]},
-                                         {"fraction": 1.0, "n_labelled": 1422, "auc": 0.912, "auc_ci95": [0.9, 0.924]}],
-                            "scratch": [{"fraction": 0.1, "n_labelled": 141, "auc": 0.71, "auc_ci95": [0.65, 0.77]}]},
-        "task": {"signal": ["hzz4l"], "background": ["dy"], "test_background": [],
-                 "events": {"test": {"hzz4l": {"events": 148, "sum_weights": 1.0}}}},
-        "provenance": {**prov, "script": "step4_finetune.py"}}))
-    (run / "finetune" / "plots" / "roc.png").write_bytes(png_bytes(2))
-    write_parquet(run / "tokens" / "hzz4l.parquet", prov)
-    return run
+    raw, run = base / "raw", base / "run"
+    raw.mkdir(parents=True)
+    res = subprocess.run([sys.executable, str(ROOT / "step0_generate.py"), "--process", "hzz4l", "--events",
+                          str(SIGNAL_EVENTS), "--seed", "1", "--block", str(SIGNAL_EVENTS), "--out", str(raw / "hzz4l.root")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    shutil.copy(BACKGROUND_FILE, raw / "dy.root")
+    set_threads(1)  # the steps run in this process: one torch and one numba thread, as their --threads 1
+    h5 = [run / "h5" / "hzz4l.h5", run / "h5" / "dy.h5"]
+    tokens = [run / "tokens" / "hzz4l.parquet", run / "tokens" / "dy.parquet"]
+    steps = [
+        (step1_convert.main, [raw / "hzz4l.root", "--out-dir", run / "h5"]),
+        (step1_convert.main, [raw / "dy.root", "--process", "dy", "--out-dir", run / "h5"]),
+        (step2_tokenize.main, ["fit", "--h5", *h5, "--out-dir", run / "tok", *FIT]),
+        (step2_tokenize.main, ["apply", "--h5", *h5, "--tokenizers", run / "tok", "--out-dir", run / "tokens",
+                               "--threads", "1", "--device", "cpu"]),
+        (step3_pretrain.main, ["--parquet", *tokens, "--out-dir", run / "pretrain", *PRETRAIN]),
+        (step4_finetune.main, ["--parquet", *tokens, "--signal", "hzz4l", "--background", "dy", "--init",
+                               run / "pretrain" / "backbone.pt", "--out-dir", run / "finetune", *FINETUNE]),
+    ]
+    for main, argv in steps:
+        assert call_main(main, *argv) == 0, f"{main.__module__} {argv[:2]} failed"
+    return run, raw
 
 
-def write_parquet(path: Path, prov: dict) -> None:
-    from common.token_parquet import sequences_table, write_sequences
+def report(run: Path, out: Path, sample_dir: Path | None = None) -> int:
+    """report.py's main in-process; without a sample folder, never the repository's own data/raw."""
+    from plotting import report as r
 
-    ids = np.arange(2 * 3 * 2, dtype=np.int32).reshape(2, 3, 2)
-    table = sequences_table(ids, np.array([[1, 10, 6], [1, 10, 0]]), np.array([3, 2]), np.array([0, 1]),
-                            "hzz4l.h5", "hzz4l", 345060, np.ones(2))
-    write_sequences(path, [table], {"levels": 2}, {**prov, "script": "step2_tokenize.py apply"})
-
-
-def run_report(run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    if "--sample-dir" not in extra:  # never the repository's own data/raw
-        extra = (*extra, "--sample-dir", str(run / "no_sample"))
-    return subprocess.run([sys.executable, str(REPORT), "--run-dir", str(run), "--out", str(out), *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return call_main(r.main, "--run-dir", run, "--out", out, "--sample-dir", sample_dir or run / "no_sample")
 
 
 def section(page: str, key: str) -> str:
@@ -141,81 +84,138 @@ def section(page: str, key: str) -> str:
     return m.group(1)
 
 
+def shown(v) -> str:
+    """A number as the report prints it."""
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.3g}" if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3) else f"{v:.4g}"
+
+
 @pytest.fixture(scope="module")
-def full_report(tmp_path_factory) -> tuple[Path, str]:
-    run = make_run(tmp_path_factory.mktemp("run") / "myrun")
+def real_run(tmp_path_factory) -> dict:
+    run, raw = build_run(tmp_path_factory.mktemp("report"))
     out = run / "report.html"
-    res = run_report(run, out, "--sample-dir", str(ROOT / "tests" / "data" / "physlite"))
-    assert res.returncode == 0, res.stderr
-    return out, out.read_text()
+    assert report(run, out, raw) == 0
+    return {"run": run, "raw": raw, "out": out, "page": out.read_text()}
 
 
-def test_sections_and_values(full_report):
-    _, page = full_report
-    sample = section(page, "sample")
-    assert "hzz4l" in sample and "<td>345060</td>" in sample and "0.0133" in sample and "<td>2100</td>" in sample
-    # hzz4l: 3/4 of events with 4 muons -> mean 3.00; dy: 3/4 with 2 -> 1.50; the table must count, not guess
-    assert "3.00 (75%)" in sample and "1.50 (75%)" in sample
-    assert "PHYSLITE_example.root" in sample and "not a step0 file" in sample  # real ROOT files, no generator tree
-    conv = section(page, "conversion")
-    assert "atlas/taus/NNDecayMode" in conv and "core soft terms" in conv
-    tok = section(page, "tokenizers")
-    assert "perplexity" in tok and "31.5" in tok and "0.625" in tok  # codebook usage per level
-    assert "0.2243" in tok and "0.0712" in tok and "0.1196" in tok  # resolution table and pT bins
-    assert "codes_used_ge_90pct: FAIL" in tok and "jets/reco_vs_original.png" in tok
-    pre = section(page, "pretraining")
-    assert "0.4321" in pre and "0.0508" in pre and "0.3011" in pre
-    assert "data:image/png;base64," in pre  # history.csv plotted (the step made no plots)
-    clf = section(page, "classifier")
-    assert "0.912 [0.900, 0.924]" in clf and "standard_gbdt" in clf and "bkg rejection at eff_S=0.50" in clf
-    assert clf.index("finetune") < clf.index("standard_gbdt") < clf.index("scratch")  # sorted by AUC
-    assert "0.710 [0.650, 0.770]" in clf  # data efficiency table
-    assert "data:image/png;base64," in clf
-    prov = section(page, "provenance")
-    assert "abc123def456" in prov and "step4_finetune.py" in prov and "step2_tokenize.py apply" in prov
+def test_sample_and_conversion_from_step0_and_step1(real_run):
+    run, page = real_run["run"], real_run["page"]
+    sample, conv = section(page, "sample"), section(page, "conversion")
+    for name in ("hzz4l", "dy"):
+        meta = h5io.read_metadata(run / "h5" / f"{name}.h5")
+        assert f"<td>{meta['dsid']}</td>" in sample and f"<td>{meta['n_events']}</td>" in sample
+        with h5py.File(run / "h5" / f"{name}.h5") as f:  # the multiplicity table counts the n datasets
+            for obj in ("muons", "jets"):
+                n = f[f"common/{obj}/n"][:]
+                assert f"{np.minimum(n, 12).mean():.2f} ({(n > 0).mean():.0%})" in sample, (name, obj)
+        assert f"<td>{len(meta['missing_features'])}</td>" in conv
+        assert f"{meta['truncated_objects']['tracks']:,}" in conv
+    assert html.escape(meta["met_definition"]) in conv
+    with uproot.open(real_run["raw"] / "hzz4l.root") as f:  # step0's generator metadata tree, listed with the file
+        gen = f["GeneratorMetaData"].arrays(library="np")
+    assert str(gen["description"][0]) in html.unescape(sample) and f"{shown(float(gen['cross_section_pb'][0]))} ±" in sample
+    assert "dy.root" in sample and "not a step0 file" in sample  # the real PHYSLITE file has no such tree
 
 
-def test_self_contained_images(full_report):
-    _, page = full_report
+def test_tokenizers_from_step2_sidecars(real_run):
+    tok = section(real_run["page"], "tokenizers")
+    for obj in TOKENIZED_OBJECTS:
+        side = json.loads((real_run["run"] / "tok" / f"{obj}.json").read_text())
+        q = side["quality"]
+        assert f'id="tok-{obj}"' in tok
+        for level in q["codes"]:
+            assert f"<td>{shown(level['perplexity'])}</td>" in tok, (obj, level)
+        for goal, ok in q["goals"]["pass"].items():
+            if ok is not None:
+                assert f"{goal}: {'pass' if ok else 'FAIL'}" in tok
+    pt = json.loads((real_run["run"] / "tok" / "jets.json").read_text())["quality"]["features"]["pt"]
+    assert f"<td>{shown(pt['relative']['resolution'])}</td>" in tok
+    assert all(f"<td>{shown(b['resolution'])}</td>" in tok for b in pt["relative_binned"])
+
+
+def test_pretraining_from_step3_metrics(real_run):
+    pre = section(real_run["page"], "pretraining")
+    m = json.loads((real_run["run"] / "pretrain" / "metrics.json").read_text())
+    for split in ("train", "val"):
+        assert f"<td>{shown(m[split]['acc'])}</td>" in pre and f"<td>{m[split]['n_masked']:,}</td>" in pre
+    for obj, v in m["val"]["per_type"].items():
+        assert f"<td>{obj}</td><td>{v['n']:,}</td><td>{shown(v['acc'])}</td>" in pre
+    # step3 ran with --no-plots: the report draws its plots from metrics.json
+    assert "training_curves.png (drawn by the report)" in pre and "data:image/png;base64," in pre
+
+
+def test_classifier_from_step4_metrics(real_run):
+    clf = section(real_run["page"], "classifier")
+    m = json.loads((real_run["run"] / "finetune" / "metrics.json").read_text())
+    arms = sorted(m["arms"], key=lambda a: -m["arms"][a]["auc"])
+    for arm in arms:
+        a = m["arms"][arm]
+        lo, hi = a["auc_ci95"]
+        assert f"<td>{arm}</td><td>{a['auc']:.3f} [{lo:.3f}, {hi:.3f}]</td>" in clf
+    positions = [clf.index(f"<td>{arm}</td>") for arm in arms]
+    assert positions == sorted(positions)  # sorted by AUC
+    for arm, points in m["data_efficiency"].items():
+        for p in points:
+            lo, hi = p["auc_ci95"]
+            assert f"{p['auc']:.3f} [{lo:.3f}, {hi:.3f}]" in clf and f"<td>{p['n_labelled']:,}</td>" in clf
+    assert "bkg rejection at eff_S=0.50" in clf and "finetune/plots/roc.png" in clf
+
+
+def test_provenance_of_every_step(real_run):
+    prov = section(real_run["page"], "provenance")
+    for script in ("step0_generate.py", "step1_convert.py", "step2_tokenize.py fit", "step2_tokenize.py apply",
+                   "step3_pretrain.py", "step4_finetune.py"):
+        assert f"<td>{script}</td>" in prov, script
+    assert git_hash() in prov
+
+
+def test_self_contained_images(real_run):
+    page = real_run["page"]
     uris = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(uris) >= 4  # multiplicity, tokenizer plot, history, ROC
+    assert len(uris) >= 4  # multiplicity, the pretraining plots, step4's plots
     for u in uris:
         assert base64.b64decode(u)[:8] == b"\x89PNG\r\n\x1a\n"
-    # nothing fetched from elsewhere
-    assert not re.search(r'(src|href)="(https?:|//|file:)', page)
+    assert not re.search(r'(src|href)="(https?:|//|file:)', page)  # nothing fetched from elsewhere
     assert "<link " not in page
 
 
 def test_missing_inputs_say_so(tmp_path):
     run = tmp_path / "empty_run"
     run.mkdir()
-    out = tmp_path / "r.html"
-    res = run_report(run, out)
-    assert res.returncode == 0, res.stderr
-    page = out.read_text()
+    assert report(run, tmp_path / "r.html") == 0
+    page = (tmp_path / "r.html").read_text()
     for key in ("sample", "conversion", "tokenizers", "pretraining", "classifier", "provenance"):
         assert 'class="missing"' in section(page, key)
 
 
-def test_broken_inputs_do_not_crash(tmp_path):
-    run = make_run(tmp_path / "run")
-    (run / "finetune" / "metrics.json").write_text("{ not json")
+def test_broken_parts_cost_only_their_sections(real_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(real_run["run"], run)
+    (run / "finetune" / "metrics.json").write_text("{ not json")  # read by the classifier and the provenance
+    side = json.loads((run / "tok" / "muons.json").read_text())
+    del side["quality"]  # a sidecar of another shape
+    (run / "tok" / "muons.json").write_text(json.dumps(side))
     (run / "h5" / "bad.h5").write_text("not an hdf5 file")
-    (run / "tok" / "muons.json").write_text(json.dumps({"object": "muons", "settings": None,
-                                                        "quality": {"codes": "garbage", "features": [1, 2]}}))
-    (run / "pretrain" / "metrics.json").write_text(json.dumps({"val": {"acc": "n/a", "per_type": [3]}}))
-    res = run_report(run, tmp_path / "r.html")
-    assert res.returncode == 0, res.stderr
+    raw = tmp_path / "raw"
+    shutil.copytree(real_run["raw"], raw)
+    (raw / "bad.root").write_text("not a ROOT file")
+    assert report(run, tmp_path / "r.html", raw) == 0
     page = (tmp_path / "r.html").read_text()
-    assert "bad.h5" in section(page, "sample") and 'class="missing"' in section(page, "classifier")
-    assert "muons" in section(page, "tokenizers")
-    assert "could not be built" not in page  # each odd shape handled where it is read, not by the safety net
+    for key in ("classifier", "tokenizers", "provenance"):
+        assert "could not be built" in section(page, key), key
+    sample = section(page, "sample")
+    assert "bad.h5" in sample and "<td>hzz4l</td>" in sample  # one unreadable file, the others shown
+    assert re.search(r"<td>bad.root</td>.*not a readable ROOT file", sample) and "<td>hzz4l.root</td>" in sample
+    for key in ("sample", "conversion", "pretraining"):
+        assert "could not be built" not in section(page, key), key
 
 
-def test_bad_run_dir_is_usage_error(tmp_path):
-    res = run_report(tmp_path / "absent", tmp_path / "r.html")
-    assert res.returncode == 2
-    assert res.stderr.strip().count("\n") == 0 and "absent" in res.stderr and "Traceback" not in res.stderr
+def test_bad_run_dir_is_usage_error(tmp_path, capsys):
+    capsys.readouterr()
+    assert report(tmp_path / "absent", tmp_path / "r.html") == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "absent" in err
     assert not (tmp_path / "r.html").exists()
 
 
@@ -227,12 +227,11 @@ def chromium_screenshot(html_file: Path, png: Path, profile: Path) -> subprocess
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium not installed")
-def test_renders_in_chromium(full_report, tmp_path):
+def test_renders_in_chromium(real_run, tmp_path):
     from PIL import Image
 
-    html_file, _ = full_report
     png = tmp_path / "shot.png"
-    res = chromium_screenshot(html_file.resolve(), png, tmp_path / "profile")
+    res = chromium_screenshot(real_run["out"].resolve(), png, tmp_path / "profile")
     assert png.exists(), res.stderr[-2000:]
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[:2] == (2000, 1280)
