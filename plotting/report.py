@@ -400,21 +400,37 @@ def summary_tokenizers(sides: dict, order: list[str]) -> str:
 
 # --- pretraining ---------------------------------------------------------------------------------
 
-def masked_accuracy_table(metrics: dict) -> str:
-    """Masked-token accuracy (and the most-frequent-code baseline) per split, per level and per type.
-    train and val are null when a finished run was resumed (nothing new evaluated)."""
-    splits = {k: metrics[k] for k in ("train", "val") if metrics[k]}
-    if not splits:
+CONTEXT_GAIN_GOAL = {"gain": 0.2, "ratio": 3.0}  # regression 20% below, or ids 3x, the no-context baseline
+
+
+def context_gain_table(metrics: dict) -> str:
+    """Per object type, the first objective's validation context gain against its no-context baseline."""
+    gain, first = metrics["context_gain"], metrics["objectives"][0]
+    if not gain:
         return missing("no evaluation recorded (a finished run resumed)")
-    out = table(["split", "masked positions", "loss", "masked-token accuracy", "frequency baseline"],
-                [[k, v["n_masked"], v["loss"], v["acc"], v["frequency_baseline_acc"]] for k, v in splits.items()])
-    split = "val" if "val" in splits else "train"
-    out += f"<p><b>{split}: per object type</b></p>" + table(
-        ["type", "masked", "accuracy", "per level", "frequency baseline", "loss"],
-        [[t, v["n"], v["acc"], v["acc_per_level"], v["frequency_baseline_acc"], v["loss"]]
-         for t, v in splits[split]["per_type"].items()])
-    out += f"<p><b>{split}: per quantizer level</b></p>" + table(
-        ["level", "masked", "accuracy", "loss"], [[lv, v["n"], v["acc"], v["loss"]] for lv, v in splits[split]["per_level"].items()])
+    if first == "tokens":
+        rows = [[t, v["accuracy"], v["baseline_accuracy"], v["ratio"], pass_mark(v["ratio"] >= CONTEXT_GAIN_GOAL["ratio"])]
+                for t, v in gain.items()]
+        return table(["type", "masked-token accuracy", "most frequent code", "ratio", "goal: >= 3x"], rows)
+    rows = [[t, v["mse"], v["baseline_mse"], v["gain"], pass_mark(v["gain"] >= CONTEXT_GAIN_GOAL["gain"])]
+            for t, v in gain.items()]
+    return table(["type", "MSE (standardised)", "no-context MSE", "context gain 1 - MSE / no-context", "goal: >= 0.2"], rows)
+
+
+def pass_mark(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def objective_tables(metrics: dict) -> str:
+    """Loss per split, and for the token objective the accuracy per level."""
+    splits = {k: metrics[k] for k in ("train", "val") if metrics[k]}
+    out = table(["split", "loss"] + [f"{o}: {'accuracy' if o == 'tokens' else 'context gain'}" for o in metrics["objectives"]],
+                [[k, v["loss"]] + [v[o]["acc"] if o == "tokens" else v[o]["context_gain"] for o in metrics["objectives"]]
+                 for k, v in splits.items()])
+    if "tokens" in metrics["objectives"] and "val" in splits:
+        levels = splits["val"]["tokens"]["per_level"]
+        out += "<p><b>val: masked-token accuracy per quantizer level</b></p>" + table(
+            ["level", "masked", "accuracy", "loss"], [[lv, v["n"], v["acc"], v["loss"]] for lv, v in levels.items()])
     return out
 
 
@@ -436,9 +452,12 @@ def section_pretraining(run_dir: Path) -> str:
     if metrics is None:
         return missing(f"no {d / 'metrics.json'}: pretraining not shown")
     n = metrics["n_events"]
-    parts = [f"<p>{esc(fmt(metrics['epochs']))} epochs of {esc(fmt(metrics['steps_per_epoch']))} steps; events: "
-             f"train {esc(fmt(n['train']))}, val {esc(fmt(n['val']))}; ranks: {esc(fmt(metrics['world_size']))}</p>",
-             masked_accuracy_table(metrics)]
+    parts = [f"<p>objective {esc(' + '.join(metrics['objectives']))}; event representation "
+             f"{esc(metrics['representation'])}; {esc(fmt(metrics['epochs']))} epochs of "
+             f"{esc(fmt(metrics['steps_per_epoch']))} steps; events: train {esc(fmt(n['train']))}, val "
+             f"{esc(fmt(n['val']))}; ranks: {esc(fmt(metrics['world_size']))}</p>",
+             '<h3 id="context-gain">Context gain per object type (validation)</h3>', context_gain_table(metrics),
+             objective_tables(metrics)]
     backbone = load_json(d / "backbone.json")
     if backbone is not None:
         parts.append("<details><summary>backbone configuration</summary>" + kv_table(backbone["config"]) + "</details>")
@@ -462,24 +481,56 @@ def seeds_text(arm: dict) -> str:
 
 
 def classifier_table(arms: dict) -> str:
-    rows = []
-    for name, arm in sorted(arms.items(), key=lambda kv: -kv[1]["auc"]):
+    rows, failed = [], []
+    for name, arm in sorted(arms.items(), key=lambda kv: -kv[1].get("auc", -1)):
+        if "error" in arm:
+            failed.append([name, arm["error"]])
+            continue
         n = arm["n_test"]
         rows.append([name, auc_text(arm)] + [fmt(arm[k]) for k in REJECTIONS]
                     + [f"{fmt(n['signal'])} / {fmt(n['background'])}", seeds_text(arm), fmt(arm["train_seconds"])])
-    header = ["arm / baseline", "AUC [95% interval]"] + [k.replace("rejection_at_", "bkg rejection at eff_S=0.") for k in REJECTIONS]
-    return table(header + ["test events S / B", "seeds: AUC mean ± std", "train s"], rows)
+    header = ["arm / baseline", "AUC [95% interval], first seed"] + [
+        k.replace("rejection_at_", "bkg rejection at eff_S=0.") for k in REJECTIONS]
+    out = table(header + ["test events S / B", "seeds: AUC mean ± std", "train s"], rows)
+    return out + (table(["arm", "not computable"], failed) if failed else "")
+
+
+def efficiency_cell(point: dict) -> str:
+    if "error" in point:
+        return "not computable"
+    n = len([s for s in point["per_seed"] if "auc" in s])
+    return f"{point['auc']:.3f} ± {point['auc_std']:.3f} ({n} seed{'s' * (n > 1)})"
 
 
 def data_efficiency_table(eff: dict) -> str:
-    """Rows: labelled fraction; columns: arms; cells: AUC [95% interval]."""
+    """Rows: labelled fraction; columns: arms; cells: mean AUC ± spread over seeds."""
     points = {arm: {p["fraction"]: p for p in pts} for arm, pts in eff.items()}
     fractions = sorted({f for pts in points.values() for f in pts})
     rows = []
     for f in fractions:
         n = next(pts[f]["n_labelled"] for pts in points.values() if f in pts)
-        rows.append([fmt(f), fmt(n)] + [auc_text(points[a][f]) if f in points[a] else "" for a in points])
+        rows.append([fmt(f), fmt(n)] + [efficiency_cell(points[a][f]) if f in points[a] else "" for a in points])
     return table(["labelled fraction", "labelled events"] + [f"AUC {a}" for a in points], rows)
+
+
+def verdict_table(verdicts: dict) -> str:
+    """Per label fraction: the paired test-set difference of two arms' AUCs, with its interval."""
+    rows = [[f, pair.replace("_minus_", " - "), v["delta_auc"], f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]",
+             len(v["seeds"]), v["verdict"]] for f, pairs in sorted(verdicts.items(), key=lambda kv: float(kv[0]))
+            for pair, v in pairs.items()]
+    return table(["labelled fraction", "arms", "delta AUC (mean of seeds)", "95% interval (test events)", "seeds",
+                  "verdict"], rows)
+
+
+def generalisation_table(gen: dict) -> str:
+    rows = []
+    for arm, procs in gen["arms"].items():
+        for proc, v in procs.items():
+            if "error" in v:
+                rows.append([arm, proc, v["error"], "", ""])
+            else:
+                rows.append([arm, proc, auc_text(v), fmt(v["auc_mean"]), fmt(v["rejection_at_50"])])
+    return table(["arm", "background", "AUC [95% interval], first seed", "AUC mean of seeds", "rejection_at_50"], rows)
 
 
 def section_classifier(run_dir: Path) -> str:
@@ -496,20 +547,62 @@ def classifier_block(run_dir: Path, d: Path) -> str:
         return missing(f"no {d / 'metrics.json'}: classifier not shown")
     task = metrics["task"]
     parts = [f"<p><b>signal:</b> {esc(fmt(task['signal']))}; <b>background:</b> {esc(fmt(task['background']))}"
-             + (f"; <b>tested only:</b> {esc(fmt(task['test_background']))}" if task["test_background"] else "") + "</p>",
-             classifier_table(metrics["arms"])]
+             + (f"; <b>tested only:</b> {esc(fmt(task['test_background']))}" if task["test_background"] else "")
+             + f"; <b>seeds:</b> {esc(fmt(task['seeds']))}; <b>event representation:</b> {esc(task['pooling'])}; "
+             f"<b>model selection:</b> {esc(task['model_selection'])}</p>", classifier_table(metrics["arms"])]
     rows = [[split, proc, v["events"], v["sum_weights"]] for split, procs in task["events"].items() for proc, v in procs.items()]
     parts.append("<details><summary>events per split and process</summary>"
                  + table(["split", "process", "events", "sum of weights"], rows) + "</details>")
-    if metrics["data_efficiency"]:
-        parts.append("<h3>Data efficiency</h3>" + data_efficiency_table(metrics["data_efficiency"]))
+    if any(len(pts) > 1 for pts in metrics["data_efficiency"].values()):
+        parts.append(f'<h3 id="{d.name}-efficiency">Data efficiency</h3>' + data_efficiency_table(metrics["data_efficiency"]))
+        parts.append("<p><b>Does pretraining pay off?</b> Paired differences on the same test events "
+                     "(&quot;better&quot; only when the whole interval is above zero)</p>"
+                     + verdict_table(metrics["pretraining_verdict"]))
     gen = metrics["generalisation"]
-    rows = [[arm, proc, auc_text(v), fmt(v["rejection_at_50"])] for arm, procs in gen["arms"].items() for proc, v in procs.items()]
-    parts.append(f"<h3>Generalisation</h3><p>trained on {esc(fmt(gen['trained_on']))}, tested on "
-                 f"{esc(fmt(gen['tested_on']))}</p>" + table(["arm", "background", "AUC", "rejection_at_50"], rows))
+    parts.append(f'<h3 id="{d.name}-generalisation">Generalisation</h3><p>trained on {esc(fmt(gen["trained_on"]))}, '
+                 f"tested on {esc(fmt(gen['tested_on']))}</p>" + generalisation_table(gen))
     pngs = plots_in(d / "plots")
     parts.append(png_files(pngs, run_dir) if pngs else missing(f"no ROC / data-efficiency plots under {d.name}/plots"))
     return "".join(parts)
+
+
+# --- the one-screen summary -------------------------------------------------------------------------
+
+def section_summary(run_dir: Path) -> str:
+    """What a physicist reads first: each arm's test AUC, the data-efficiency verdict, the context
+    gain and the tokenizer goals, each linked to the section behind it."""
+    parts = []
+    ft = load_json(run_dir / "finetune" / "metrics.json")
+    if ft is not None:
+        arms = {a: v for a, v in ft["arms"].items() if "error" not in v}
+        parts.append('<p><b>Test AUC, all labels</b> (first seed [95% interval]; mean ± std over seeds) - '
+                     '<a href="#classifier">details</a></p>'
+                     + table(["arm", "AUC [95% interval]", "mean ± std"],
+                             [[a, auc_text(v), seeds_text(v)] for a, v in sorted(arms.items(), key=lambda kv: -kv[1]["auc"])]))
+        lines = []
+        for f, pairs in sorted(ft["pretraining_verdict"].items(), key=lambda kv: float(kv[0])):
+            v = pairs.get("finetune_minus_scratch")
+            if v:
+                n = next(p["n_labelled"] for p in ft["data_efficiency"]["finetune"] if str(p["fraction"]) == f)
+                lines.append(f"<li>{esc(fmt(n))} labelled events ({esc(f)}): fine-tuned - scratch = {v['delta_auc']:+.3f} "
+                             f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]: <b>{esc(v['verdict'])}</b></li>")
+        if lines:
+            parts.append('<p><b>Does pretraining pay off?</b> - <a href="#finetune-efficiency">data efficiency</a></p>'
+                         f"<ul>{''.join(lines)}</ul>")
+    pre = load_json(run_dir / "pretrain" / "metrics.json")
+    if pre is not None and pre["context_gain"]:
+        key = "ratio" if pre["objectives"][0] == "tokens" else "gain"
+        cells = ", ".join(f"{esc(t)} {v[key]:.2f}" for t, v in pre["context_gain"].items())
+        ok = all(v[key] >= CONTEXT_GAIN_GOAL[key] for v in pre["context_gain"].values())
+        parts.append(f'<p><b>Context gain</b> ({esc(pre["objectives"][0])}, validation; goal {CONTEXT_GAIN_GOAL[key]:g} '
+                     f'for every type: {pass_mark(ok)}): {cells} - <a href="#context-gain">details</a></p>')
+    sides = tokenizer_sidecars(run_dir)
+    if sides:
+        failing = [f"{o}: {k}" for o, side in sides.items() for k, v in side["quality"]["goals"]["pass"].items() if v is False]
+        parts.append(f"<p><b>Tokenizer goals:</b> {len(sides)} tokenizers, "
+                     + (f"failing: {esc('; '.join(failing))}" if failing else "all pass")
+                     + ' - <a href="#tokenizers">details</a></p>')
+    return "".join(parts) or missing("no step outputs to summarise yet")
 
 
 # --- settings and code version ---------------------------------------------------------------------
@@ -549,7 +642,7 @@ def section_provenance(run_dir: Path, h5s: list[dict], generated: list[tuple[Pat
 
 # --- the page ----------------------------------------------------------------------------------
 
-SECTIONS = (("sample", "The sample"), ("conversion", "The conversion (step1)"), ("tokenizers", "Tokenizers (step2)"),
+SECTIONS = (("summary", "Summary"), ("sample", "The sample"), ("conversion", "The conversion (step1)"), ("tokenizers", "Tokenizers (step2)"),
             ("pretraining", "Pretraining (step3)"), ("classifier", "Classifier (step4)"),
             ("provenance", "Settings and code version"))
 
@@ -571,6 +664,7 @@ def build_report(run_dir: Path, sample_dir: Path | None, args=None) -> str:
     h5s, errors = read_h5_summaries(run_dir)
     generated = generator_metadata(sample_dir)
     bodies = {
+        "summary": lambda: section_summary(run_dir),
         "sample": lambda: section_sample(run_dir, sample_dir, h5s, errors, generated),
         "conversion": lambda: section_conversion(h5s),
         "tokenizers": lambda: section_tokenizers(run_dir),
