@@ -377,7 +377,7 @@ def add_isolation(obj, calo, tracks, ev, n_ev, rng) -> None:
     obj["ptcone20"] = cone_sum(obj, trk, trk["pt"], 0.2, n_ev, exclude=True)
     varcone = np.minimum(ISO_VARCONE_MAX, ISO_VARCONE_KT_GEV / np.maximum(obj["pt"], 1e-3))
     obj["ptvarcone30"] = cone_sum(obj, trk, trk["pt"], varcone, n_ev, exclude=True)
-    # the DESIGN.md trk_iso03 ingredients (pT > 0.5 GeV) also for the plots: ptcone30 at 500 MeV
+    # the trk_iso03 ingredients (schema.ISO_*) (pT > 0.5 GeV) also for the plots: ptcone30 at 500 MeV
     trk05 = take(tracks, (tracks["pt"] > ISO_PT_FLOOR_GEV) & (np.abs(tracks["dz_sintheta"]) < ISO_Z0SINTHETA_CUT_MM))
     obj["ptcone30_pt500"] = cone_sum(obj, trk05, trk05["pt"], ISO_CONE, n_ev, exclude=True)
 

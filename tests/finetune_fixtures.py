@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the step scripts, imported to call their main(argv) in-process
 
 from common.h5io import H5EventWriter
-from common.schema import CLS, OBJECTS, SEP, SEQUENCE_OBJECTS, TYPE_IDS, features_for
+from common.schema import CLS, OBJECTS, SEP, SEQUENCE_OBJECTS, TYPE_IDS, dataset_path, features_for
 from common.token_parquet import sequences_table, write_sequences
 
 MAX_OBJECTS = {"electrons": 4, "muons": 4, "taus": 2, "photons": 2, "jets": 6, "tracks": 6}
@@ -91,11 +91,11 @@ def make_h5(path: Path, process: str, n: int, seed: int) -> dict[str, np.ndarray
                 v = np.where((process == "ttbar") & (np.arange(m)[None] < 2), 0.9, 0.02) * np.ones((n, m))
             if obj == "jets" and f.name in ("GN2_pc", "GN2_pu"):
                 v = np.full((n, m), 0.05 if f.name == "GN2_pc" else 0.9)
-            arrays[f"{f.group}/{obj}/{f.name}"] = np.where(mask, v, 0).astype(f.dtype)
+            arrays[dataset_path(obj, f)] = np.where(mask, v, 0).astype(f.dtype)
         arrays[f"common/{obj}/mask"], arrays[f"common/{obj}/n"] = mask, nobj
     for obj in ("met", "event"):
         for f in features_for(obj, "atlas"):
-            arrays[f"{f.group}/{obj}/{f.name}"] = _feature_values(obj, f, (n,), scale, rng).astype(f.dtype)
+            arrays[dataset_path(obj, f)] = _feature_values(obj, f, (n,), scale, rng).astype(f.dtype)
     arrays["common/event/mu"] = rng.uniform(10, 70, n).astype(np.float32)
     arrays["common/event/weight"] = np.ones(n, np.float32)
     with H5EventWriter(path) as w:
@@ -109,7 +109,7 @@ def _bins(x, lo, hi, codes=CODES):
 
 
 def tokens_from_arrays(arrays: dict, vocab: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids (N,L,Q), types (N,L), lengths) in the DESIGN.md layout, vectorised."""
+    """(ids (N,L,Q), types (N,L), lengths) in the docs/DESIGN.md layout, vectorised."""
     n = len(arrays["common/met/pt"])
     ids, types, valid = [], [], []
 
