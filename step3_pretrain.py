@@ -140,14 +140,13 @@ def count_codes(code_counts: np.ndarray, batch: dict) -> None:
 
 # --- the regression targets (objectives 'features' and 'latent') ---------------------------------------
 
-def regression_targets(batch: dict, ids: torch.Tensor, chosen: torch.Tensor, objectives, code_table, cont) -> dict:
-    """{objective: (targets (M, dim), valid (M, dim))} of the chosen positions, unstandardised."""
+def regression_targets(batch: dict, ids: torch.Tensor, chosen: torch.Tensor, objectives, code_table) -> dict:
+    """{objective: targets (M, dim)} of the chosen positions, unstandardised."""
     out = {}
     if "latent" in objectives:  # the sum of the object's codebook vectors
         out["latent"] = code_table[ids[chosen].long()].sum(-2)
-    if "features" in objectives:
-        feats = cont.features(batch)[chosen.cpu().numpy()]
-        out["features"] = torch.from_numpy(feats).to(ids.device)
+    if "features" in objectives:  # attached to the batch by the stream (SequenceStream.features)
+        out["features"] = torch.from_numpy(batch["features"]).to(ids.device)[chosen]
     return out
 
 
@@ -161,7 +160,7 @@ def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, dist) -> 
     for batch in stream.batches(0, max_steps=SCALER_BATCHES):
         ids, types, attn = T.to_device(batch, dist.device)
         objects = torch.from_numpy((count[batch["token_type_ids"].astype(np.int64)] > 0).any(-1) & (batch["attention_mask"] > 0))
-        targets = regression_targets(batch, ids, objects.to(ids.device), scalers, code_table, cont)
+        targets = regression_targets(batch, ids, objects.to(ids.device), scalers, code_table)
         t = types[objects.to(types.device)].long().cpu().numpy()
         for name, scaler in scalers.items():
             x = targets[name].float().cpu().numpy()
@@ -199,7 +198,7 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
         chosen = torch.from_numpy(chosen_np).to(dist.device)
         b_labels = torch.from_numpy(labels).long().to(dist.device)[chosen]
         m_types = types[chosen].long()
-        targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"], ctx["cont"])
+        targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"])
         with torch.set_grad_enabled(train), torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(ids, types, attn, chosen, b_labels)
         loss = 0.0
@@ -277,22 +276,6 @@ def main(argv=None) -> int:
         die("no usable Parquet input", EXIT_SOME_FAILED)
     dist = D.setup(args.device)
 
-    # Data: train and validation splits only; the test split is never read.
-    stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS[split],  # noqa: E731
-                                                   shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
-                                                   rank=dist.rank, world=dist.world)
-    train_stream, val_stream = stream("train", True), stream("val", False)
-    n_train, n_val = train_stream.count(), val_stream.count()
-    for name, n in (("train", n_train), ("validation", n_val)):
-        if n == 0:
-            die(f"{', '.join(paths)}: the {name} split holds no events", EXIT_SOME_FAILED)
-    steps = train_stream.steps_per_epoch(n_train)
-    if args.max_steps:
-        steps = min(steps, args.max_steps)
-    if steps == 0:
-        die(f"{n_train} train events give no full step for {dist.world} rank(s) of batch {args.batch_size}")
-    val_steps = val_stream.steps_per_epoch(n_val, even=False)
-
     # What the objectives need: the tokenizers' codebooks, the HDF5 features.
     code_table = cont = None
     if args.code_geometry or "latent" in args.objectives:
@@ -307,6 +290,23 @@ def main(argv=None) -> int:
             cont = ContinuousFeatures(h5_locations(paths, args.h5_dir), vocab, args.tokenizers or recorded_tokenizers(paths[0]))
         except (OSError, ValueError, KeyError) as exc:
             die(f"--objective features needs the step1 HDF5 files: {str(exc).splitlines()[0]}")
+
+    # Data: train and validation splits only; the test split is never read.
+    stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS[split],  # noqa: E731
+                                                   shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
+                                                   rank=dist.rank, world=dist.world, features=cont)
+    train_stream, val_stream = stream("train", True), stream("val", False)
+    n_train, n_val = train_stream.count(), val_stream.count()
+    for name, n in (("train", n_train), ("validation", n_val)):
+        if n == 0:
+            die(f"{', '.join(paths)}: the {name} split holds no events", EXIT_SOME_FAILED)
+    steps = train_stream.steps_per_epoch(n_train)
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    if steps == 0:
+        die(f"{n_train} train events give no full step for {dist.world} rank(s) of batch {args.batch_size}")
+    val_steps = val_stream.steps_per_epoch(n_val, even=False)
+
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),
                                  code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1])
     ranges = code_ranges(vocab)
@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         if dist.main:
             print(f"resuming after epoch {start_epoch - 1} from {ckpt}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
-    ctx = {"ranges": ranges, "code_table": table, "cont": cont, "scalers": scalers}
+    ctx = {"ranges": ranges, "code_table": table, "scalers": scalers}
     if dist.main:
         n_params = sum(p.numel() for p in backbone.parameters())
         print(f"pretraining ({', '.join(args.objectives)}) on {n_train} train / {n_val} val events, {steps} steps/epoch "

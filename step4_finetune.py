@@ -198,21 +198,22 @@ def forever(stream: SequenceStream):
             raise ValueError(f"no labelled training events for this rank (batch {stream.batch_size})")
 
 
-def train_network(arm, ctx, train_stream, seed, desc=""):
+def train_network(arm, ctx, fraction, seed, desc=""):
     """One network arm for a fixed number of steps, early-stopped on the validation AUC.
     Returns (test scores, history, model)."""
     args, dist, task = ctx["args"], ctx["dist"], ctx["task"]
     torch.manual_seed(seed)
     cont = ctx["cont"] if arm == "continuous" else None
+    streams = ctx["streams"](fraction, cont)  # the continuous arm's batches carry their HDF5 features
     model = build_network(arm, ctx["cfg"], args, cont).to(dist.device)
     groups = [{"params": list(model.head.parameters()), "lr": args.lr},
               {"params": list(model.backbone.parameters()), "lr": args.backbone_lr if arm == "finetune" else args.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     sched = T.warmup_cosine(opt, args.steps, args.warmup_fraction)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
-    amp, feats = T.use_amp(args.amp, dist.device), cont.features if cont else None
+    amp, feats = T.use_amp(args.amp, dist.device), (lambda b: b["features"]) if cont else None
     best, best_auc, history, waited, loss_sum, t0 = None, -1.0, [], 0, 0.0, time.perf_counter()
-    batches = forever(train_stream)
+    batches = forever(streams["train"])
     for step in tqdm(range(1, args.steps + 1), desc=desc, leave=False, disable=not dist.main, file=sys.stderr):
         ddp.train()
         batch = next(batches)
@@ -225,7 +226,7 @@ def train_network(arm, ctx, train_stream, seed, desc=""):
         loss_sum += loss.item()
         if step % args.eval_every and step != args.steps:
             continue
-        val_auc = weighted_auc(score(model, ctx["val"], dist.device, amp, feats, desc="val"), task["signal"])
+        val_auc = weighted_auc(score(model, streams["val"], dist.device, amp, feats, desc="val"), task["signal"])
         history.append({"step": step, "train_loss": loss_sum / args.eval_every, "val_auc": val_auc,
                         "seconds": round(time.perf_counter() - t0, 2)})
         loss_sum = 0.0
@@ -236,7 +237,7 @@ def train_network(arm, ctx, train_stream, seed, desc=""):
             if waited >= args.patience:
                 break
     model.load_state_dict(best)
-    return score(model, ctx["test"], dist.device, amp, feats, desc=f"{arm} test"), history, model
+    return score(model, streams["test"], dist.device, amp, feats, desc=f"{arm} test"), history, model
 
 
 @torch.no_grad()
@@ -251,14 +252,14 @@ def embeddings(model: EventClassifier, stream, device) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def train_probe(ctx, train_stream, seed):
+def train_probe(ctx, fraction, seed):
     """The frozen arm: a logistic regression on the standardised event representation.
     Returns (test scores, history, None)."""
     args, task = ctx["args"], ctx["task"]
     if "frozen" not in ctx["cache"]:  # the test representation does not depend on the fraction or seed
         ctx["cache"]["frozen"] = EventClassifier(load_backbone(args.init)[0], args.pooling).to(ctx["dist"].device)
         ctx["cache"]["frozen_test"] = embeddings(ctx["cache"]["frozen"], ctx["test"], ctx["dist"].device)
-    train = embeddings(ctx["cache"]["frozen"], train_stream, ctx["dist"].device)
+    train = embeddings(ctx["cache"]["frozen"], ctx["streams"](fraction)["train"], ctx["dist"].device)
     test = ctx["cache"]["frozen_test"]
     y, w = class_weights(train["process"], train["weight"], task["signal"], task["norm"])
     scaler = StandardScaler().fit(train["x"])
@@ -365,9 +366,9 @@ def evaluate(s: dict, task: dict, seed: int, n_bootstrap: int) -> tuple[dict, di
 def run_arm(arm, ctx, fraction, seed):
     """(test scores, history, model) of one arm at one label fraction and seed."""
     if arm in NET_ARMS:
-        return train_network(arm, ctx, ctx["train_stream"](fraction), seed, desc=f"{arm} f={fraction} seed {seed}")
+        return train_network(arm, ctx, fraction, seed, desc=f"{arm} f={fraction} seed {seed}")
     if arm == "frozen":
-        return train_probe(ctx, ctx["train_stream"](fraction), seed)
+        return train_probe(ctx, fraction, seed)
     return train_gbdt(arm, ctx, fraction, seed)
 
 
@@ -432,10 +433,10 @@ def main(argv=None) -> int:
         die(str(exc))
     if set(signal) & set(background):
         die(f"process(es) {', '.join(sorted(set(signal) & set(background)))} are both signal and background")
-    make = lambda split, procs, shuffle, fraction=1.0, shard=True: SequenceStream(  # noqa: E731
+    make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
-        rank=dist.rank if shard else 0, world=dist.world if shard else 1)
+        rank=dist.rank if shard else 0, world=dist.world if shard else 1, features=features)
     labelled = signal + background
     split_totals = {}
     for split, procs in (("train", labelled), ("val", labelled), ("test", labelled + test_bkg)):
@@ -450,7 +451,10 @@ def main(argv=None) -> int:
     ctx = {"args": args, "dist": dist, "task": task, "vocab": vocab, "cfg": cfg, "cache": {}, "cont": None,
            "train_all": make("train", labelled, False, shard=False), "val": make("val", labelled, False, shard=False),
            "test": make("test", labelled + test_bkg, False, shard=False),
-           "train_stream": lambda fraction: make("train", labelled, True, fraction)}
+           "streams": lambda fraction, features=None: {
+               "train": make("train", labelled, True, fraction, features=features),
+               "val": make("val", labelled, False, shard=False, features=features),
+               "test": make("test", labelled + test_bkg, False, shard=False, features=features)}}
     if dist.main:
         print(f"signal {signal} vs background {background}" + (f", test-only {test_bkg}" if test_bkg else "")
               + f"; events train {n_lab}, val {sum(v['events'] for v in split_totals['val'].values())}, "
@@ -466,7 +470,7 @@ def main(argv=None) -> int:
     # Every arm at every label fraction and seed; a protocol entry that fails is reported, the rest goes on.
     per_fraction, scores, training, generalisation, n_labelled = {}, {}, {}, {}, {}
     for fraction in args.fractions:
-        n_labelled[fraction] = split_totals["train"] if fraction >= 1 else ctx["train_stream"](fraction).totals()
+        n_labelled[fraction] = split_totals["train"] if fraction >= 1 else ctx["streams"](fraction)["train"].totals()
         missing = [role for role, names in (("signal", signal), ("background", background))
                    if not any(n_labelled[fraction].get(p, {}).get("events", 0) for p in names)]
         for arm in args.arm_list:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, dataset_path
-from common.token_parquet import read_provenance
+from common.token_parquet import batch_to_numpy, read_provenance
 
 FALLBACK_FIT_EVENTS = 20000
 READ_BLOCK = 4096  # events per cached HDF5 read
@@ -128,6 +129,16 @@ class ContinuousFeatures:
                     arr[sel] = data[rows[sel] - b * READ_BLOCK]
                 out[k] = arr
         return out
+
+    def column(self, table: pa.Table, levels: int) -> pa.ListArray:
+        """The features of a token table's positions as a list<fixed_size_list<float32>> column,
+        aligned with input_ids (see SequenceStream.features)."""
+        b = batch_to_numpy(table, levels)
+        x = self.features(b)
+        lengths = b["length"]
+        flat = x[np.arange(x.shape[1])[None] < lengths[:, None]]
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), x.shape[2]))
 
     def features(self, batch: dict) -> np.ndarray:
         types, attn = batch["token_type_ids"], batch["attention_mask"] > 0

@@ -68,6 +68,7 @@ class SequenceStream:
     world: int = 1
     read_rows: int = 8192
     columns: Sequence[str] = REQUIRED_COLUMNS
+    features: object = None  # a ContinuousFeatures: each event's normalised features ride along as column "features"
 
     def _keep(self, batch: pa.RecordBatch) -> np.ndarray:
         idx = batch.column("event_index").to_numpy(zero_copy_only=False)
@@ -90,7 +91,11 @@ class SequenceStream:
         for _, batch in iter_batches(paths, self.read_rows, columns=list(dict.fromkeys(list(columns) + list(LIGHT_COLUMNS)))):
             keep = self._keep(batch)
             if keep.any():
-                yield pa.Table.from_batches([batch]).filter(pa.array(keep))
+                table = pa.Table.from_batches([batch]).filter(pa.array(keep))
+                if self.features is not None and "input_ids" in columns:
+                    # read here, in file order (each HDF5 block once per pass), not per shuffled batch
+                    table = table.append_column("features", self.features.column(table, self.levels))
+                yield table
 
     def totals(self) -> dict[str, float]:
         """Events and summed weights per process of the selection (reads the light columns only)."""

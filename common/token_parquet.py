@@ -179,6 +179,8 @@ def batch_to_numpy(batch: pa.RecordBatch | pa.Table, q: int) -> dict[str, np.nda
     out["token_type_ids"], _ = _pad_lists(cols["token_type_ids"])
     out["attention_mask"], _ = _pad_lists(cols["attention_mask"])
     out["length"] = lengths
+    if "features" in cols:  # per-position feature vectors attached by a SequenceStream
+        out["features"], _ = _pad_lists(cols["features"], cols["features"].type.value_type.list_size)
     for name in ("event_index", "dsid", "weight", "process", "source_file"):
         if name in cols:
             c = cols[name]
