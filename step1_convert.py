@@ -118,9 +118,9 @@ def convert_file(path: str, settings: dict) -> str:
         return str(out_path)
     remove_stale_temps(out_path)
     reader, experiment, f, source = open_reader(path, settings["experiment"], settings["pt_cuts"])
-    absent = [m.split(":")[0] for m in reader.missing if m.endswith(": all")]
+    absent = [m.removesuffix(": all") for m in reader.missing if m.endswith(": all")]
     if absent:
-        notes = "".join(f"; {note}" for note in getattr(reader, "notes", []))
+        notes = "".join(f"; {note}" for note in reader.notes)
         print(f"warning: {path}: no {', '.join(absent)} in this file, written as zero objects{notes}", file=sys.stderr)
     features = [m for m in reader.missing if not m.endswith(": all")]
     if features:

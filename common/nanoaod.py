@@ -119,18 +119,18 @@ class NanoAODReader(ColumnReader):
             if col is not None:
                 self.columns[("event", feat)] = col
             elif feat != "weight":
-                missing.append(f"common/event/{feat}" if OBJECTS["event"].feature(feat).group == "common"
-                               else f"cms/event/{feat}")
+                missing.append(f"{OBJECTS['event'].feature(feat).group}/event/{feat}")
         self.missing = sorted(missing)
         met = self.collections.get("met")
-        self.met_definition = (f"CMS NanoAOD {', '.join(self.columns[('met', f)] for f in _MET if self.has('met', f))}: "
-                               f"{MET_DEFINITIONS[met]}" if met else
-                               f"none: the file has no MET ({', '.join(MET_DEFINITIONS)}); NaN")
+        read = ", ".join(self.columns[("met", f)] for f in _MET if self.has("met", f))
+        self.met_definition = (f"CMS NanoAOD {read}: {MET_DEFINITIONS[met]}" if met
+                               else f"none: the file has no MET ({', '.join(MET_DEFINITIONS)}); NaN")
 
     def _choose(self, obj, collections, keys) -> str | None:
         """The first collection whose kinematic branches (and inputs) all exist."""
+        schema = {f.name: f for f in OBJECTS[obj].features}
         for prefix, table in collections.items():
-            needed = [feat for feat in table if feat not in _features(obj) or not OBJECTS[obj].feature(feat).optional]
+            needed = [feat for feat in table if feat not in schema or not schema[feat].optional]
             absent = [f"{prefix}_{table[feat][0]}" for feat in needed
                       if first_present([f"{prefix}_{s}" for s in table[feat]], keys, self.kind) is None]
             if not absent:
@@ -204,6 +204,3 @@ class NanoAODReader(ColumnReader):
         z0 = dz - (dx * np.cos(phi) + dy * np.sin(phi)) * np.sinh(eta)
         return physics.jagged(off, d0 * SCALE["mm"]), physics.jagged(off, z0 * SCALE["mm"])
 
-
-def _features(obj) -> set[str]:
-    return {f.name for f in OBJECTS[obj].features}

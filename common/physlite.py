@@ -256,6 +256,7 @@ class ColumnReader:
     tree = None
     columns: dict[tuple[str, str], str]
     met_definition: str  # what common/met is, for /metadata
+    notes: tuple[str, ...] = ()  # collections present but not usable, for the warning
 
     def has(self, obj, feat) -> bool:
         return (obj, feat) in self.columns
