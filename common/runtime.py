@@ -258,7 +258,9 @@ def _cgroup_folders(root: Path, proc: Path) -> list[Path]:
 
 def set_threads(threads: int) -> int:
     """--threads of every step: N > 0 threads, 0 the usable CPUs (usable_cpus). Sets torch's and
-    numba's pools; returns the number set."""
+    numba's pools; returns the number set. Idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, set
+    by importing `common`), so on a machine shared with other jobs all usable CPUs are not slower
+    than one thread (bench/README.md)."""
     import torch
 
     n = threads if threads > 0 else usable_cpus()
