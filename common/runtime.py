@@ -239,6 +239,8 @@ def _cgroup_folders(root: Path, proc: Path) -> list[Path]:
         lines = []
     folders = []
     for line in lines:
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             bases = [root]
