@@ -21,4 +21,7 @@ fi
 source "$VENV/bin/activate"
 export PYTHONPATH="$_here${PYTHONPATH:+:$PYTHONPATH}"
 export MPLBACKEND=Agg
+# Idle OpenMP threads (torch, numba, LightGBM) sleep instead of spinning: on a shared node spinning
+# threads wait for cores other jobs hold. Set OMP_WAIT_POLICY=ACTIVE yourself on a dedicated node.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 unset _here _stamp _want

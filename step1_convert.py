@@ -1,5 +1,6 @@
-"""Step 1: ATLAS DAOD_PHYSLITE (TTree CollectionTree or RNTuple EventData) and CMS NanoAOD (TTree Events)
--> one HDF5 file per input with /common, /atlas or /cms, and /metadata (layout: common/schema.py).
+"""Step 1: ATLAS DAOD_PHYSLITE (TTree CollectionTree or RNTuple EventData) and CMS NanoAOD (TTree or RNTuple
+Events, standard or scouting) -> one HDF5 file per input with /common, /atlas or /cms, and /metadata (layout:
+common/schema.py).
 
     python step1_convert.py data/raw/*.root --out-dir data/h5
     python step1_convert.py /eos/.../DAOD_PHYSLITE/ --out-dir h5 --workers 4 --shard 3/10
@@ -24,8 +25,8 @@ from tqdm import tqdm
 
 from common import nanoaod, physics, physlite
 from common.h5io import H5EventWriter
-from common.runtime import (InputError, die, exit_code, expand_inputs, parse_shard, per_object, process_inputs,
-                            provenance, select_shard)
+from common.runtime import (InputError, die, exit_code, input_files, output_dir, parse_shard, per_object,
+                            process_inputs, provenance, remove_stale_temps, select_shard)
 from common.schema import (ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS, MISSING_INT,
                            features_for)
 
@@ -38,7 +39,6 @@ STEP = 20000  # events per chunk
 WORKERS = 1
 SEED = 0
 READERS = {"atlas": (physlite.TREES, physlite.PhysliteReader), "cms": (nanoaod.TREES, nanoaod.NanoAODReader)}
-MET_DEFINITION = {"atlas": physlite.MET_DEFINITION, "cms": nanoaod.MET_DEFINITION}
 # ----------------------------------------------------------------------------------------------
 
 
@@ -63,16 +63,16 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------
 def open_reader(path: str, experiment: str, pt_cuts: dict):
-    """(reader, experiment, uproot file): the format is found from the tree the file holds."""
+    """(reader, experiment, uproot file, what was read): the format is found from the tree the file holds."""
     if not os.path.exists(path):
         raise InputError("file not found")
-    trees = {name: (exp, kind) for exp, (table, _) in READERS.items() if experiment in ("auto", exp)
-             for name, kind in table.items()}
+    trees = {name: exp for exp, (names, _) in READERS.items() if experiment in ("auto", exp) for name in names}
     tree, name, f = physlite.open_tree(path, trees)
-    exp, kind = trees[name]
+    kind = physlite.tree_kind(tree)
     if tree.num_entries == 0:
         raise InputError(f"no events (tree {name} is empty)")
-    return READERS[exp][1](tree, kind, pt_cuts), exp, f
+    exp = trees[name]
+    return READERS[exp][1](tree, kind, pt_cuts), exp, f, f"{'TTree' if kind == 'ttree' else 'RNTuple'} {name}"
 
 
 def finish_chunk(out: dict, experiment: str, pt_cuts: dict, max_objects: dict, truncated: dict) -> dict:
@@ -116,9 +116,15 @@ def convert_file(path: str, settings: dict) -> str:
     if out_path.exists() and not settings["overwrite"]:
         print(f"skip {out_path} (exists; --overwrite to redo)", file=sys.stderr)
         return str(out_path)
-    reader, experiment, f = open_reader(path, settings["experiment"], settings["pt_cuts"])
-    if reader.missing:
-        print(f"warning: {path}: absent in this file, filled with NaN/{MISSING_INT}: {', '.join(reader.missing)}",
+    remove_stale_temps(out_path)
+    reader, experiment, f, source = open_reader(path, settings["experiment"], settings["pt_cuts"])
+    absent = [m.removesuffix(": all") for m in reader.missing if m.endswith(": all")]
+    if absent:
+        notes = "".join(f"; {note}" for note in reader.notes)
+        print(f"warning: {path}: no {', '.join(absent)} in this file, written as zero objects{notes}", file=sys.stderr)
+    features = [m for m in reader.missing if not m.endswith(": all")]
+    if features:
+        print(f"warning: {path}: absent in this file, filled with NaN/{MISSING_INT}: {', '.join(features)}",
               file=sys.stderr)
     truncated = {obj: 0 for obj in LIST_OBJECTS}
     sum_weights, dsid, done, t0 = 0.0, None, 0, time.perf_counter()
@@ -147,18 +153,19 @@ def convert_file(path: str, settings: dict) -> str:
         meta = file_metadata(f, dsid, settings)
         from_file = meta.pop("sum_weights_from_file")
         writer.close({
-            "experiment": experiment, "input_file": str(path), "git_hash": settings["provenance"]["git_hash"],
+            "experiment": experiment, "input_file": str(path), "input_tree": source,
+            "git_hash": settings["provenance"]["git_hash"],
             "pt_cuts": settings["pt_cuts"], "max_objects": settings["max_objects"],
             "common_iso_cone": ISO_CONE, "common_iso_pt_floor_gev": ISO_PT_FLOOR_GEV,
             "common_iso_z0sintheta_cut_mm": ISO_Z0SINTHETA_CUT_MM, **meta,
             "sum_weights": float(from_file) if from_file is not None else sum_weights,
             "sum_weights_source": "generator metadata tree" if from_file is not None else "sum of nominal weights of the converted events",
-            "missing_features": reader.missing, "met_definition": MET_DEFINITION[experiment],
+            "missing_features": reader.missing, "met_definition": reader.met_definition,
             "branch_sources": reader.sources(), "truncated_objects": truncated,
             "seed": settings["seed"], "provenance": settings["provenance"],
         })
     rate = done / max(time.perf_counter() - t0, 1e-9)
-    print(f"wrote {out_path} ({done} events, {experiment}, {rate:.0f} events/s)", file=sys.stderr)
+    print(f"wrote {out_path} ({done} events, {experiment} {source}, {rate:.0f} events/s)", file=sys.stderr)
     return str(out_path)
 
 
@@ -174,12 +181,13 @@ def main(argv=None) -> int:
     np.random.seed(args.seed % 2**32)
     pt_cuts = per_object(args.pt_cuts, PT_CUTS, "--pt-cuts", float)
     max_objects = per_object(args.max_objects, MAX_OBJECTS, "--max-objects", int)
-    inputs = select_shard(expand_inputs(args.inputs), args.shard)
+    inputs = select_shard(input_files(args.inputs), args.shard)
     stems = {}
     for p in inputs:
         if Path(p).stem in stems:
             die(f"inputs {stems[Path(p).stem]} and {p} would both write {Path(p).stem}.h5")
         stems[Path(p).stem] = p
+    output_dir(args.out_dir)
     settings = dict(out_dir=args.out_dir, experiment=args.experiment, pt_cuts=pt_cuts, max_objects=max_objects,
                     step=args.step, overwrite=args.overwrite, seed=args.seed, process=args.process, dsid=args.dsid,
                     cross_section=args.cross_section, provenance=provenance("step1_convert.py", args, inputs))

@@ -1,11 +1,21 @@
-"""CMS NanoAOD reading (TTree `Events`) into the same /common keys as ATLAS, CMS extras into /cms.
+"""CMS NanoAOD reading (`Events`, a TTree or an RNTuple) into the same /common keys as ATLAS, CMS extras into /cms.
 
-BRANCHES is the one table: schema feature -> candidate branches, first that exists wins.
-NanoAOD is already in GeV; lengths are cm and become mm. NanoAOD keeps no PF candidates, so
-trk_iso03 is taken from `<Object>_pfRelIso03_chg`: the pT sum of charged PF candidates from the
-primary vertex within dR < 0.3 over the object's pT, the CMS counterpart of the ATLAS definition
-(no 0.5 GeV floor / z0 cut of its own; CMS associates candidates to the PV instead). Tracks are the
-`IsoTrack` collection (isolated tracks, the only tracks standard NanoAOD stores).
+COLLECTIONS is the one table: for each object, the NanoAOD collections that can fill it in the order
+they are tried, and for each collection the schema feature -> candidate branch suffixes (first that
+exists wins). The first collection whose listed kinematic branches all exist is read. An object with
+no such collection is absent from the file: zero objects in every event (no MET: NaN), named in
+/metadata missing_features as '<object>: all', with a warning. A file with no usable list object
+at all is refused. Standard NanoAOD collections come first, then the Run 3 scouting ones (`Scouting*`,
+PhysicsTools/NanoAOD run3scouting_cff), so a standard file with scouting tables added reads the
+offline objects. docs/nanoaod.md lists what maps to what.
+
+MET: the first of MET_DEFINITIONS present (v15 renamed the type-1 PF MET `MET_*` to `PFMET_*`);
+/metadata met_definition names the branches read. NanoAOD is already in GeV; lengths are cm and
+become mm. NanoAOD keeps no PF candidates, so trk_iso03 is `<Object>_pfRelIso03_chg`: the pT sum of
+charged PF candidates from the primary vertex within dR < 0.3 over the object's pT, the CMS
+counterpart of the ATLAS definition (no 0.5 GeV floor / z0 cut of its own; CMS associates candidates
+to the PV instead); scouting isolation sums are not the same quantity and are not substituted.
+Tracks are `IsoTrack` (isolated tracks, the only tracks standard NanoAOD stores) or `ScoutingTrack`.
 """
 from __future__ import annotations
 
@@ -15,55 +25,67 @@ import numpy as np
 from common import physics
 from common.physlite import ColumnReader, _fill_like, column, first_present, tree_keys
 from common.runtime import InputError
-from common.schema import EXPERIMENT_ID, MISSING_INT, OBJECTS
+from common.schema import EXPERIMENT_ID, LIST_OBJECTS, MISSING_INT, OBJECTS, features_for
 
-TREES = {"Events": "ttree"}
+TREES = ("Events",)  # a TTree, or an RNTuple with the same field names
 
-BRANCHES: dict[str, dict[str, list[str]]] = {
+_KIN = {"pt": ["pt"], "eta": ["eta"], "phi": ["phi"]}
+_KIN_Q = {**_KIN, "charge": ["charge"]}
+_MET = {"pt": ["pt"], "phi": ["phi"], "sumet": ["sumEt"]}
+
+COLLECTIONS: dict[str, dict[str, dict[str, list[str]]]] = {
     "electrons": {
-        "pt": ["Electron_pt"], "eta": ["Electron_eta"], "phi": ["Electron_phi"], "charge": ["Electron_charge"],
-        "trk_iso03": ["Electron_pfRelIso03_chg"],
-        "cutBased": ["Electron_cutBased"], "pfRelIso03_all": ["Electron_pfRelIso03_all"],
-        "mvaIso_WP90": ["Electron_mvaIso_WP90", "Electron_mvaFall17V2Iso_WP90", "Electron_mvaFall17V1Iso_WP90"],
+        "Electron": {**_KIN_Q, "trk_iso03": ["pfRelIso03_chg"], "cutBased": ["cutBased"],
+                     "pfRelIso03_all": ["pfRelIso03_all"],
+                     "mvaIso_WP90": ["mvaIso_WP90", "mvaFall17V2Iso_WP90", "mvaFall17V1Iso_WP90"]},
+        "ScoutingElectron": {**_KIN, "charge": ["bestTrack_charge"]},  # the charge of the best track (2024+)
     },
     "muons": {
-        "pt": ["Muon_pt"], "eta": ["Muon_eta"], "phi": ["Muon_phi"], "charge": ["Muon_charge"],
-        "trk_iso03": ["Muon_pfRelIso03_chg"],
-        "looseId": ["Muon_looseId"], "mediumId": ["Muon_mediumId"], "tightId": ["Muon_tightId"],
-        "pfRelIso04_all": ["Muon_pfRelIso04_all"],
+        "Muon": {**_KIN_Q, "trk_iso03": ["pfRelIso03_chg"], "looseId": ["looseId"], "mediumId": ["mediumId"],
+                 "tightId": ["tightId"], "pfRelIso04_all": ["pfRelIso04_all"]},
+        "ScoutingMuonVtx": _KIN_Q,  # 2024+: muons fitted with the vertex constraint
+        "ScoutingMuon": _KIN_Q,  # 2022-2023
+        "ScoutingMuonNoVtx": _KIN_Q,  # 2024+ without the constraint: only when the file has no other muons
     },
     "taus": {
-        "pt": ["Tau_pt"], "eta": ["Tau_eta"], "phi": ["Tau_phi"], "charge": ["Tau_charge"],
-        "is_1prong": ["Tau_decayMode"],  # decay modes 0, 1, 2 have one charged hadron
-        "decayMode": ["Tau_decayMode"],
-        "rawDeepTau2018v2p5VSjet": ["Tau_rawDeepTau2018v2p5VSjet", "Tau_rawDeepTau2017v2p1VSjet"],
+        "Tau": {**_KIN_Q, "is_1prong": ["decayMode"],  # decay modes 0, 1, 2 have one charged hadron
+                "decayMode": ["decayMode"],
+                "rawDeepTau2018v2p5VSjet": ["rawDeepTau2018v2p5VSjet", "rawDeepTau2017v2p1VSjet"]},
     },
     "photons": {
-        "pt": ["Photon_pt"], "eta": ["Photon_eta"], "phi": ["Photon_phi"],
-        "trk_iso03": ["Photon_pfRelIso03_chg"],
-        "cutBased": ["Photon_cutBased", "Photon_cutBasedBitmap"],  # bitmap: loose 1, medium 2, tight 4 (nested)
-        "pfRelIso03_all": ["Photon_pfRelIso03_all"],
+        "Photon": {**_KIN, "trk_iso03": ["pfRelIso03_chg"],
+                   "cutBased": ["cutBased", "cutBasedBitmap"],  # bitmap: loose 1, medium 2, tight 4 (nested)
+                   "pfRelIso03_all": ["pfRelIso03_all"]},
+        "ScoutingPhoton": _KIN,
     },
     "jets": {
-        "pt": ["Jet_pt"], "eta": ["Jet_eta"], "phi": ["Jet_phi"], "mass": ["Jet_mass"],
-        "n_trk": ["Jet_chMultiplicity"],  # charged constituents (NanoAOD v10+)
-        "btagDeepFlavB": ["Jet_btagDeepFlavB"], "btagDeepFlavCvL": ["Jet_btagDeepFlavCvL"], "qgl": ["Jet_qgl"],
-        "jetId": ["Jet_jetId"], "hadronFlavour": ["Jet_hadronFlavour"],
+        "Jet": {**_KIN, "mass": ["mass"], "n_trk": ["chMultiplicity"],  # charged constituents (NanoAOD v10+)
+                "btagDeepFlavB": ["btagDeepFlavB"], "btagDeepFlavCvL": ["btagDeepFlavCvL"], "qgl": ["qgl"],
+                "jetId": ["jetId"], "hadronFlavour": ["hadronFlavour"]},
+        "ScoutingPFJet": {**_KIN, "mass": ["m"]},  # the HLT jets (calibrated online)
+        "ScoutingPFJetRecluster": {**_KIN, "mass": ["mass"]},  # reclustered from scouting PF candidates
     },
     "tracks": {
-        "pt": ["IsoTrack_pt"], "eta": ["IsoTrack_eta"], "phi": ["IsoTrack_phi"],
-        "d0": ["IsoTrack_dxy"], "z0": ["IsoTrack_dz"],  # dz is already w.r.t. the primary vertex
+        "IsoTrack": {**_KIN, "d0": ["dxy"], "z0": ["dz"]},  # dz is already w.r.t. the primary vertex
+        # d0 and z0 computed from the reference point, w.r.t. the first scouting primary vertex
+        "ScoutingTrack": {**_KIN, "vx": ["vx"], "vy": ["vy"], "vz": ["vz"]},
     },
-    "met": {"pt": ["MET_pt", "PuppiMET_pt"], "phi": ["MET_phi", "PuppiMET_phi"], "sumet": ["MET_sumEt", "PuppiMET_sumEt"]},
-    "event": {
-        "pvx": ["PV_x"], "pvy": ["PV_y"], "pvz": ["PV_z"],
-        "mu": ["Pileup_nTrueInt"],  # simulation only
-        "weight": ["genWeight"],  # simulation only; real data get weight 1
-        "event": ["event"], "run": ["run"], "luminosityBlock": ["luminosityBlock"],
-    },
+    "met": {"PFMET": _MET, "MET": _MET, "PuppiMET": _MET, "ScoutingMET": {"pt": ["pt"], "phi": ["phi"]}},
+}
+MET_DEFINITIONS = {
+    "PFMET": "type-1 corrected PF MET (slimmedMETs), as NanoAOD v15 and later name it",
+    "MET": "type-1 corrected PF MET (slimmedMETs), as NanoAOD up to v14 names it",
+    "PuppiMET": "PUPPI MET (slimmedMETsPuppi), read because the file has no PF MET",
+    "ScoutingMET": "HLT scouting PF MET (hltScoutingPFPacker pfMetPt / pfMetPhi); no sumEt is stored",
+}
+EVENT = {  # per-event values; a vertex collection (scouting) gives its first vertex
+    "pvx": ["PV_x", "ScoutingPrimaryVertex_x"], "pvy": ["PV_y", "ScoutingPrimaryVertex_y"],
+    "pvz": ["PV_z", "ScoutingPrimaryVertex_z"],
+    "mu": ["Pileup_nTrueInt"],  # simulation only
+    "weight": ["genWeight"],  # simulation only; real data get weight 1
+    "event": ["event"], "run": ["run"], "luminosityBlock": ["luminosityBlock"],
 }
 SCALE = {"mm": 10.0}  # NanoAOD cm -> schema mm
-MET_DEFINITION = "CMS NanoAOD MET_pt / MET_phi / MET_sumEt (type-1 corrected PF MET) as stored"
 
 
 class NanoAODReader(ColumnReader):
@@ -73,33 +95,68 @@ class NanoAODReader(ColumnReader):
         self.tree, self.kind = tree, kind
         keys = tree_keys(tree)
         self.columns: dict[tuple[str, str], str] = {}
+        self.collections: dict[str, str] = {}  # object -> the collection read
+        self.notes: list[str] = []  # collections present but unusable, for the warning
         missing = []
-        for obj, table in BRANCHES.items():
-            for feat, candidates in table.items():
-                col = first_present(candidates, keys, kind)
-                f = OBJECTS[obj].feature(feat)
+        for obj, collections in COLLECTIONS.items():
+            prefix = self._choose(obj, collections, keys)
+            if prefix is None:
+                missing += [f"common/met/{f}" for f in _MET] if obj == "met" else [f"{obj}: all"]
+                continue
+            self.collections[obj] = prefix
+            for feat, suffixes in collections[prefix].items():
+                col = first_present([f"{prefix}_{s}" for s in suffixes], keys, kind)
                 if col is not None:
                     self.columns[(obj, feat)] = col
-                elif not f.optional and obj != "event":
-                    raise InputError(f"missing kinematic branch {candidates[0]}")
-                elif feat not in ("weight",):
-                    missing.append(f"{f.group}/{obj}/{feat}")
+            computed = ("d0", "z0") if prefix == "ScoutingTrack" else ()
+            missing += [f"{f.group}/{obj}/{f.name}" for f in features_for(obj, "cms")
+                        if not self.has(obj, f.name) and f.name not in computed]
+        if not any(obj in self.collections for obj in LIST_OBJECTS):
+            tried = ", ".join(p for obj in LIST_OBJECTS for p in COLLECTIONS[obj])
+            raise InputError(f"no usable collection (none of {tried})")
+        for feat, candidates in EVENT.items():
+            col = first_present(candidates, keys, kind)
+            if col is not None:
+                self.columns[("event", feat)] = col
+            elif feat != "weight":
+                missing.append(f"{OBJECTS['event'].feature(feat).group}/event/{feat}")
         self.missing = sorted(missing)
+        met = self.collections.get("met")
+        read = ", ".join(self.columns[("met", f)] for f in _MET if self.has("met", f))
+        self.met_definition = (f"CMS NanoAOD {read}: {MET_DEFINITIONS[met]}" if met
+                               else f"none: the file has no MET ({', '.join(MET_DEFINITIONS)}); NaN")
+
+    def _choose(self, obj, collections, keys) -> str | None:
+        """The first collection whose kinematic branches (and inputs) all exist."""
+        schema = {f.name: f for f in OBJECTS[obj].features}
+        for prefix, table in collections.items():
+            needed = [feat for feat in table if feat not in schema or not schema[feat].optional]
+            absent = [f"{prefix}_{table[feat][0]}" for feat in needed
+                      if first_present([f"{prefix}_{s}" for s in table[feat]], keys, self.kind) is None]
+            if not absent:
+                return prefix
+            if len(absent) < len(needed):
+                self.notes.append(f"{prefix} lacks {', '.join(absent)}")
+        return None
 
     def convert(self, chunk) -> dict:
         n = len(chunk)
         out: dict = {}
-        for obj, table in BRANCHES.items():
-            ref = column(chunk, self.columns[(obj, "pt")]) if obj not in ("event",) else None
-            for feat in table:
-                f = OBJECTS[obj].feature(feat)
-                out[f"{f.group}/{obj}/{feat}"] = self._feature(chunk, obj, feat, ref, n)
+        for obj in LIST_OBJECTS:
+            ref = column(chunk, self.columns[(obj, "pt")]) if obj in self.collections else None
+            for f in features_for(obj, "cms"):
+                out[f"{f.group}/{obj}/{f.name}"] = self._feature(chunk, obj, f.name, ref, n)
         if self.has("taus", "is_1prong"):
             mode = column(chunk, self.columns[("taus", "is_1prong")])
             out["common/taus/is_1prong"] = ak.values_astype((mode >= 0) & (mode <= 2), np.int8)
         if self.columns.get(("photons", "cutBased"), "").endswith("Bitmap"):
             bits = ak.values_astype(column(chunk, self.columns[("photons", "cutBased")]), np.int64)
             out["cms/photons/cutBased"] = (bits & 1) + ((bits >> 1) & 1) + ((bits >> 2) & 1)
+        if self.collections.get("tracks") == "ScoutingTrack":
+            out["common/tracks/d0"], out["common/tracks/z0"] = self._scouting_impact_parameters(chunk)
+        for obj in ("met", "event"):
+            for f in features_for(obj, "cms"):
+                out[f"{f.group}/{obj}/{f.name}"] = self._feature(chunk, obj, f.name, None, n)
         is_sim = self.has("event", "weight")
         out["common/event/experiment_id"] = np.full(n, EXPERIMENT_ID["cms"], np.int8)
         out["common/event/is_simulation"] = np.full(n, int(is_sim), np.int8)
@@ -110,16 +167,40 @@ class NanoAODReader(ColumnReader):
     def _feature(self, chunk, obj, feat, ref, n):
         f = OBJECTS[obj].feature(feat)
         missing_value = np.nan if f.dtype == "float32" else MISSING_INT
+        dtype = np.float64 if f.dtype == "float32" else np.int64
         if not self.has(obj, feat):
-            if ref is None or OBJECTS[obj].per_event:
-                return np.full(n, missing_value, np.float64 if f.dtype == "float32" else np.int64)
+            if OBJECTS[obj].per_event:
+                return np.full(n, missing_value, dtype)
+            if ref is None:  # the object is absent from the file: no objects in any event
+                return physics.jagged(np.zeros(n + 1, np.int64), np.zeros(0, dtype))
             return _fill_like(ref, missing_value)
         values = column(chunk, self.columns[(obj, feat)])
         scale = SCALE.get(f.unit, 1.0)
         if OBJECTS[obj].per_event:
+            if values.ndim > 1:  # a vertex collection: its first entry
+                offsets, flat = physics.flat(values)
+                values = physics.pick_per_event(offsets, flat.astype(np.float64), np.zeros(n, np.int64))
             values = ak.to_numpy(values)
             return values.astype(np.float64) * scale if f.dtype == "float32" else values
         if f.dtype == "float32":  # on the flat values: one awkward call per column, not one per operation
             offsets, flat = physics.flat(values)
             values = physics.jagged(offsets, flat.astype(np.float64) * scale)
         return values
+
+    def _scouting_impact_parameters(self, chunk):
+        """d0 and z0 (mm) of scouting tracks w.r.t. the event's first scouting primary vertex (the
+        origin when there is none), from the track reference point (vx, vy, vz) and direction:
+        d0 = -(vx - x) sin(phi) + (vy - y) cos(phi), z0 = (vz - z) - ((vx - x) cos(phi) + (vy - y) sin(phi)) sinh(eta)."""
+        off, phi = physics.flat(column(chunk, self.columns[("tracks", "phi")]))
+        eta = physics.flat(column(chunk, self.columns[("tracks", "eta")]))[1].astype(np.float64)
+        per_track = physics.event_index(off)
+        pv = {}
+        for axis in "xyz":
+            v = self._feature(chunk, "event", f"pv{axis}", None, len(off) - 1) / SCALE["mm"]  # cm
+            pv[axis] = np.nan_to_num(v)[per_track]
+        dx, dy, dz = (physics.flat(column(chunk, self.columns[("tracks", f"v{a}")]))[1] - pv[a] for a in "xyz")
+        phi = phi.astype(np.float64)
+        d0 = -dx * np.sin(phi) + dy * np.cos(phi)
+        z0 = dz - (dx * np.cos(phi) + dy * np.sin(phi)) * np.sinh(eta)
+        return physics.jagged(off, d0 * SCALE["mm"]), physics.jagged(off, z0 * SCALE["mm"])
+

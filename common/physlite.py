@@ -12,6 +12,7 @@ multiplied by 1000. Lengths are mm, angles rad, as stored.
 from __future__ import annotations
 
 import json
+import os
 
 import awkward as ak
 import numpy as np
@@ -138,9 +139,13 @@ JET_SCORES = tuple(f.name for f in OBJECTS["jets"].features if f.kind == "score"
 # ---------------------------------------------------------------------------------------------
 # File access, shared with the NanoAOD reader
 # ---------------------------------------------------------------------------------------------
-def open_tree(path, trees: dict[str, str]):
-    """(uproot TTree or RNTuple, its name, the open file) of the first of `trees` that `path` holds;
-    InputError (one line) for a missing, non-ROOT or truncated file or one without such a tree."""
+def open_tree(path, trees):
+    """(uproot TTree or RNTuple, its name, the open file) of the first of the tree names `trees` that
+    `path` holds; InputError (one line) for a missing, non-ROOT or truncated file, one without such a
+    tree, or one where that name is something else (a histogram, a folder)."""
+    problem = _header_problem(path)
+    if problem:
+        raise InputError(problem)
     try:
         f = uproot.open(path)
     except FileNotFoundError:
@@ -148,16 +153,39 @@ def open_tree(path, trees: dict[str, str]):
     except Exception as exc:  # uproot raises many types for a non-ROOT or truncated file
         raise InputError(f"not a readable ROOT file ({type(exc).__name__}: {_first_line(exc)})") from None
     try:
-        names = {k.split(";")[0] for k in f.keys(recursive=False)}
+        classes = {k.split(";")[0]: c for k, c in f.classnames(recursive=False).items()}
     except Exception as exc:
         raise InputError(f"unreadable ROOT directory ({type(exc).__name__}: {_first_line(exc)})") from None
-    for name, kind in trees.items():
-        if name in names:
+    for name in trees:
+        if name in classes:
+            if classes[name] != "TTree" and not classes[name].endswith("RNTuple"):
+                raise InputError(f"{name} is a {classes[name]}, not a TTree or an RNTuple")
             try:
                 return f[name], name, f
             except Exception as exc:
                 raise InputError(f"cannot read tree {name} ({type(exc).__name__}: {_first_line(exc)})") from None
     raise InputError(f"no known tree ({', '.join(trees)}) in file")
+
+
+def _header_problem(path) -> str | None:
+    """A local file that is not ROOT, or shorter than the length its header announces (fEND: an
+    interrupted copy); None when the header is consistent."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(20)
+        size = os.path.getsize(path)
+    except OSError:
+        return None  # uproot reports it
+    if head[:4] != b"root":
+        return "not a ROOT file (it does not start with 'root')"
+    end = int.from_bytes(head[12:20] if int.from_bytes(head[4:8], "big") > 1000000 else head[12:16], "big")
+    if len(head) < 20 or size < end:
+        return f"truncated: {size} of the {end} bytes its header announces"
+    return None
+
+
+def tree_kind(tree) -> str:
+    return "ttree" if hasattr(tree, "branches") else "rntuple"
 
 
 def _first_line(exc) -> str:
@@ -239,6 +267,8 @@ class ColumnReader:
 
     tree = None
     columns: dict[tuple[str, str], str]
+    met_definition: str  # what common/met is, for /metadata
+    notes: tuple[str, ...] = ()  # collections present but not usable, for the warning
 
     def has(self, obj, feat) -> bool:
         return (obj, feat) in self.columns
@@ -253,11 +283,23 @@ class ColumnReader:
 
     def chunks(self, step: int):
         """Raw chunks of `step` events: only the columns this file needs."""
-        return self.tree.iterate(sorted(set(self.columns.values())), step_size=step, library="ak")
+        columns = sorted(set(self.columns.values()))
+        if tree_kind(self.tree) == "ttree":
+            return self.tree.iterate(columns, step_size=step, library="ak")
+        return self._rntuple_chunks(columns, step)
+
+    def _rntuple_chunks(self, columns, step):
+        """One read per field: uproot 5.7 builds a several-field RNTuple read by listing every field
+        of the file, in time quadratic in their number (15 s for a 1500-field NanoAOD)."""
+        fields = {c: self.tree[c] for c in columns}
+        for start in range(0, self.n_events, step):
+            stop = min(start + step, self.n_events)
+            yield ak.zip({c: f.array(entry_start=start, entry_stop=stop) for c, f in fields.items()}, depth_limit=1)
 
 
 class PhysliteReader(ColumnReader):
     experiment = "atlas"
+    met_definition = MET_DEFINITION
 
     def __init__(self, tree, kind: str, pt_cuts: dict[str, float]):
         self.tree, self.kind, self.pt_cuts = tree, kind, pt_cuts

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import os
 import queue
 import random
+import re
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -42,12 +46,19 @@ def _call(fn: Callable, item) -> tuple[object, str | None]:
         return fn(item), None
     except InputError as exc:
         return None, str(exc)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, EOFError) as exc:
-        # Real readers (uproot, h5py) raise these for corrupt input; keep one line, but let
-        # a developer see the trace when they ask for it.
+    except Exception as exc:  # noqa: BLE001
+        # Real readers (uproot, h5py) raise many types for corrupt input, and one input must never
+        # stop the others: keep one line, and let a developer see the trace when they ask for it.
         if os.environ.get("TOKEVENT_DEBUG"):
             traceback.print_exc()
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def _outcome(future) -> tuple[object, str | None]:
+    try:
+        return future.result()
+    except BrokenProcessPool:  # the worker was killed (out of memory, a signal): this item and the pending ones
+        return None, "the worker process died (killed, or out of memory)"
 
 
 def process_inputs(items: Sequence, fn: Callable, workers: int = 1, label: Callable = str) -> tuple[list, list[str]]:
@@ -57,7 +68,7 @@ def process_inputs(items: Sequence, fn: Callable, workers: int = 1, label: Calla
     results, errors = [], []
     if workers > 1 and len(items) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(items))) as pool:
-            outcomes = list(pool.map(_call, [fn] * len(items), items))
+            outcomes = [_outcome(f) for f in [pool.submit(_call, fn, item) for item in items]]
     else:
         outcomes = [_call(fn, item) for item in items]
     for item, (result, err) in zip(items, outcomes):
@@ -96,12 +107,47 @@ def exit_code(errors: Iterable) -> int:
     return EXIT_OK
 
 
+# Outputs are written as ".<name>.tmp<pid>" next to the final file and renamed when complete.
+TEMP_OUTPUT = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def temp_output(final: str | os.PathLike) -> Path:
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp{os.getpid()}")
+
+
+def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of `final` that runs killed while writing left behind (their
+    process is gone); a run still writing on this machine keeps its own. Returns what was deleted."""
+    final = Path(final)
+    removed = []
+    for p in final.parent.glob(glob.escape(f".{final.name}.tmp") + "*"):
+        m = TEMP_OUTPUT.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(final: str | os.PathLike):
-    """Yield a temporary path next to `final`; rename it to `final` only if the block succeeds."""
+    """Yield a temporary path next to `final`; rename it to `final` only if the block succeeds.
+    Temporary files of killed earlier runs for the same output are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    remove_stale_temps(final)
+    tmp = temp_output(final)
     try:
         yield tmp
         os.replace(tmp, final)
@@ -146,10 +192,11 @@ def select_shard(items: Sequence, shard: str | None) -> list:
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may really use: its affinity, capped by a cgroup CPU quota (how
-    HTCondor and Slurm limit a job) and by OMP_NUM_THREADS or SLURM_CPUS_PER_TASK when set."""
+    """The CPUs this process may really use: its affinity (how Slurm's task/cgroup binds a job),
+    capped by a cgroup CPU quota (how container runtimes and HTCondor with a hard CPU limit
+    restrict it) and by OMP_NUM_THREADS (HTCondor sets it to request_cpus) or SLURM_CPUS_PER_TASK."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = _cgroup_cpu_quota()
+    quota = cgroup_cpu_limit()
     if quota:
         n = min(n, max(1, int(quota + 0.5)))
     for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
@@ -160,24 +207,62 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
-def _cgroup_cpu_quota() -> float | None:
-    """CPUs allowed by the cgroup (v2 cpu.max, v1 cfs quota/period), None when unlimited."""
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup quota of this process, None when unlimited: the smallest quota
+    of its own cgroup and every cgroup above it (cgroup v2 cpu.max; v1 cpu.cfs_quota_us over
+    cpu.cfs_period_us), found from /proc/self/cgroup under the mount `root`."""
+    limits = []
+    for folder in _cgroup_folders(root, proc):
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                limits.append(int(quota) / int(period))
+            continue
+        except (OSError, ValueError):
+            pass
+        try:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+            if quota > 0 and period > 0:
+                limits.append(quota / period)
+        except (OSError, ValueError):
+            pass
+    return min(limits) if limits else None
+
+
+def _cgroup_folders(root: Path, proc: Path) -> list[Path]:
+    """The process's cgroup folders, its own first, then each parent up to the mount root: the v2
+    unified tree ('0::/path') and the v1 cpu controller ('N:cpu,cpuacct:/path'), wherever mounted."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
-    except (OSError, ValueError):
-        return None
+        lines = proc.read_text().splitlines()
+    except OSError:
+        lines = []
+    folders = []
+    for line in lines:
+        if line.count(":") < 2:
+            continue
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            bases = [root]
+        elif "cpu" in controllers.split(","):
+            bases = [root / controllers, root / "cpu"]
+        else:
+            continue
+        for base in bases:
+            here = base / path.lstrip("/")
+            while True:
+                folders.append(here)
+                if here == base:
+                    break
+                here = here.parent
+    return list(dict.fromkeys(folders + [root, root / "cpu"]))
 
 
 def set_threads(threads: int) -> int:
     """--threads of every step: N > 0 threads, 0 the usable CPUs (usable_cpus). Sets torch's and
-    numba's pools; returns the number set."""
+    numba's pools; returns the number set. Idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, set
+    by importing `common`), so on a machine shared with other jobs all usable CPUs are not slower
+    than one thread (bench/README.md)."""
     import torch
 
     n = threads if threads > 0 else usable_cpus()
@@ -221,12 +306,44 @@ def provenance(script: str, args, inputs: Iterable = ()) -> dict:
 
 
 def expand_inputs(paths: Iterable[str]) -> list[str]:
-    """Keep the user's order; a directory stands for the files inside it (sorted)."""
+    """Keep the user's order; a directory stands for the files inside it (sorted), a pattern the
+    shell did not expand ('data/*.h5' quoted, or matching nothing) for its matches. Hidden files and
+    the temporary outputs of other runs ('.<name>.tmp<pid>', written or left by a killed run) are
+    never inputs. A path that does not exist is kept: the step reports it as 'file not found'."""
     out = []
-    for p in paths:
+    for p in map(str, paths):
         pp = Path(p)
-        out.extend(sorted(str(x) for x in pp.iterdir() if x.is_file()) if pp.is_dir() else [str(p)])
+        if pp.is_dir():
+            out.extend(sorted(str(x) for x in pp.iterdir() if x.is_file() and not x.name.startswith(".")))
+        elif not pp.exists() and glob.has_magic(p):
+            out.extend(x for x in sorted(glob.glob(p)) if Path(x).is_file())
+        elif TEMP_OUTPUT.match(pp.name):
+            print(f"warning: {p}: skipped (the temporary output of another run)", file=sys.stderr)
+        else:
+            out.append(p)
     return out
+
+
+def input_files(paths: Sequence[str]) -> list[str]:
+    """expand_inputs, and exit 2 with 'no input files' when that leaves nothing (an empty folder, a
+    pattern that matches nothing): every step that takes input lists starts with this."""
+    files = expand_inputs(paths)
+    if not files:
+        die(f"no input files in {' '.join(map(str, paths))}")
+    return files
+
+
+def output_dir(path: str | os.PathLike, flag: str = "--out-dir") -> Path:
+    """Create the output folder if needed and check that a file can be written there; exit 2 naming
+    it when not (read-only, no permission, a file in the way): no input could be converted."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test"):
+            pass
+    except OSError as exc:
+        die(f"{flag} {path}: cannot write there ({exc.strerror or type(exc).__name__})")
+    return path
 
 
 def bound_heap_growth(threshold: int = 1 << 20) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import uproot
 
-from common import physics
+from common import nanoaod, physics, physlite
 from common.h5io import object_datasets, read_metadata
 from common.schema import LIST_OBJECTS, METADATA_KEYS, MISSING_INT, OBJECTS, features_for
 
@@ -24,7 +24,10 @@ RUN2 = DATA / "physlite" / "PHYSLITE_example.root"
 RNTUPLE = DATA / "physlite" / "physlite_r25_rntuple.root"
 NANO = DATA / "nanoaod" / "nano_dy.root"
 NANO_EMPTY = DATA / "nanoaod" / "nano_dy_empty.root"
+NANO_RNTUPLE = DATA / "nanoaod" / "nano_dy_rntuple.root"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import nano_layouts  # noqa: E402
 import step1_convert  # noqa: E402
 
 
@@ -44,15 +47,17 @@ def read_all(path) -> dict:
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     out = tmp_path_factory.mktemp("h5")
-    r = convert(RUN2, RNTUPLE, NANO, "--out-dir", out, "--step", 37)
+    r = convert(RUN2, RNTUPLE, NANO, NANO_RNTUPLE, "--out-dir", out, "--step", 37)
     assert r.returncode == 0, r.stderr
-    return {"run2": out / "PHYSLITE_example.h5", "rntuple": out / "physlite_r25_rntuple.h5", "nano": out / "nano_dy.h5"}
+    return {"run2": out / "PHYSLITE_example.h5", "rntuple": out / "physlite_r25_rntuple.h5", "nano": out / "nano_dy.h5",
+            "nano_rntuple": out / "nano_dy_rntuple.h5"}
 
 
 # ------------------------------------------------------------------------------------------------
 # real files: schema contract and physics sanity
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("which,experiment,n_events", [("run2", "atlas", 100), ("rntuple", "atlas", 100), ("nano", "cms", 40)])
+@pytest.mark.parametrize("which,experiment,n_events", [("run2", "atlas", 100), ("rntuple", "atlas", 100), ("nano", "cms", 40),
+                                                       ("nano_rntuple", "cms", 40)])
 def test_schema_dtypes_mask_sorting(real, which, experiment, n_events):
     data, meta = read_all(real[which]), read_metadata(real[which])
     assert set(METADATA_KEYS) <= set(meta), set(METADATA_KEYS) - set(meta)
@@ -153,6 +158,133 @@ def test_chunk_size_does_not_change_the_output(real, tmp_path):
     assert big.keys() == small.keys()
     for k in big:
         np.testing.assert_array_equal(big[k], small[k], err_msg=k)
+
+
+def assert_same_datasets(a: dict, b: dict, skip_objects=()):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.split("/")[1] not in skip_objects:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_nanoaod_rntuple_gives_the_datasets_of_the_ttree(real):
+    """nano_dy_rntuple.root holds the 40 events of nano_dy.root as an RNTuple."""
+    assert_same_datasets(read_all(real["nano_rntuple"]), read_all(real["nano"]))
+    ttree, rntuple = read_metadata(real["nano"]), read_metadata(real["nano_rntuple"])
+    assert (ttree["input_tree"], rntuple["input_tree"]) == ("TTree Events", "RNTuple Events")
+    for key in ("missing_features", "branch_sources", "met_definition"):
+        assert rntuple[key] == ttree[key], key
+
+
+def write_physlite_as_rntuple(path) -> Path:
+    """The branches the converter reads from the Run 2 PHYSLITE TTree, written with uproot as an RNTuple
+    `EventData` the way Athena 25 spells its fields (`<Container>AuxDyn:<var>`, ElementLinks as records)."""
+    tree = uproot.open(RUN2)["CollectionTree"]
+    columns = sorted(set(physlite.PhysliteReader(tree, "ttree", step1_convert.PT_CUTS).columns.values()))
+    arrays = tree.arrays(columns, library="ak")
+    fields: dict = {}
+    for c in columns:
+        name = physlite.spelled(c.split("/")[0], "rntuple")
+        if "/" in c:  # a split ElementLink: m_persKey / m_persIndex
+            fields.setdefault(name, {})[c.rsplit(".", 1)[1]] = arrays[c]
+        else:
+            fields[name] = ak.without_parameters(arrays[c])
+    with uproot.recreate(path) as f:
+        f.mkrntuple("EventData", ak.zip({k: ak.zip(v) if isinstance(v, dict) else v for k, v in fields.items()},
+                                        depth_limit=1))
+    return Path(path)
+
+
+def test_physlite_ttree_and_its_rntuple_copy_convert_alike(real, tmp_path):
+    copy = write_physlite_as_rntuple(tmp_path / "run2_as_rntuple.root")
+    assert type(uproot.open(copy)["EventData"]).__name__.endswith("RNTuple")
+    r = convert(copy, "--out-dir", tmp_path / "h5", "--step", 37)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "h5" / "run2_as_rntuple.h5"
+    assert_same_datasets(read_all(out), read_all(real["run2"]))
+    assert read_metadata(out)["input_tree"] == "RNTuple EventData"
+
+
+OBJECT_OF = {prefix: obj for obj, table in nanoaod.COLLECTIONS.items() for prefix in table}
+REDUCED = {"no_isotrack": ("IsoTrack",), "no_tau_photon": ("Tau", "Photon"),
+           "muons_only": ("Electron", "Tau", "Photon", "Jet", "IsoTrack")}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """nano_dy's events in other NanoAOD layouts (tests/nano_layouts.py), converted in one run."""
+    src = tmp_path_factory.mktemp("layouts")
+    for name, drop in REDUCED.items():
+        nano_layouts.reduced(src / f"{name}.root", drop=drop)
+    nano_layouts.v15(src / "v15.root")
+    collections, flat = nano_layouts.read_nano()
+    nano_layouts.write_nano(src / "puppi_only.root", collections, {k: v for k, v in flat.items() if not k.startswith("MET_")})
+    nano_layouts.scouting(src / "scouting.root")
+    nano_layouts.scouting(src / "scouting_no_charge.root", electron_charge=False)
+    r = convert(src, "--out-dir", src / "h5", "--step", 37)
+    assert r.returncode == 0, r.stderr
+    return {"src": src, "h5": src / "h5", "stderr": r.stderr}
+
+
+@pytest.mark.parametrize("name", REDUCED)
+def test_nanoaod_without_some_collections(real, layouts, name):
+    """Older or reduced NanoAOD without IsoTrack, Tau, Photon ...: those objects convert as zero objects,
+    are named in missing_features and in a warning; everything else is as in the full file."""
+    absent = sorted(OBJECT_OF[c] for c in REDUCED[name])
+    out = layouts["h5"] / f"{name}.h5"
+    d, meta = read_all(out), read_metadata(out)
+    assert [m for m in meta["missing_features"] if m.endswith(": all")] == [f"{obj}: all" for obj in absent]
+    assert f"warning: {layouts['src'] / name}.root: no {', '.join(absent)} in this file, written as zero objects" \
+        in layouts["stderr"]
+    for obj in absent:
+        assert (d[f"common/{obj}/n"] == 0).all() and not d[f"common/{obj}/mask"].any()
+        assert all((d[k] == 0).all() for k in d if k.split("/")[1] == obj)
+    assert_same_datasets(d, read_all(real["nano"]), skip_objects=absent)
+
+
+def test_nanoaod_met_by_version(real, layouts):
+    """PF MET is PFMET_* from NanoAOD v15 on and MET_* before; PUPPI MET only when neither exists.
+    met_definition names the branches read."""
+    full = read_all(real["nano"])
+    assert read_metadata(real["nano"])["met_definition"].startswith("CMS NanoAOD MET_pt, MET_phi, MET_sumEt: type-1")
+    v15 = layouts["h5"] / "v15.h5"
+    assert_same_datasets(read_all(v15), full)
+    assert read_metadata(v15)["met_definition"].startswith("CMS NanoAOD PFMET_pt, PFMET_phi, PFMET_sumEt: type-1")
+    puppi = layouts["h5"] / "puppi_only.h5"
+    meta, d = read_metadata(puppi), read_all(puppi)
+    assert meta["met_definition"].startswith("CMS NanoAOD PuppiMET_pt, PuppiMET_phi, PuppiMET_sumEt: PUPPI")
+    stored = uproot.open(NANO)["Events"].arrays(["PuppiMET_pt", "PuppiMET_sumEt"], library="np")
+    np.testing.assert_array_equal(d["common/met/pt"], stored["PuppiMET_pt"])
+    np.testing.assert_array_equal(d["common/met/sumet"], stored["PuppiMET_sumEt"])
+    assert not np.array_equal(d["common/met/pt"], full["common/met/pt"])
+
+
+def test_scouting_nanoaod_maps_onto_the_common_layout(real, layouts):
+    """nano_dy's objects under the Run 3 scouting names come out as from the standard collections;
+    track d0 / z0 are recomputed from reference points 3 cm along each track."""
+    full = read_all(real["nano"])
+    out = layouts["h5"] / "scouting.h5"
+    d, meta = read_all(out), read_metadata(out)
+    kinematics = {"electrons": ("charge",), "muons": ("charge",), "photons": (), "jets": ("mass",), "tracks": ()}
+    for obj, extra in kinematics.items():
+        for feat in ("n", "mask", "pt", "eta", "phi", *extra):
+            np.testing.assert_array_equal(d[f"common/{obj}/{feat}"], full[f"common/{obj}/{feat}"], err_msg=f"{obj}/{feat}")
+    for feat in ("d0", "z0"):
+        np.testing.assert_allclose(d[f"common/tracks/{feat}"], full[f"common/tracks/{feat}"], atol=2e-3, err_msg=feat)
+    for key in ("common/met/pt", "common/met/phi", "common/event/pvx", "common/event/pvy", "common/event/pvz",
+                "common/event/weight", "common/event/mu", "cms/event/event"):
+        np.testing.assert_array_equal(d[key], full[key], err_msg=key)
+    assert np.isnan(d["common/met/sumet"]).all() and (d["common/taus/n"] == 0).all()
+    assert meta["met_definition"].startswith("CMS NanoAOD ScoutingMET_pt, ScoutingMET_phi: HLT scouting")
+    assert meta["branch_sources"]["muons/pt"] == "ScoutingMuonVtx_pt"  # the vertex-constrained muons, not NoVtx
+    assert meta["branch_sources"]["electrons/charge"] == "ScoutingElectron_bestTrack_charge"
+    for path in ("taus: all", "common/met/sumet", "common/muons/trk_iso03", "common/jets/n_trk"):
+        assert path in meta["missing_features"], path
+    assert not any(p.startswith("common/tracks/") for p in meta["missing_features"])
+    # without the electron charge the scouting electrons cannot be used: zero electrons, and the warning says why
+    meta = read_metadata(layouts["h5"] / "scouting_no_charge.h5")
+    assert "electrons: all" in meta["missing_features"]
+    assert "ScoutingElectron lacks ScoutingElectron_bestTrack_charge" in layouts["stderr"]
 
 
 # ------------------------------------------------------------------------------------------------
