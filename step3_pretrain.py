@@ -20,6 +20,8 @@ metrics.json, history.csv, checkpoint.pt, plots/.
 """
 from __future__ import annotations
 
+import common  # noqa: F401  (first: sets the OpenMP wait policy before torch, numba or lightgbm load)
+
 import argparse
 import csv
 import sys
@@ -34,8 +36,8 @@ from common import distributed as D
 from common import training as T
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
-from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, expand_inputs, provenance, seed_everything,
-                            set_threads, write_json)
+from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
+                            seed_everything, set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
 from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, RegressionHead,
                                 backbone_sidecar, codebook_table, save_module)
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
     if (out / "backbone.pt").exists() and not (args.overwrite or args.resume):
         print(f"{out / 'backbone.pt'} exists, skipping (use --overwrite to redo)")
         return EXIT_OK
-    paths = expand_inputs(args.parquet)
+    paths = input_files(args.parquet)
     vocab, paths, errors = open_sequences(paths)
     for line in errors:
         print(line, file=sys.stderr)
@@ -340,6 +342,8 @@ def main(argv=None) -> int:
         print(f"pretraining ({', '.join(args.objectives)}) on {n_train} train / {n_val} val events, {steps} steps/epoch "
               f"x {args.epochs} epochs, {dist.world} rank(s) on {dist.device}, backbone {n_params} parameters")
 
+    if dist.main:
+        output_dir(out)
     train_summary = val_summary = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()

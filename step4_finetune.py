@@ -22,9 +22,10 @@ be computed (a class without events at a fraction, say) is reported as such; the
 """
 from __future__ import annotations
 
+import common  # noqa: F401  (first: sets the OpenMP wait policy before torch, numba or lightgbm load)
+
 import argparse
 import copy
-import json
 import sys
 import time
 from dataclasses import asdict, replace
@@ -46,7 +47,8 @@ from common import training as T
 from common.classifier_metrics import binary_metrics, paired_auc_difference, summarize_seeds
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
-from common.runtime import EXIT_OK, EXIT_SOME_FAILED, die, expand_inputs, provenance, seed_everything, set_threads, write_json
+from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
+                            set_threads, write_json)
 from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import SPLITS, read_vocab, recorded_tokenizers
 from common.transformer import EventClassifier, EventTransformer, ModelConfig, check_vocab, load_backbone, save_module
@@ -402,7 +404,7 @@ def main(argv=None) -> int:
     if (out / "metrics.json").exists() and not args.overwrite:
         print(f"{out / 'metrics.json'} exists, skipping (use --overwrite to redo)")
         return EXIT_OK
-    vocab, paths, errors = open_sequences(expand_inputs(args.parquet))
+    vocab, paths, errors = open_sequences(input_files(args.parquet))
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args)) if vocab else None
     if args.init and paths:
         try:
@@ -467,6 +469,8 @@ def main(argv=None) -> int:
         except (OSError, ValueError, KeyError) as exc:
             die(f"HDF5 inputs for the continuous / standard baselines: {str(exc).splitlines()[0]}", EXIT_SOME_FAILED)
 
+    if dist.main:
+        output_dir(out)
     # Every arm at every label fraction and seed; a protocol entry that fails is reported, the rest goes on.
     per_fraction, scores, training, generalisation, n_labelled = {}, {}, {}, {}, {}
     for fraction in args.fractions:
