@@ -40,7 +40,7 @@ from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input
                             seed_everything, set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
 from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, RegressionHead,
-                                backbone_sidecar, codebook_table, save_module)
+                                backbone_sidecar, codebook_table, load_tensors, save_module)
 
 # --- defaults (the run_all setting: small and quick on 2 CPU cores) ------------------------------------
 OUT_DIR = "runs/pretrain"
@@ -294,9 +294,10 @@ def main(argv=None) -> int:
             die(f"--objective features needs the step1 HDF5 files: {str(exc).splitlines()[0]}")
 
     # Data: train and validation splits only; the test split is never read.
+    failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS[split],  # noqa: E731
                                                    shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
-                                                   rank=dist.rank, world=dist.world, features=cont)
+                                                   rank=dist.rank, world=dist.world, features=cont, failed=failed)
     train_stream, val_stream = stream("train", True), stream("val", False)
     n_train, n_val = train_stream.count(), val_stream.count()
     for name, n in (("train", n_train), ("validation", n_val)):
@@ -326,7 +327,10 @@ def main(argv=None) -> int:
     start_epoch, history = 0, []
     ckpt = out / "checkpoint.pt"
     if args.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:
+            state = load_tensors(ckpt)
+        except ValueError as exc:
+            die(str(exc), EXIT_SOME_FAILED)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -373,6 +377,7 @@ def main(argv=None) -> int:
             write_history(out / "history.csv", history)
         D.barrier(dist)
 
+    errors += list(failed.values())
     if dist.main:
         if train_summary is None:  # resumed a finished run: evaluate nothing new, keep the last numbers
             print("all epochs already done; writing the backbone from the checkpoint")
@@ -381,7 +386,7 @@ def main(argv=None) -> int:
                    "val": val_summary, "context_gain": context_gain(val_summary, args.objectives[0]) if val_summary else None,
                    "target_scalers": {o: s.state() for o, s in scalers.items()},
                    "n_events": {"train": n_train, "val": n_val}, "epochs": args.epochs, "steps_per_epoch": steps,
-                   "world_size": dist.world, "history": history, "provenance": prov}
+                   "world_size": dist.world, "history": history, "input_errors": errors, "provenance": prov}
         write_json(out / "metrics.json", metrics)
         save_module(out / "backbone.pt", backbone, backbone_sidecar(cfg, vocab, provenance=prov, objectives=args.objectives,
                                                                      representation=REPRESENTATION))

@@ -404,13 +404,15 @@ def main(argv=None) -> int:
     if (out / "metrics.json").exists() and not args.overwrite:
         print(f"{out / 'metrics.json'} exists, skipping (use --overwrite to redo)")
         return EXIT_OK
-    vocab, paths, errors = open_sequences(input_files(args.parquet))
-    cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args)) if vocab else None
-    if args.init and paths:
+    sidecar = None
+    if args.init:
         try:
             _, sidecar = load_backbone(args.init)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             die(f"{args.init}: cannot load the backbone: {str(exc).splitlines()[0]}")
+    vocab, paths, errors = open_sequences(input_files(args.parquet), want=sidecar and sidecar.get("vocab_checksum"))
+    cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args)) if vocab else None
+    if sidecar and paths:
         if sidecar.get("representation", "cls") != args.pooling:
             die(f"{args.init}: the backbone was pretrained for the '{sidecar.get('representation', 'cls')}' event "
                 f"representation, not --pooling {args.pooling}")
@@ -435,10 +437,11 @@ def main(argv=None) -> int:
         die(str(exc))
     if set(signal) & set(background):
         die(f"process(es) {', '.join(sorted(set(signal) & set(background)))} are both signal and background")
+    failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
-        rank=dist.rank if shard else 0, world=dist.world if shard else 1, features=features)
+        rank=dist.rank if shard else 0, world=dist.world if shard else 1, features=features, failed=failed)
     labelled = signal + background
     split_totals = {}
     for split, procs in (("train", labelled), ("val", labelled), ("test", labelled + test_bkg)):
@@ -506,6 +509,7 @@ def main(argv=None) -> int:
                     print(f"{arm} fraction {fraction} seed {seed}: test AUC {main_m['auc']:.4f} "
                           f"[{main_m['auc_ci95'][0]:.4f}, {main_m['auc_ci95'][1]:.4f}]")
 
+    errors += list(failed.values())
     if dist.main:
         metrics = {
             "task": {"signal": signal, "background": background, "test_background": test_bkg, "events": split_totals,
@@ -516,7 +520,7 @@ def main(argv=None) -> int:
                                "arms": generalisation_summary(generalisation)},
             "data_efficiency": data_efficiency(per_fraction, n_labelled),
             "pretraining_verdict": verdicts(scores, task, args),
-            "continuous_normalisation": ctx["cont"].mode if ctx["cont"] else None,
+            "continuous_normalisation": ctx["cont"].mode if ctx["cont"] else None, "input_errors": errors,
             "provenance": provenance("step4_finetune.py", args, paths),
         }
         out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ Under DDP every rank walks the same shuffled batch sequence and keeps every worl
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,21 +25,27 @@ from common.transformer import vocab_checksum
 LIGHT_COLUMNS = ("event_index", "source_file", "process", "dsid", "weight")
 
 
-def open_sequences(paths: Sequence[str]) -> tuple[dict | None, list[str], list[str]]:
-    """Check every file (columns, vocabulary). Returns (vocab, usable paths, error lines); a file
-    whose vocabulary differs from the first usable one is an error, not a silent mix."""
-    vocab, good, errors = None, [], []
+def open_sequences(paths: Sequence[str], want: str | None = None) -> tuple[dict | None, list[str], list[str]]:
+    """Check every file (columns, vocabulary). Returns (vocab, usable paths, error lines). Files of
+    another vocabulary than the chosen one are errors, not a silent mix: the chosen one is the
+    vocabulary with checksum `want` (a backbone's, say), else the one most files share."""
+    vocabs, errors = {}, []
     for path in paths:
         try:
             check_columns(path)
             v = read_vocab(path)
-            if vocab is not None and vocab_checksum(v) != vocab_checksum(vocab):
-                raise InputError(f"token vocabulary differs from the one of {good[0]}")
-            vocab = vocab or v
-            good.append(path)
+            vocabs.setdefault(vocab_checksum(v), (v, []))[1].append(path)
         except (InputError, OSError, ValueError, KeyError, pa.ArrowException) as exc:
             errors.append(f"error: {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    return vocab, good, errors
+    if not vocabs:
+        return None, [], errors
+    chosen = want if want in vocabs else max(vocabs, key=lambda k: len(vocabs[k][1]))
+    for checksum, (_, files) in vocabs.items():
+        if checksum != chosen:
+            why = "the backbone's" if want == chosen else f"the one of {len(vocabs[chosen][1])} other file(s)"
+            errors += [f"error: {f}: token vocabulary (checksum {checksum}) differs from {why} ({chosen})" for f in files]
+    vocab, good = vocabs[chosen]
+    return vocab, [p for p in paths if p in good], errors
 
 
 def fraction_keep(source_file: str, event_index: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -69,6 +75,7 @@ class SequenceStream:
     read_rows: int = 8192
     columns: Sequence[str] = REQUIRED_COLUMNS
     features: object = None  # a ContinuousFeatures: each event's normalised features ride along as column "features"
+    failed: dict = field(default_factory=dict)  # file -> the error that stopped its reading (the other files go on)
 
     def _keep(self, batch: pa.RecordBatch) -> np.ndarray:
         idx = batch.column("event_index").to_numpy(zero_copy_only=False)
@@ -88,7 +95,8 @@ class SequenceStream:
         paths = list(self.paths)
         if self.shuffle_buffer:
             np.random.default_rng([self.seed, epoch, 1]).shuffle(paths)
-        for _, batch in iter_batches(paths, self.read_rows, columns=list(dict.fromkeys(list(columns) + list(LIGHT_COLUMNS)))):
+        for _, batch in iter_batches(paths, self.read_rows, columns=list(dict.fromkeys(list(columns) + list(LIGHT_COLUMNS))),
+                                     failed=self.failed):
             keep = self._keep(batch)
             if keep.any():
                 table = pa.Table.from_batches([batch]).filter(pa.array(keep))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -189,9 +190,18 @@ def batch_to_numpy(batch: pa.RecordBatch | pa.Table, q: int) -> dict[str, np.nda
 
 
 def iter_batches(paths: Sequence[str | os.PathLike], batch_size: int, columns: Sequence[str] = REQUIRED_COLUMNS,
-                 ) -> Iterator[tuple[str, pa.RecordBatch]]:
-    """Stream record batches of at most `batch_size` events from each file in turn."""
+                 failed: dict | None = None) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """Stream record batches of at most `batch_size` events from each file in turn. With `failed`
+    (a dict), a file whose pages cannot be read (a corrupted data page under a good footer) is
+    recorded there, with its error line, and skipped from then on; the other files go on."""
     for path in paths:
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
-            yield str(path), batch
+        if failed is not None and str(path) in failed:
+            continue
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield str(path), batch
+        except (OSError, pa.ArrowException) as exc:
+            if failed is None:
+                raise
+            failed[str(path)] = f"error: {path}: unreadable data ({str(exc).splitlines()[0]}); skipped from here on"
+            print(failed[str(path)], file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -262,8 +263,17 @@ def load_backbone(path: str | os.PathLike) -> tuple[EventTransformer, dict]:
         raise FileNotFoundError(f"{path}: the JSON sidecar {side.name} is missing")
     sidecar = json.loads(side.read_text())
     model = EventTransformer(ModelConfig(**sidecar["config"]))
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_tensors(path))
     return model, sidecar
+
+
+def load_tensors(path: str | os.PathLike) -> dict:
+    """torch.load with weights_only=True; a file holding pickled objects is refused in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: refusing to unpickle it (not a tensor-only checkpoint: "
+                         f"{str(exc).splitlines()[0][:120]})") from None
 
 
 def check_vocab(sidecar: dict, vocab: dict, backbone: str) -> None:

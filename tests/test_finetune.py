@@ -192,3 +192,18 @@ def test_backbone_representation_must_match_pooling(sample, tmp_path, capsys):
                          *SMALL)
     assert code == 2 and f"{sample['init']}: the backbone was pretrained for the 'mean' event representation" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_pickled_backbone_is_refused_in_one_line(sample, tmp_path, capsys):
+    import argparse
+    import shutil
+
+    import torch
+
+    bad = tmp_path / "backbone.pt"
+    torch.save({"weights": argparse.Namespace(a=1)}, bad)
+    shutil.copy(Path(sample["init"]).with_suffix(".json"), bad.with_suffix(".json"))
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
+                         "--init", bad, "--arms", "finetune", "--out-dir", tmp_path / "o", *SMALL)
+    assert code == 2 and f"{bad}: cannot load the backbone" in err and "refusing to unpickle" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -180,3 +180,35 @@ def test_code_geometry_embeds_the_quantised_latent_and_hides_masked_objects():
     masked = ids.clone()
     masked[0, 1] = torch.tensor([MASK, MASK])
     assert torch.allclose(model.embed(masked, types)[0, 1], without.embed(masked, types)[0, 1])  # nothing leaks
+
+
+def test_damaged_inputs_skip_the_file_and_keep_the_run(sample, tmp_path, capsys):
+    """A Parquet file with a corrupted data page (its footer still reads) is skipped where it is found and
+    listed in metrics.json; a file of another vocabulary given first loses to the majority; a checkpoint
+    holding pickled objects is refused in one line."""
+    import argparse
+
+    good = [str(p) for p in sample["parquet"].values()]
+    broken = tmp_path / "broken.parquet"
+    table = pq.read_table(good[0])
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(good[0]).metadata), broken, row_group_size=50,
+                   compression="zstd")
+    data = bytearray(broken.read_bytes())
+    start = len(data) // 2
+    data[start:start + 3000] = np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    broken.write_bytes(bytes(data))
+    odd = make_vocab(tokenizer_tag="refit")
+    from finetune_fixtures import make_sample
+    other = make_sample(tmp_path / "other", n=60, processes=("dy",), vocab=odd, name_suffix="_odd")["parquet"]["dy"]
+    out = tmp_path / "o"
+    code, stdout, err = run(capsys, "--parquet", other, broken, *good[1:], "--out-dir", out, "--objective", "tokens",
+                            "--epochs", "1", "--max-steps", "3", *SMALL)
+    assert code == 1 and "Traceback" not in err, err[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert (out / "backbone.pt").exists() and m["val"]["tokens"]["n_masked"] > 100
+    assert any(str(broken) in e and "unreadable data" in e for e in m["input_errors"]), m["input_errors"]
+    assert any(str(other) in e and "differs from the one of" in e for e in m["input_errors"]), "the odd file is named"
+    # a pickled object where a tensor-only checkpoint belongs (--resume)
+    torch.save({"model": argparse.Namespace(a=1)}, out / "checkpoint.pt")
+    code, _, err = run(capsys, "--parquet", *good, "--out-dir", out, "--resume", "--epochs", "2", *SMALL)
+    assert code == 1 and "refusing to unpickle" in err and len(err.strip().splitlines()) == 1, err
