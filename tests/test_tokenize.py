@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -15,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import step2_fit
 import step2_tokenize as step2
-from common import h5io, sequences, token_parquet
+from common import h5io, sequences, token_parquet, tokenizer_training
 from common.schema import MISSING_INT, OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS, features_for
 from common.tokenizer import (ResidualEMAQuantizer, build_specs, fit_preprocessing, load_tokenizer, postprocess,
                               preprocess)
@@ -383,19 +383,19 @@ def test_apply_on_gpu_gives_the_cpu_codes_or_a_clear_error(tmp_path, fitted):
 
 
 def test_auto_levels_keep_the_bits_of_small_codebooks():
-    auto = SimpleNamespace(levels="auto")
-    levels = {k: step2.choose_levels(auto, k) for k in (64, 128, 256, 4096)}
+    choose_levels = tokenizer_training.choose_levels
+    levels = {k: choose_levels("auto", k) for k in (64, 128, 256, 4096)}
     assert levels == {64: 6, 128: 5, 256: 4, 4096: 4}
-    assert all(l * math.log2(k) >= step2.AUTO_BITS for k, l in levels.items())
-    assert step2.choose_levels(auto, 2) == 8  # capped at the quantizer's 8 levels
-    assert step2.choose_levels(SimpleNamespace(levels="2"), 64) == 2  # an explicit --levels is kept
+    assert all(l * math.log2(k) >= tokenizer_training.AUTO_BITS for k, l in levels.items())
+    assert choose_levels("auto", 2) == 8  # capped at the quantizer's 8 levels
+    assert choose_levels("2", 64) == 2  # an explicit --levels is kept
 
 
 def test_preset_sets_defaults_and_given_flags_win():
-    base = ["fit", "--h5", "x.h5", "--out-dir", "tok", "--preset", "production"]
-    a = step2.parse_args(base)
+    base = ["--h5", "x.h5", "--out-dir", "tok", "--preset", "production"]
+    a = step2_fit.parse_args(base)  # the command line is the script's interface
     assert (a.dim, a.levels, a.codebook_size, a.codebook_size_tracks, a.steps) == (8, 4, "4096", 8192, 20000)
-    a = step2.parse_args(base + ["--steps", "600", "--levels", "2"])
+    a = step2_fit.parse_args(base + ["--steps", "600", "--levels", "2"])
     assert (a.steps, a.levels, a.batch_size) == (600, "2", 8192)
 
 
