@@ -12,6 +12,7 @@ Reading the next chunk, encoding this one and writing the previous one overlap.
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -52,16 +53,25 @@ def parse_args(argv=None):
 # --- the tokenizers -------------------------------------------------------------------------------
 
 
+def load_checked(path: Path) -> Tokenizer:
+    """A tokenizer checkpoint, or one error line naming it and the cause (exit 2: --tokenizers is unusable)."""
+    try:
+        return load_tokenizer(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError, TypeError) as exc:
+        cause = str(exc).strip().split("\n")[0].split(". ")[0]  # torch's messages go on for lines
+        runtime.die(f"{path}: not a readable step2 tokenizer ({type(exc).__name__}: {cause})")
+
+
 def load_tokenizers(tok_dir: str) -> tuple[dict[str, Tokenizer], bool]:
     """{obj: tokenizer} for every tokenized type, and whether it is one combined tokenizer."""
     d = Path(tok_dir)
     if (d / f"{COMBINED}.pt").exists():
-        tok = load_tokenizer(d / f"{COMBINED}.pt")
+        tok = load_checked(d / f"{COMBINED}.pt")
         return {o: tok for o in TOKENIZED_OBJECTS}, True
     missing = [o for o in TOKENIZED_OBJECTS if not (d / f"{o}.pt").exists()]
     if missing:
         runtime.die(f"{tok_dir}: no tokenizer for {', '.join(missing)} (run step2_fit.py)")
-    return {o: load_tokenizer(d / f"{o}.pt") for o in TOKENIZED_OBJECTS}, False
+    return {o: load_checked(d / f"{o}.pt") for o in TOKENIZED_OBJECTS}, False
 
 
 def required_features(tok: Tokenizer, obj: str, combined: bool) -> list[str]:

@@ -115,6 +115,13 @@ def parse_transforms(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def describe_input(path: str) -> dict:
+    info = describe_file(path)
+    if info["n_events"] == 0:
+        raise runtime.InputError("no events to fit on")
+    return info
+
+
 def fit_features(obj: str, infos: list[dict], transforms: dict) -> list:
     """The features every input holds, with the --transform overrides (recorded in the specs)."""
     own = transforms.get(obj, {})
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
     paths = runtime.expand_inputs(args.h5)
     if not paths:
         runtime.die("no input files")
-    infos, errors = runtime.process_inputs(paths, describe_file)
+    infos, errors = runtime.process_inputs(paths, describe_input)
     if not infos:
         return runtime.exit_code(errors)
 

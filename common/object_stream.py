@@ -154,6 +154,8 @@ def preprocessing_sample(obj, features, infos, n_events, rng) -> dict[str, np.nd
         events = np.nonzero(~heldout(info["path"], lo, hi - lo))[0]
         taken += len(events)
         parts.append(flatten_objects(obj, keys, arrays, events))
+    if not parts:
+        raise ValueError("no events in the inputs")
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

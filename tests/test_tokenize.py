@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def write_synthetic_h5(path, n_events=2000, seed=0, experiment="atlas", process=
     for key in drop:
         arrays.pop(key)
     with h5io.H5EventWriter(path, chunk_events=512) as w:
-        for lo in range(0, n_events, 700):
+        for lo in range(0, max(n_events, 1), 700):  # n_events 0: every dataset, empty
             w.append({k: v[lo : lo + 700] for k, v in arrays.items()})
         w.close({"experiment": experiment, "input_file": "synthetic", "git_hash": "test", "process": process,
                  "dsid": dsid, "cross_section_pb": 1.0, "sum_weights": float(n_events), "missing_features": list(missing),
@@ -293,6 +294,48 @@ def test_bad_usage_and_bad_file(tmp_path, fitted):
     bad.write_bytes(b"not hdf5")
     r = run_step("apply", "--h5", bad, "--tokenizers", d / "tok", "--out-dir", tmp_path / "o")
     assert r.returncode == 1 and "bad.h5" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("beside_a_good_file", [False, True])
+def test_fit_names_an_empty_file_and_fits_the_others(tmp_path, fitted, beside_a_good_file):
+    _, h5 = fitted
+    empty = write_synthetic_h5(tmp_path / "empty.h5", 0)
+    inputs = [empty, h5[1]] if beside_a_good_file else [empty]
+    r = run_step("fit", "--h5", *inputs, "--out-dir", tmp_path / "tok", *QUICK, "--objects", "met")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert [l for l in r.stderr.splitlines() if l.startswith("error:")] == [f"error: {empty}: no events to fit on"]
+    assert (tmp_path / "tok" / "met.pt").exists() == beside_a_good_file
+    if beside_a_good_file:
+        side = json.loads((tmp_path / "tok" / "met.json").read_text())
+        assert side["provenance"]["inputs"] == [str(h5[1])] and side["quality"]["n_objects"] > 100
+
+
+def _random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _truncated(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _wrong_keys(path):
+    torch.save({"weights": torch.zeros(3)}, path)
+
+
+@pytest.mark.parametrize("damage,cause", [(_random_bytes, "UnpicklingError"), (_truncated, "RuntimeError: PytorchStreamReader"),
+                                          (_wrong_keys, "KeyError: 'specs_json'")])
+def test_apply_names_a_broken_tokenizer_in_one_line(tmp_path, fitted, capsys, damage, cause):
+    d, h5 = fitted
+    tok = tmp_path / "tok"
+    shutil.copytree(d / "tok", tok)
+    damage(tok / "jets.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        step2.main(["apply", "--h5", str(h5[1]), "--tokenizers", str(tok), "--out-dir", str(tmp_path / "out"), "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {tok / 'jets.pt'}: not a readable step2 tokenizer (") and cause in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------
