@@ -116,6 +116,7 @@ def parse_transforms(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def describe_input(path: str) -> dict:
+    """describe_file; a file without events is a bad input (nothing to sample or train on)."""
     info = describe_file(path)
     if info["n_events"] == 0:
         raise runtime.InputError("no events to fit on")

@@ -294,6 +294,10 @@ def test_bad_usage_and_bad_file(tmp_path, fitted):
     bad.write_bytes(b"not hdf5")
     r = run_step("apply", "--h5", bad, "--tokenizers", d / "tok", "--out-dir", tmp_path / "o")
     assert r.returncode == 1 and "bad.h5" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit) as exit_:  # --cap: the one per-object syntax, unknown types refused
+        step2.main(["apply", "--h5", str(bad), "--tokenizers", str(d / "tok"), "--out-dir", str(tmp_path / "o"),
+                    "--cap", "tracks=5,gluons=3"])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.parametrize("beside_a_good_file", [False, True])
