@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-events", type=int, default=CHUNK_EVENTS)
     p.add_argument("--shard", default=None, help="K/N: this job's share of the inputs")
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--threads", type=int, default=THREADS, help="torch threads (0: the usable CPUs)")
+    p.add_argument("--threads", type=int, default=THREADS, help="threads (0: the usable CPUs)")
     p.add_argument("--device", default=DEVICE, help="auto | cpu | cuda: where encoding and code search run")
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)

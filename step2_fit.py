@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--preprocess-events", type=int, default=PREPROCESS_EVENTS)
     p.add_argument("--eval-objects", type=int, default=EVAL_OBJECTS)
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--threads", type=int, default=THREADS, help="torch threads per process (0: the usable CPUs)")
+    p.add_argument("--threads", type=int, default=THREADS, help="threads per process (0: the usable CPUs)")
     p.add_argument("--device", default=DEVICE, help="cpu | cuda | auto (one GPU per torchrun rank)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true")
