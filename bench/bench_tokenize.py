@@ -5,11 +5,11 @@
      vector-quantize-pytorch's ResidualVQ in eval mode on the same vectors (skipped cleanly when
      the package is absent);
   2. apply throughput in objects/s: encode + quantise + sequence building + Parquet writing
-     (step2_tokenize.apply_one, in process) on synthetic step1 files, with the compiled search, at
+     (step2_apply.main, in process) on synthetic step1 files, with the compiled search, at
      the production preset (tracks 8192 codes) and with 4096 codes for every type; and on the small
      file with the matmul search too (the reference: the speed-up measured under the same load);
      where torch sees a GPU, also with encoder and search on it;
-  3. peak memory (ru_maxrss of a child `step2_tokenize.py apply`) as the input grows 10x;
+  3. peak memory (ru_maxrss of a child `step2_apply.py`) as the input grows 10x;
   4. fit throughput (training objects/s of the VQ-VAE at batch 4096).
 
   python bench/bench_tokenize.py [--events 5000] [--scale 10] [--threads 2]
@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -36,10 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import step2_tokenize as step2  # noqa: E402
-from common.schema import OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
+import step2_apply  # noqa: E402
 import common.tokenizer as tokenizer  # noqa: E402
+from common import object_stream, runtime, sequences  # noqa: E402
+from common.schema import SEQUENCE_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
 from common.tokenizer import ResidualEMAQuantizer, Tokenizer, build_specs, fit_preprocessing, nearest_code  # noqa: E402
+from common.tokenizer_training import KMEANS_FACTOR, init_codebooks, train  # noqa: E402
 from test_tokenize import write_synthetic_h5  # noqa: E402
 
 EVENTS = 5000
@@ -52,14 +53,14 @@ OUT = ROOT / "bench" / "out" / "tokenize"
 
 def make_tokenizers(h5: Path, out_dir: Path, seed: int, codes_tracks: int) -> None:
     """Production-shaped tokenizers: preprocessing fitted on the file, codebooks = encoded samples."""
-    info = step2.describe_file(str(h5))
+    info = object_stream.describe_file(str(h5))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     for obj in TOKENIZED_OBJECTS:
-        names = [n for n, _ in step2.common_features(obj, [info], None)]
-        specs = build_specs([OBJECTS[obj].feature(n) for n in names])
-        sample = step2.preprocessing_sample(obj, names, [info], 10**9, rng)
+        features = object_stream.common_features(obj, [info])
+        specs = build_specs(features)
+        sample = object_stream.preprocessing_sample(obj, [f.name for f in features], [info], 10**9, rng)
         fit_preprocessing(specs, sample)
         k = codes_tracks if obj == "tracks" else CODES
         settings = {"dim": DIM, "levels": LEVELS, "codebook_size": k, "hidden": 128, "depth": 2, "decay": 0.99,
@@ -77,7 +78,7 @@ def count_objects(h5: Path) -> int:
     with h5py.File(h5) as f:
         n = {o: f[f"common/{o}/n"][:] for o in SEQUENCE_OBJECTS}
         n_events = f["common/met/pt"].shape[0]
-    kept = step2.sequences.kept_counts(n, step2.sequences.DEFAULT_CAPS, step2.MAX_LENGTH)
+    kept = sequences.kept_counts(n, sequences.DEFAULT_CAPS, step2_apply.MAX_LENGTH)
     return int(kept.sum()) + n_events
 
 
@@ -128,20 +129,15 @@ def bench_search(threads: int) -> dict:
 
 def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: bool = True, repeats: int = 1,
                 device: str = "cpu") -> dict:
-    """Median over `repeats` runs of apply_one, in process."""
-    torch.set_num_threads(threads)
+    """Median over `repeats` runs of step2_apply.main, in process."""
     tokenizer.COMPILED_SEARCH_ON_CPU = compiled
-    toks, combined = step2.load_tokenizers(str(tok_dir))
-    for tok in set(toks.values()):
-        tok.model.to(device)
-    meta = {o: {"sha256": t.sha256, "features": t.features, "levels": t.levels, "codebook_size": t.codebook_size}
-            for o, t in toks.items()}
-    vocab = step2.sequences.build_vocab(meta, step2.sequences.DEFAULT_CAPS, step2.MAX_LENGTH)
-    args = SimpleNamespace(out_dir=str(out_dir), overwrite=True, chunk_events=step2.APPLY_CHUNK_EVENTS, seed=1)
+    argv = ["--h5", str(h5), "--tokenizers", str(tok_dir), "--out-dir", str(out_dir), "--overwrite",
+            "--threads", str(threads), "--device", device]
     seconds = []
     for _ in range(repeats):
         t = time.perf_counter()
-        step2.apply_one(str(h5), toks, combined, vocab, args)
+        if step2_apply.main(argv) != 0:
+            raise RuntimeError(f"step2_apply.py {' '.join(argv)} failed")
         seconds.append(time.perf_counter() - t)
     n = count_objects(h5)
     rates = sorted(n / dt for dt in seconds)
@@ -150,11 +146,11 @@ def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: 
 
 
 def child_peak_rss_mb(h5: Path, tok_dir: Path, out_dir: Path, threads: int) -> float:
-    """Peak RSS of a fresh `step2_tokenize.py apply` process (ru_maxrss of the waited child), with
+    """Peak RSS of a fresh `step2_apply.py` process (ru_maxrss of the waited child), with
     chunks smaller than both inputs: memory must not follow the number of events."""
     code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    cmd = [sys.executable, "-c", code, sys.executable, str(ROOT / "step2_tokenize.py"), "apply", "--h5", str(h5),
+    cmd = [sys.executable, "-c", code, sys.executable, str(ROOT / "step2_apply.py"), "--h5", str(h5),
            "--tokenizers", str(tok_dir), "--out-dir", str(out_dir), "--overwrite", "--threads", str(threads),
            "--chunk-events", str(MEMORY_CHUNK_EVENTS)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -166,22 +162,23 @@ def child_peak_rss_mb(h5: Path, tok_dir: Path, out_dir: Path, threads: int) -> f
 def bench_fit(h5: Path, threads: int, steps: int = 40) -> dict:
     """Training objects/s of the jets VQ-VAE at batch 4096, 4096 codes (after the k-means init)."""
     torch.set_num_threads(threads)
-    info = step2.describe_file(str(h5))
-    args = SimpleNamespace(lr=1e-3, steps=steps, warmup_steps=0, batch_size=4096, seed=1, rank=0, world=1,
-                           commit_weight=0.25, discrete_weight=10.0)
-    names = [n for n, _ in step2.common_features("jets", [info], None)]
-    specs = build_specs([OBJECTS["jets"].feature(n) for n in names])
+    info = object_stream.describe_file(str(h5))
+    batch_size = 4096
+    features = object_stream.common_features("jets", [info])
+    names = [f.name for f in features]
+    specs = build_specs(features)
     rng = np.random.default_rng(1)
-    fit_preprocessing(specs, step2.preprocessing_sample("jets", names, [info], 10**9, rng))
+    fit_preprocessing(specs, object_stream.preprocessing_sample("jets", names, [info], 10**9, rng))
     tok = Tokenizer("jets", specs, {"dim": DIM, "levels": LEVELS, "codebook_size": CODES, "hidden": 128, "depth": 2,
                                     "decay": 0.99, "cosine": False, "dead_fraction": 0.03})
     tok.model.train()
-    stream = lambda: step2.stream_objects("jets", names, [info], split="train", rng=rng)
-    batches = step2.minibatches(stream, specs, tok.d_in, args.batch_size, rng)
+    stream = lambda: object_stream.stream_objects("jets", names, [info], split="train", rng=rng)  # noqa: E731
+    batches = object_stream.minibatches(stream, specs, tok.d_in, batch_size, rng)
     t = time.perf_counter()
-    step2.init_codebooks(tok.model, batches, CODES * step2.KMEANS_FACTOR, 1)
+    init_codebooks(tok.model, batches, CODES * KMEANS_FACTOR, 1)
     t_init = time.perf_counter() - t
-    hist = step2.train(tok.model, specs, batches, args, tok.model, "bench-jets")
+    hist = train(tok.model, specs, batches, steps=steps, warmup_steps=0, batch_size=batch_size, lr=1e-3,
+                 commit_weight=0.25, discrete_weight=10.0, seed=1, label="bench-jets")
     return {"kmeans_init_seconds": t_init, "train_objects_per_s": hist[-1]["objects_per_s"]}
 
 
@@ -213,7 +210,7 @@ def main() -> int:
     ref = bench_apply(small, tok_dir, OUT / "tokens", args.threads, compiled=False)
     print(f"[bench] apply small, matmul search (reference): {ref['objects']:,} objects in {ref['seconds']:.1f} s -> "
           f"{ref['objects_per_s']:,.0f} obj/s")
-    step2.runtime.bound_heap_growth()  # as step2_tokenize.py does (after the reference: it slows the matmul's temporaries)
+    runtime.bound_heap_growth()  # as the step2 scripts do (after the reference: it slows the matmul's temporaries)
     runs = (("small", small, tok_dir, f"tracks {CODES_TRACKS} codes"), ("big", big, tok_dir, f"tracks {CODES_TRACKS} codes"),
             ("big", big, tok4096, f"all types {CODES} codes"))
     for name, h5, toks, setting in runs:
@@ -233,7 +230,7 @@ def main() -> int:
     if not args.skip_fit:
         f = bench_fit(big, 1)
         print(f"[bench] fit jets (batch 4096, {CODES} codes, {LEVELS} levels, 1 thread): {f['train_objects_per_s']:,.0f} "
-              f"objects/s; k-means init on {CODES * step2.KMEANS_FACTOR:,} vectors {f['kmeans_init_seconds']:.1f} s")
+              f"objects/s; k-means init on {CODES * KMEANS_FACTOR:,} vectors {f['kmeans_init_seconds']:.1f} s")
     print(f"[bench] self-peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
 

@@ -28,13 +28,15 @@ from scipy.special import ndtr, ndtri
 from torch import nn
 
 from common.code_search import nearest_codes
-from common.schema import OBJECTS, Feature
+from common.schema import OBJECTS, Feature, dataset_path
 
 N_QUANTILES = 1001  # quantile-table points of the quantile -> normal transform
 QUANTILE_EPS = 1e-4  # clip of the uniform variable: +-3.7 sigma at most
 SCORE_EPS = 1e-6  # floor of a score before its log-ratio
 SEARCH_BLOCK = 512  # rows per nearest-code matmul block: the distance block stays in cache
 COMPILED_SEARCH_ON_CPU = True  # CPU code search with common.code_search (False: the torch matmul search)
+MAX_LEVELS = 8  # residual levels a quantizer may have
+KMEANS_ITERS = 15  # Lloyd iterations of the codebook initialisation
 
 # ----------------------------------------------------------------------------------------------
 # Preprocessing
@@ -277,8 +279,8 @@ class ResidualEMAQuantizer(nn.Module):
     def __init__(self, levels: int, size: int, dim: int, decay: float = 0.99, cosine: bool = False,
                  dead_fraction: float = 0.1, eps: float = 1e-5):
         super().__init__()
-        if not 1 <= levels <= 8:
-            raise ValueError(f"levels must be 1..8, got {levels}")
+        if not 1 <= levels <= MAX_LEVELS:
+            raise ValueError(f"levels must be 1..{MAX_LEVELS}, got {levels}")
         self.levels, self.size, self.dim = levels, size, dim
         self.decay, self.cosine, self.dead_fraction, self.eps = decay, cosine, dead_fraction, eps
         self.register_buffer("codebooks", torch.randn(levels, size, dim) * 0.1)
@@ -361,7 +363,7 @@ class ResidualEMAQuantizer(nn.Module):
         return n_reset
 
     @torch.no_grad()
-    def kmeans_init(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:
+    def kmeans_init(self, z: torch.Tensor, iters: int = KMEANS_ITERS, generator: torch.Generator | None = None) -> None:
         """Level by level k-means on a buffer of encoder outputs (rank 0's, then broadcast)."""
         residual = z.clone()
         for level in range(self.levels):
@@ -524,7 +526,7 @@ def usable_features(obj: str, experiment: str, present: set[str], missing: set[s
     for f in OBJECTS[obj].features:
         if not f.tokenize or f.group not in ("common", experiment):
             continue
-        path = f"{f.group}/{obj}/{f.name}"
+        path = dataset_path(obj, f)
         if path in present and path not in missing and f.name not in missing:
             out.append(f)
     return out

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import step2_fit
 import step2_tokenize as step2
-from common import h5io, sequences, token_parquet
+from common import h5io, sequences, token_parquet, tokenizer_training
 from common.schema import MISSING_INT, OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS, features_for
 from common.tokenizer import (ResidualEMAQuantizer, build_specs, fit_preprocessing, load_tokenizer, postprocess,
                               preprocess)
@@ -103,7 +104,7 @@ def write_synthetic_h5(path, n_events=2000, seed=0, experiment="atlas", process=
     for key in drop:
         arrays.pop(key)
     with h5io.H5EventWriter(path, chunk_events=512) as w:
-        for lo in range(0, n_events, 700):
+        for lo in range(0, max(n_events, 1), 700):  # n_events 0: every dataset, empty
             w.append({k: v[lo : lo + 700] for k, v in arrays.items()})
         w.close({"experiment": experiment, "input_file": "synthetic", "git_hash": "test", "process": process,
                  "dsid": dsid, "cross_section_pb": 1.0, "sum_weights": float(n_events), "missing_features": list(missing),
@@ -293,6 +294,52 @@ def test_bad_usage_and_bad_file(tmp_path, fitted):
     bad.write_bytes(b"not hdf5")
     r = run_step("apply", "--h5", bad, "--tokenizers", d / "tok", "--out-dir", tmp_path / "o")
     assert r.returncode == 1 and "bad.h5" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit) as exit_:  # --cap: the one per-object syntax, unknown types refused
+        step2.main(["apply", "--h5", str(bad), "--tokenizers", str(d / "tok"), "--out-dir", str(tmp_path / "o"),
+                    "--cap", "tracks=5,gluons=3"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("beside_a_good_file", [False, True])
+def test_fit_names_an_empty_file_and_fits_the_others(tmp_path, fitted, beside_a_good_file):
+    _, h5 = fitted
+    empty = write_synthetic_h5(tmp_path / "empty.h5", 0)
+    inputs = [empty, h5[1]] if beside_a_good_file else [empty]
+    r = run_step("fit", "--h5", *inputs, "--out-dir", tmp_path / "tok", *QUICK, "--objects", "met")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert [l for l in r.stderr.splitlines() if l.startswith("error:")] == [f"error: {empty}: no events to fit on"]
+    assert (tmp_path / "tok" / "met.pt").exists() == beside_a_good_file
+    if beside_a_good_file:
+        side = json.loads((tmp_path / "tok" / "met.json").read_text())
+        assert side["provenance"]["inputs"] == [str(h5[1])] and side["quality"]["n_objects"] > 100
+
+
+def _random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _truncated(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _wrong_keys(path):
+    torch.save({"weights": torch.zeros(3)}, path)
+
+
+@pytest.mark.parametrize("damage,cause", [(_random_bytes, "UnpicklingError"), (_truncated, "RuntimeError: PytorchStreamReader"),
+                                          (_wrong_keys, "KeyError: 'specs_json'")])
+def test_apply_names_a_broken_tokenizer_in_one_line(tmp_path, fitted, capsys, damage, cause):
+    d, h5 = fitted
+    tok = tmp_path / "tok"
+    shutil.copytree(d / "tok", tok)
+    damage(tok / "jets.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        step2.main(["apply", "--h5", str(h5[1]), "--tokenizers", str(tok), "--out-dir", str(tmp_path / "out"), "--threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {tok / 'jets.pt'}: not a readable step2 tokenizer (") and cause in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,19 +430,19 @@ def test_apply_on_gpu_gives_the_cpu_codes_or_a_clear_error(tmp_path, fitted):
 
 
 def test_auto_levels_keep_the_bits_of_small_codebooks():
-    auto = SimpleNamespace(levels="auto")
-    levels = {k: step2.choose_levels(auto, k) for k in (64, 128, 256, 4096)}
+    choose_levels = tokenizer_training.choose_levels
+    levels = {k: choose_levels("auto", k) for k in (64, 128, 256, 4096)}
     assert levels == {64: 6, 128: 5, 256: 4, 4096: 4}
-    assert all(l * math.log2(k) >= step2.AUTO_BITS for k, l in levels.items())
-    assert step2.choose_levels(auto, 2) == 8  # capped at the quantizer's 8 levels
-    assert step2.choose_levels(SimpleNamespace(levels="2"), 64) == 2  # an explicit --levels is kept
+    assert all(l * math.log2(k) >= tokenizer_training.AUTO_BITS for k, l in levels.items())
+    assert choose_levels("auto", 2) == 8  # capped at the quantizer's 8 levels
+    assert choose_levels("2", 64) == 2  # an explicit --levels is kept
 
 
 def test_preset_sets_defaults_and_given_flags_win():
-    base = ["fit", "--h5", "x.h5", "--out-dir", "tok", "--preset", "production"]
-    a = step2.parse_args(base)
+    base = ["--h5", "x.h5", "--out-dir", "tok", "--preset", "production"]
+    a = step2_fit.parse_args(base)  # the command line is the script's interface
     assert (a.dim, a.levels, a.codebook_size, a.codebook_size_tracks, a.steps) == (8, 4, "4096", 8192, 20000)
-    a = step2.parse_args(base + ["--steps", "600", "--levels", "2"])
+    a = step2_fit.parse_args(base + ["--steps", "600", "--levels", "2"])
     assert (a.steps, a.levels, a.batch_size) == (600, "2", 8192)
 
 

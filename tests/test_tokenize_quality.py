@@ -4,18 +4,16 @@ a set over the cache bound keeps streaming)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.object_stream import minibatches
 from common.schema import OBJECTS
 from common.tokenizer import build_specs, fit_preprocessing, preprocess, reconstruction_loss
-from test_tokenize import ROOT, run_step, write_synthetic_h5
-
-sys.path.insert(0, str(ROOT))
-import step2_tokenize as s2  # noqa: E402
+from common.tokenizer_training import weight_pt
+from test_tokenize import run_step, write_synthetic_h5
 
 torch.set_num_threads(1)
 
@@ -36,7 +34,7 @@ def test_pt_weight_scales_only_the_pt_term():
     x = torch.from_numpy(preprocess(specs, sample, d_in))
     out = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     base, _ = reconstruction_loss(specs, out, x)
-    s2.weight_pt(specs, 10.0)
+    weight_pt(specs, 10.0)
     weighted, _ = reconstruction_loss(specs, out, x)
     pt = next(s for s in specs if s["names"] == ["pt"])
     assert pt["loss_weight"] == 10.0 and all("loss_weight" not in s for s in specs if s is not pt)
@@ -59,7 +57,7 @@ def test_minibatches_cache_covers_each_object_once_per_pass():
     specs = build_specs([OBJECTS["jets"].feature("pt")])
     fit_preprocessing(specs, {"pt": np.arange(1, 3501, dtype=float)})
     calls = []
-    gen = s2.minibatches(_stream_factory(calls=calls), specs, 1, 256, np.random.default_rng(0))
+    gen = minibatches(_stream_factory(calls=calls), specs, 1, 256, np.random.default_rng(0))
     first = [next(gen) for _ in range(13)]  # the streamed pass: 3500 // 256 full batches + carry
     passes = [[next(gen) for _ in range(3500 // 256)] for _ in range(3)]
     assert len(calls) == 1, "a cached set must not be re-read from the files"
@@ -74,7 +72,7 @@ def test_minibatches_over_the_bound_keep_streaming():
     specs = build_specs([OBJECTS["jets"].feature("pt")])
     fit_preprocessing(specs, {"pt": np.arange(1, 3501, dtype=float)})
     calls = []
-    gen = s2.minibatches(_stream_factory(calls=calls), specs, 1, 256, np.random.default_rng(0), cache_bytes=1000)
+    gen = minibatches(_stream_factory(calls=calls), specs, 1, 256, np.random.default_rng(0), cache_bytes=1000)
     for _ in range(3 * 14):
         next(gen)
     assert len(calls) >= 3

@@ -1,0 +1,258 @@
+"""Step 2, fit: one tokenizer per object type from step1 HDF5 files.
+
+  python step2_fit.py --h5 data/h5/*.h5 --out-dir runs/tok            # or: step2_tokenize.py fit ...
+  python step2_fit.py --h5 data/h5/*.h5 --out-dir runs/tok --preset production [--device cuda]
+  torchrun --nproc_per_node N step2_fit.py --h5 data/h5/*.h5 --out-dir runs/tok
+
+For every object type a residual EMA VQ-VAE (common/tokenizer.py) on the schema's
+tokenize=True features present in all inputs (`--mode combined`: one over all object types).
+Preprocessing is fitted on a bounded sample of events drawn uniformly from all inputs; training
+streams minibatches from the HDF5 files (memory does not grow with the number of events); the
+quality is measured on held-out events (the `test` split of common/token_parquet.split_of) and
+written to <obj>.json. Under torchrun the model is DistributedDataParallel and the codebook
+statistics are all-reduced. The fit runs on the CPU unless --device says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import distributed as D
+from common import runtime
+from common.object_stream import (combined_stream, common_features, count_objects, describe_file, dropped_features,
+                                  minibatches, preprocessing_sample, stream_objects)
+from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
+from common.tokenizer import COMBINED, MAX_LEVELS, Tokenizer, build_specs, combined_specs, fit_preprocessing
+from common.tokenizer_quality import btag_cuts, evaluate, save_eval_sample
+from common.tokenizer_training import (KMEANS_FACTOR, choose_codebook_size, choose_levels, ranks_digests, train,
+                                       weight_pt)
+
+# --- fit defaults (quick: the run_all sample); `--preset production` is the long fit's setting ---
+DIM = 8
+LEVELS = "auto"  # auto: 4, more where few objects cap the codebook (common/tokenizer_training.AUTO_BITS per object)
+CODEBOOK_SIZE = "auto"  # auto: a power of two near (training objects / 32), 64 to 2048 (common/tokenizer_training.py)
+HIDDEN = 128
+DEPTH = 2
+DECAY = 0.99
+DEAD_FRACTION = 0.1  # a code is dead with fewer hits than this x the mean hits per code in a window
+#                      (0.03 left rare codes alive: 90% of muon codes used on held-out events, 0.1: 94%)
+BATCH_SIZE = 256  # with STEPS: the objects of 800 steps x 1024, with 4x the codebook updates
+#                   (run_all sample, pT resolution: e, mu, photons, jets, tracks 1.2-1.9% -> 0.8-1.6%, taus 3.5% -> 2.3%)
+STEPS = 3200
+WARMUP_STEPS = 100  # plain autoencoder steps before k-means initialises the codebooks
+LR = 3e-3
+COMMIT_WEIGHT = 0.25
+DISCRETE_WEIGHT = 10.0  # loss weight of flags and categories: they must come back exactly
+PT_WEIGHT = 10.0  # loss weight of pT (and MET sumet): the code bits go to pT (30 broke b-tag and tau phi)
+PREPROCESS_EVENTS = 200_000  # bound of the preprocessing sample
+EVAL_OBJECTS = 200_000  # bound of the held-out quality sample
+SEED = 1
+THREADS = 1  # per process (0: the usable CPUs): the MLPs are small, one thread beats two contending ones
+DEVICE = "cpu"  # cuda: for the production preset's long fits (GPU sums are not bitwise reproducible)
+PRESETS = {
+    "production": {"dim": 8, "levels": 4, "codebook_size": "4096", "codebook_size_tracks": 8192,
+                   "batch_size": 8192, "steps": 20000, "warmup_steps": 1000},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--h5", nargs="+", required=True, help="step1 HDF5 files (or directories)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--objects", default=",".join(TOKENIZED_OBJECTS), help="comma list of object types")
+    p.add_argument("--mode", choices=("per-object", "combined"), default="per-object")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="production: dim 8, 4 levels, 4096 codes (8192 tracks)")
+    p.add_argument("--dim", type=int, default=DIM)
+    p.add_argument("--levels", default=LEVELS, help=f"1-{MAX_LEVELS} or 'auto'")
+    p.add_argument("--codebook-size", default=CODEBOOK_SIZE, help="int or 'auto'")
+    p.add_argument("--hidden", type=int, default=HIDDEN)
+    p.add_argument("--depth", type=int, default=DEPTH)
+    p.add_argument("--decay", type=float, default=DECAY, help="EMA decay of the codebooks")
+    p.add_argument("--cosine", action="store_true", help="cosine-similarity code search")
+    p.add_argument("--dead-fraction", type=float, default=DEAD_FRACTION)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--commit-weight", type=float, default=COMMIT_WEIGHT)
+    p.add_argument("--discrete-weight", type=float, default=DISCRETE_WEIGHT, help="loss weight of flags/categories")
+    p.add_argument("--pt-weight", type=float, default=PT_WEIGHT, help="loss weight of pT (and MET sumet)")
+    p.add_argument("--transform", action="append", default=[], metavar="OBJ.FEATURE=T",
+                   help=f"override a continuous feature's transform ({', '.join(TRANSFORMS)})")
+    p.add_argument("--preprocess-events", type=int, default=PREPROCESS_EVENTS)
+    p.add_argument("--eval-objects", type=int, default=EVAL_OBJECTS)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=THREADS, help="threads per process (0: the usable CPUs)")
+    p.add_argument("--device", default=DEVICE, help="cpu | cuda | auto (one GPU per torchrun rank)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(codebook_size_tracks=None)  # a preset's own size for tracks
+    args = p.parse_args(argv)
+    if args.preset:  # the preset replaces the defaults; flags given still win
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
+    return args
+
+
+def parse_transforms(items: list[str]) -> dict[str, dict[str, str]]:
+    """--transform jets.pt=log_standard -> {'jets': {'pt': 'log_standard'}} (checked against the schema)."""
+    out: dict[str, dict[str, str]] = {}
+    for text in items:
+        try:
+            key, transform = text.split("=")
+            obj, name = key.split(".")
+            f = OBJECTS[obj].feature(name)
+        except (ValueError, KeyError):
+            runtime.die(f"--transform {text!r}: expected OBJ.FEATURE=TRANSFORM with a schema feature")
+        if f.kind != "continuous" or transform not in TRANSFORMS:
+            runtime.die(f"--transform {text!r}: only continuous features, transform one of {TRANSFORMS}")
+        out.setdefault(obj, {})[name] = transform
+    return out
+
+
+def describe_input(path: str) -> dict:
+    """describe_file; a file without events is a bad input (nothing to sample or train on)."""
+    info = describe_file(path)
+    if info["n_events"] == 0:
+        raise runtime.InputError("no events to fit on")
+    return info
+
+
+def fit_features(obj: str, infos: list[dict], transforms: dict) -> list:
+    """The features every input holds, with the --transform overrides (recorded in the specs)."""
+    own = transforms.get(obj, {})
+    return [replace(f, transform=own[f.name]) if f.name in own else f for f in common_features(obj, infos)]
+
+
+def fit_data(obj: str, objs: list[str], infos: list[dict], transforms: dict, rng, args):
+    """(specs, feature names, preprocessing sample, training objects, train stream factory, held-out
+    stream) of one tokenizer; the combined one takes every type's features as '<obj>/<name>'."""
+    if obj == COMBINED:
+        features = {o: fit_features(o, infos, transforms) for o in objs}
+        specs = combined_specs(features)
+        names = {o: [f.name for f in fs] for o, fs in features.items()}
+        sample = {}
+        for o in objs:
+            part = preprocessing_sample(o, names[o], infos, args.preprocess_events, rng)
+            sample.update({f"{o}/{k}": v for k, v in part.items()})
+        n_train = sum(count_objects(o, infos)[0] for o in objs)
+        train_stream = lambda: combined_stream(objs, names, infos, "train", rng, args.rank, args.world)  # noqa: E731
+        return specs, names, sample, n_train, train_stream, combined_stream(objs, names, infos, "test", None)
+    features = fit_features(obj, infos, transforms)
+    specs = build_specs(features)
+    if not specs:
+        raise runtime.InputError(f"{obj}: no tokenizable features present in all inputs")
+    names = [f.name for f in features]
+    sample = preprocessing_sample(obj, names, infos, args.preprocess_events, rng)
+    train_stream = lambda: stream_objects(obj, names, infos, split="train", rng=rng, rank=args.rank, world=args.world)  # noqa: E731
+    return specs, names, sample, count_objects(obj, infos)[0], train_stream, stream_objects(obj, names, infos, split="test", rng=None)
+
+
+def fit_one(obj: str, objs: list[str], infos: list[dict], transforms: dict, args) -> dict:
+    """Fit, evaluate and save the tokenizer of one object type (or the combined one of `objs`)."""
+    out_dir = Path(args.out_dir)
+    ckpt = out_dir / f"{obj}.pt"
+    if ckpt.exists() and not args.overwrite:
+        print(f"[fit] {ckpt} exists, skipping (use --overwrite)", file=sys.stderr)
+        return {"object": obj, "skipped": True}
+    rng = np.random.default_rng(args.seed)
+    runtime.seed_everything(args.seed)
+    specs, names, sample, n_train, train_stream, test_stream = fit_data(obj, objs, infos, transforms, rng, args)
+    fit_preprocessing(specs, sample)
+    weight_pt(specs, args.pt_weight)
+    requested = args.codebook_size_tracks if obj == "tracks" and args.codebook_size_tracks else args.codebook_size
+    codebook_size = choose_codebook_size(requested, n_train)
+    settings = {"dim": args.dim, "levels": choose_levels(args.levels, codebook_size), "codebook_size": codebook_size,
+                "hidden": args.hidden, "depth": args.depth, "decay": args.decay, "cosine": bool(args.cosine),
+                "dead_fraction": args.dead_fraction, "batch_size": args.batch_size, "steps": args.steps,
+                "warmup_steps": args.warmup_steps, "lr": args.lr, "commit_weight": args.commit_weight,
+                "discrete_weight": args.discrete_weight, "pt_weight": args.pt_weight, "kmeans_buffer": KMEANS_FACTOR,
+                "seed": args.seed, "mode": args.mode, "n_train_objects": n_train}
+    tok = Tokenizer(obj, specs, settings)
+
+    # training: on args.device, every rank on its share of the chunks
+    device = torch.device(args.device)
+    model = tok.model.to(device)
+    model.train()
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if args.world > 1 else model
+    batches = (x.to(device) for x in minibatches(train_stream, specs, tok.d_in, args.batch_size,
+                                                  np.random.default_rng(args.seed + args.rank)))
+    history = train(model, specs, batches, steps=args.steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+                    lr=args.lr, commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
+                    ddp_model=ddp_model, label=obj, progress=args.rank == 0)
+    model.eval()
+    digests = ranks_digests(model, args.world)
+    model.cpu()  # evaluated and saved on the CPU, where apply and the plots load it
+    if args.rank != 0:
+        return {"object": obj}
+
+    # held-out quality, then the outputs: <obj>.pt, <obj>.json, <obj>.eval.npz
+    cuts = btag_cuts(sample, specs)
+    orig, reco, codes, q = evaluate(tok, test_stream, args.eval_objects, cuts)
+    sidecar = {"quality": q, "btag_cuts": cuts, "history": history,
+               "ddp": {"world_size": args.world, "codebook_sha256_per_rank": digests,
+                       "identical": len(set(digests)) == 1},
+               "features_used": names,
+               "dropped_features": dropped_features(obj, infos) if obj != COMBINED else {},
+               "provenance": runtime.provenance("step2_fit.py", args, [i["path"] for i in infos])}
+    sha = tok.save(ckpt, sidecar)
+    save_eval_sample(out_dir / f"{obj}.eval.npz", orig, reco, codes)
+    return {"object": obj, "sha256": sha, "goals": q["goals"], "settings": settings}
+
+
+def setup_distributed(args) -> None:
+    d = D.setup(args.device)  # ranks talk over gloo on the CPU, nccl on GPUs
+    args.world, args.rank, args.device = d.world, d.rank, str(d.device)  # the device as resolved, recorded
+    runtime.set_threads(args.threads)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_distributed(args)
+    objs = [o.strip() for o in args.objects.split(",") if o.strip()]
+    bad = [o for o in objs if o not in TOKENIZED_OBJECTS]
+    if bad:
+        runtime.die(f"--objects: unknown object type(s) {', '.join(bad)}; choose from {', '.join(TOKENIZED_OBJECTS)}")
+    if str(args.levels) != "auto" and not (str(args.levels).isdigit() and 1 <= int(args.levels) <= MAX_LEVELS):
+        runtime.die(f"--levels must be 1..{MAX_LEVELS} or auto, got {args.levels}")
+    transforms = parse_transforms(args.transform)
+    paths = runtime.expand_inputs(args.h5)
+    if not paths:
+        runtime.die("no input files")
+    infos, errors = runtime.process_inputs(paths, describe_input)
+    if not infos:
+        return runtime.exit_code(errors)
+
+    results = []
+    for obj in [COMBINED] if args.mode == "combined" else objs:
+        try:
+            results.append(fit_one(obj, objs, infos, transforms, args))
+        except (runtime.InputError, ValueError, KeyError) as exc:
+            line = runtime.error_line(obj, exc)
+            print(line, file=sys.stderr)
+            errors.append(line)
+
+    if args.rank == 0:
+        for r in results:
+            if "goals" in r:
+                print(f"[fit] {r['object']}: codes={r['settings']['codebook_size']} levels={r['settings']['levels']} goals={r['goals']['pass']}")
+        if not args.no_plots and any("sha256" in r for r in results):
+            from plotting.plot_tokenizer import plot_dir
+
+            plot_dir(args.out_dir, [r["object"] for r in results if "sha256" in r])
+    if args.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return runtime.exit_code(errors)
+
+
+if __name__ == "__main__":
+    runtime.bound_heap_growth()  # memory flat over many chunks
+    sys.exit(main())
