@@ -11,6 +11,8 @@ Reading the next chunk, encoding this one and writing the previous one overlap.
 """
 from __future__ import annotations
 
+import common  # noqa: F401  (first: sets the OpenMP wait policy before torch and numba load)
+
 import argparse
 import pickle
 import sys
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
     if not Path(args.tokenizers).is_dir():
         runtime.die(f"{args.tokenizers}: tokenizer directory not found")
     try:
-        shard_paths = runtime.select_shard(runtime.expand_inputs(args.h5), args.shard)
+        shard_paths = runtime.select_shard(runtime.input_files(args.h5), args.shard)
     except ValueError as exc:
         runtime.die(str(exc))
     caps = runtime.per_object(args.cap, sequences.DEFAULT_CAPS, "--cap", int)

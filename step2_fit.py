@@ -14,6 +14,8 @@ statistics are all-reduced. The fit runs on the CPU unless --device says otherwi
 """
 from __future__ import annotations
 
+import common  # noqa: F401  (first: sets the OpenMP wait policy before torch and numba load)
+
 import argparse
 import sys
 from dataclasses import replace
@@ -221,7 +223,7 @@ def main(argv=None) -> int:
     if str(args.levels) != "auto" and not (str(args.levels).isdigit() and 1 <= int(args.levels) <= MAX_LEVELS):
         runtime.die(f"--levels must be 1..{MAX_LEVELS} or auto, got {args.levels}")
     transforms = parse_transforms(args.transform)
-    paths = runtime.expand_inputs(args.h5)
+    paths = runtime.input_files(args.h5)
     if not paths:
         runtime.die("no input files")
     infos, errors = runtime.process_inputs(paths, describe_input)

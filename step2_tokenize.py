@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 
-import step2_apply
-import step2_fit
-from common import runtime
+from common import runtime  # first: sets the OpenMP wait policy before torch and numba load
+
+import step2_apply  # noqa: E402
+import step2_fit  # noqa: E402
 
 COMMANDS = {"fit": step2_fit.main, "apply": step2_apply.main}
 

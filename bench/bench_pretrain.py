@@ -17,10 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402, F401  (first: the OpenMP wait policy, before torch loads)
+import torch  # noqa: E402
+
 from common import training as T  # noqa: E402
 from common.event_data import SequenceStream, open_sequences  # noqa: E402
 from common.token_parquet import SPLITS  # noqa: E402
