@@ -6,6 +6,9 @@ kept) and the model predicts, from the rest of the event, what stood there. Obje
   features  the masked object's normalised features, read from the step1 HDF5 (regression)
   latent    its quantised latent, the sum of its codebook vectors in the step2 tokenizer (regression)
   tokens    its code id at every quantizer level (cross-entropy over the ids legal for the type)
+  event     the event's high-level observables (common.highlevel: lepton pTs, m4l, Z masses, MET,
+            HT, jet and b-jet counts; from the step1 HDF5, log-scaled), regressed from the event
+            representation itself: a label-free event-level signal for the pooled state
 Regression targets are standardised per object type, so predicting 0 is the no-context
 baseline that knows only the type; the context gain is 1 - MSE / baseline MSE per type. For
 ids the baseline is the most frequent code of each (type, level).
@@ -33,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from common import distributed as D
+from common import highlevel
 from common import training as T
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
@@ -45,7 +49,7 @@ from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, 
 # --- defaults (the run_all setting: small and quick on 2 CPU cores) ------------------------------------
 OUT_DIR = "runs/pretrain"
 OBJECTIVE = "features"  # chosen by measurement: bench/README.md, "pretraining objectives"
-OBJECTIVES = ("features", "latent", "tokens")
+OBJECTIVES = ("features", "latent", "tokens", "event")
 REPRESENTATION = "mean"  # the event representation fine-tuning reads: the mean of the object states
 EPOCHS = 4
 BATCH_SIZE = 128
@@ -149,12 +153,15 @@ def regression_targets(batch: dict, ids: torch.Tensor, chosen: torch.Tensor, obj
         out["latent"] = code_table[ids[chosen].long()].sum(-2)
     if "features" in objectives:  # attached to the batch by the stream (SequenceStream.features)
         out["features"] = torch.from_numpy(batch["features"]).to(ids.device)[chosen]
+    if "event" in objectives:  # per event, attached by the stream (SequenceStream.observables)
+        x = batch["observables"].astype(np.float64)
+        out["event"] = torch.from_numpy(np.sign(x) * np.log1p(np.abs(x))).to(ids.device)  # NaN where undefined
     return out
 
 
-def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, dist) -> dict[str, T.TargetScaler]:
+def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, event_type, dist) -> dict[str, T.TargetScaler]:
     """Standardisation of each regression target from SCALER_BATCHES training batches (all objects)."""
-    dims = {"latent": lambda: code_table.shape[1], "features": lambda: cont.width}
+    dims = {"latent": lambda: code_table.shape[1], "features": lambda: cont.width, "event": lambda: len(highlevel.NAMES)}
     scalers = {o: T.TargetScaler(n_types, dims[o]()) for o in objectives if o != "tokens"}
     if not scalers:
         return scalers
@@ -166,6 +173,10 @@ def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, dist) -> 
         t = types[objects.to(types.device)].long().cpu().numpy()
         for name, scaler in scalers.items():
             x = targets[name].float().cpu().numpy()
+            if name == "event":
+                valid = np.isfinite(x).astype(np.float64)
+                scaler.add(np.full(len(x), event_type), np.nan_to_num(x), valid)
+                continue
             valid = cont_valid(t, cont, x.shape[1]) if name == "features" else np.ones_like(x)
             scaler.add(t, x, valid)
     return {o: s.finish(lambda a: D.all_sum(torch.from_numpy(a).to(dist.device), dist).cpu().numpy())
@@ -207,6 +218,12 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
         for name in args.objectives:
             if name == "tokens":
                 loss = loss + stats[name].add(*out[name], b_labels, m_types, ctx.get("mode"))
+            elif name == "event":
+                x = targets[name]
+                ev_types = torch.full((len(x),), ctx["event_type"], device=x.device)
+                z, valid = ctx["scalers"][name].standardise(ev_types, torch.nan_to_num(x))
+                valid = valid * torch.isfinite(x)
+                loss = loss + stats[name].add(ev_types, out[name], z * valid, valid)
             else:
                 z, valid = ctx["scalers"][name].standardise(m_types, targets[name])
                 loss = loss + stats[name].add(m_types, out[name], z, valid)
@@ -287,17 +304,21 @@ def main(argv=None) -> int:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             need = "--objective latent" if "latent" in args.objectives else "code geometry (or run with --no-code-geometry)"
             die(f"{need} needs the step2 tokenizers: {str(exc).splitlines()[0]}")
-    if "features" in args.objectives:
+    h5_files = None
+    if {"features", "event"} & set(args.objectives):
         try:
-            cont = ContinuousFeatures(h5_locations(paths, args.h5_dir), vocab, args.tokenizers or recorded_tokenizers(paths[0]))
+            h5_files = h5_locations(paths, args.h5_dir)
+            if "features" in args.objectives:
+                cont = ContinuousFeatures(h5_files, vocab, args.tokenizers or recorded_tokenizers(paths[0]))
         except (OSError, ValueError, KeyError) as exc:
-            die(f"--objective features needs the step1 HDF5 files: {str(exc).splitlines()[0]}")
+            die(f"--objective {args.objective} needs the step1 HDF5 files: {str(exc).splitlines()[0]}")
 
     # Data: train and validation splits only; the test split is never read.
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS[split],  # noqa: E731
                                                    shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
-                                                   rank=dist.rank, world=dist.world, features=cont, failed=failed)
+                                                   rank=dist.rank, world=dist.world, features=cont, failed=failed,
+                                                   observables=h5_files if "event" in args.objectives else None)
     train_stream, val_stream = stream("train", True), stream("val", False)
     n_train, n_val = train_stream.count(), val_stream.count()
     for name, n in (("train", n_train), ("validation", n_val)):
@@ -317,10 +338,12 @@ def main(argv=None) -> int:
     if cfg.code_dim:
         backbone.set_code_vectors(code_table)
     table = None if code_table is None else torch.from_numpy(code_table).to(dist.device)
-    scalers = fit_scalers(train_stream, args.objectives, ranges, table, cont, cfg.n_types, dist)
-    heads = {o: RegressionHead(cfg.d_model, len(s.mean[0])) for o, s in scalers.items()}
+    event_type = vocab["type_ids"]["event"]  # the event objective's statistics are filed under the event type
+    scalers = fit_scalers(train_stream, args.objectives, ranges, table, cont, cfg.n_types, event_type, dist)
+    heads = {o: RegressionHead(cfg.d_model, len(s.mean[0])) for o, s in scalers.items() if o != "event"}
     token_head = MaskedTokenHead(cfg, legal_id_mask(vocab)) if "tokens" in args.objectives else None
-    model = PretrainModel(backbone, token_head, heads).to(dist.device)
+    event_head = RegressionHead(cfg.d_model, len(highlevel.NAMES)) if "event" in args.objectives else None
+    model = PretrainModel(backbone, token_head, heads, event_head, REPRESENTATION).to(dist.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = T.warmup_cosine(opt, steps * args.epochs, args.warmup_fraction)
     code_counts = np.zeros((cfg.n_types, cfg.levels, cfg.vocab_size), dtype=np.int64) if token_head else None
@@ -340,7 +363,7 @@ def main(argv=None) -> int:
         if dist.main:
             print(f"resuming after epoch {start_epoch - 1} from {ckpt}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
-    ctx = {"ranges": ranges, "code_table": table, "scalers": scalers}
+    ctx = {"ranges": ranges, "code_table": table, "scalers": scalers, "event_type": event_type}
     if dist.main:
         n_params = sum(p.numel() for p in backbone.parameters())
         print(f"pretraining ({', '.join(args.objectives)}) on {n_train} train / {n_val} val events, {steps} steps/epoch "

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from common import highlevel
 from common.runtime import InputError
 from common.schema import MASK, PAD
 from common.token_parquet import (REQUIRED_COLUMNS, _splitmix64, batch_to_numpy, check_columns, iter_batches,
@@ -76,6 +77,7 @@ class SequenceStream:
     columns: Sequence[str] = REQUIRED_COLUMNS
     features: object = None  # a ContinuousFeatures: each event's normalised features ride along as column "features"
     failed: dict = field(default_factory=dict)  # file -> the error that stopped its reading (the other files go on)
+    observables: dict | None = None  # source_file -> HDF5 path: each event's high-level observables ride along
 
     def _keep(self, batch: pa.RecordBatch) -> np.ndarray:
         idx = batch.column("event_index").to_numpy(zero_copy_only=False)
@@ -103,6 +105,8 @@ class SequenceStream:
                 if self.features is not None and "input_ids" in columns:
                     # read here, in file order (each HDF5 block once per pass), not per shuffled batch
                     table = table.append_column("features", self.features.column(table, self.levels))
+                if self.observables is not None and "input_ids" in columns:
+                    table = table.append_column("observables", observables_column(table, self.observables))
                 yield table
 
     def totals(self) -> dict[str, float]:
@@ -155,6 +159,19 @@ class SequenceStream:
                     taken += 1
                     yield batch_to_numpy(table.slice(lo, self.batch_size), self.levels)
                 i += 1
+
+
+def observables_column(table: pa.Table, h5_files: dict) -> pa.FixedSizeListArray:
+    """common.highlevel's observables of every event of a token table, from its source HDF5 rows."""
+    files = table.column("source_file").to_numpy(zero_copy_only=False)
+    rows = table.column("event_index").to_numpy(zero_copy_only=False)
+    x = np.full((len(rows), len(highlevel.NAMES)), np.nan, np.float32)
+    for name in np.unique(files):
+        if name not in h5_files:
+            raise InputError(f"no HDF5 file for source_file {name} (use --h5-dir)")
+        sel = files == name
+        x[sel] = highlevel.for_rows(h5_files[name], rows[sel])
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
 
 
 # --- masking -------------------------------------------------------------------------------------

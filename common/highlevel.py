@@ -91,7 +91,8 @@ def for_rows(path: str | os.PathLike, rows: Sequence[int], step: int = 65536) ->
         total = f["common/met/pt"].shape[0]
     if len(rows) and (sorted_rows[0] < 0 or sorted_rows[-1] >= total):
         raise ValueError(f"{path}: event_index {int(sorted_rows[-1])} beyond the file's {total} events")
-    for lo, chunk in iter_chunks(path, keys, step=step):
+    span = (int(sorted_rows[0]), int(sorted_rows[-1]) + 1) if len(rows) else (0, 0)
+    for lo, chunk in iter_chunks(path, keys, step=step, start=span[0], stop=span[1]):  # only the rows' span
         a, b = np.searchsorted(sorted_rows, [lo, lo + step])
         if a == b:
             continue

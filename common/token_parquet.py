@@ -182,6 +182,10 @@ def batch_to_numpy(batch: pa.RecordBatch | pa.Table, q: int) -> dict[str, np.nda
     out["length"] = lengths
     if "features" in cols:  # per-position feature vectors attached by a SequenceStream
         out["features"], _ = _pad_lists(cols["features"], cols["features"].type.value_type.list_size)
+    if "observables" in cols:  # per-event observables attached by a SequenceStream
+        c = cols["observables"]
+        c = c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+        out["observables"] = c.flatten().to_numpy(zero_copy_only=False).reshape(len(c), c.type.list_size)
     for name in ("event_index", "dsid", "weight", "process", "source_file"):
         if name in cols:
             c = cols[name]

@@ -185,18 +185,23 @@ class PretrainModel(nn.Module):
     hidden states of the masked positions go to each head."""
 
     def __init__(self, backbone: EventTransformer, token_head: MaskedTokenHead | None = None,
-                 regression_heads: dict[str, RegressionHead] | None = None):
+                 regression_heads: dict[str, RegressionHead] | None = None, event_head: RegressionHead | None = None,
+                 pooling: str = "mean"):
         super().__init__()
-        self.backbone, self.token_head = backbone, token_head
+        self.backbone, self.token_head, self.event_head, self.pooling = backbone, token_head, event_head, pooling
         self.regression_heads = nn.ModuleDict(regression_heads or {})
 
     def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None):
-        """-> {objective: output} for the M chosen positions (row-major): 'tokens' gives
-        (loss (M,Q), correct (M,Q)), a regression objective its prediction (M, dim)."""
-        hidden = self.backbone(input_ids, token_type_ids, attention_mask)[chosen]
+        """-> {objective: output}: for the M chosen positions (row-major) 'tokens' gives (loss (M,Q),
+        correct (M,Q)) and an object regression its prediction (M, dim); 'event' predicts (B, dim)
+        from the event representation that fine-tuning reads."""
+        states = self.backbone(input_ids, token_type_ids, attention_mask)
+        hidden = states[chosen]
         out = {name: head(hidden) for name, head in self.regression_heads.items()}
         if self.token_head is not None:
             out["tokens"] = self.token_head(hidden, token_type_ids[chosen], labels)
+        if self.event_head is not None:
+            out["event"] = self.event_head(pool(states, token_type_ids, attention_mask, self.pooling))
         return out
 
 

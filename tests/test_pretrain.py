@@ -92,7 +92,7 @@ def test_stream_splits_and_rank_shards(sample):
 
 
 def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, capsys):
-    pre = sample["pretrain"]  # features + tokens, 5 epochs, lr 3e-3, mask 0.3, no dropout: finetune_fixtures.PRETRAIN_ARGS
+    pre = sample["pretrain"]  # features + tokens + event, 5 epochs, lr 3e-3, mask 0.3, no dropout: finetune_fixtures.PRETRAIN_ARGS
     m = json.loads((pre / "metrics.json").read_text())
     n_train = sum(int((split_of(Path(p).with_suffix(".h5").name, np.arange(SHARED_EVENTS)) == 0).sum())
                   for p in sample["parquet"].values())
@@ -103,12 +103,14 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     assert set(val["per_level"]) == {"0", "1"} and {"electrons", "muons", "jets"} <= set(val["per_type"])
     # the fixture's objects share their event's rapidity and azimuth axis: the features are predictable from context
     gain = m["context_gain"]
-    assert m["objectives"] == ["features", "tokens"] and {"electrons", "muons", "jets", "met"} <= set(gain)
+    assert m["objectives"] == ["features", "tokens", "event"] and {"electrons", "muons", "jets", "met"} <= set(gain)
     assert min(gain[o]["gain"] for o in ("electrons", "muons", "jets")) > 0.03, gain  # eta, phi: 3 of ~9 features
     assert m["val"]["features"]["context_gain"] > 0.05
+    # the event representation learns the event's observables (hzz4l's harder leptons, ttbar's jets, ...)
+    assert m["val"]["event"]["per_type"]["event"]["n"] == m["n_events"]["val"] and m["val"]["event"]["context_gain"] > 0.2
     model, side = load_backbone(pre / "backbone.pt")  # weights_only=True inside
     assert side["vocab_checksum"] == vocab_checksum(sample["vocab"]) and side["config"]["d_model"] == 32
-    assert side["objectives"] == ["features", "tokens"] and side["representation"] == "mean"
+    assert side["objectives"] == ["features", "tokens", "event"] and side["representation"] == "mean"
     assert (pre / "history.csv").read_text().count("\n") == 6
     # a finished run is skipped; --resume continues from the checkpoint to more epochs (on a copy)
     out = tmp_path / "pre"
@@ -116,7 +118,7 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     code, stdout, _ = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, *SMALL)
     assert code == 0 and "skipping" in stdout
     code, stdout, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "6",
-                            "--resume", "--objective", "features,tokens", "--lr", "3e-3", "--mask-prob", "0.3",
+                            "--resume", "--objective", "features,tokens,event", "--lr", "3e-3", "--mask-prob", "0.3",
                             "--max-steps", "4", *SMALL)
     assert code == 0 and "resuming after epoch 4" in stdout, err[-1500:]
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1, 2, 3, 4, 5]
