@@ -16,10 +16,11 @@ PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"  # the labelled task's processes
 SIGNAL="${SIGNAL:-hzz4l}"
 BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
 PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz}"  # unlabelled corpus, beside the task's own events
-PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-5000}"  # events generated per corpus process
+PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-2500}"  # events generated per corpus process
 SEEDS="${SEEDS:-1,2,3}"             # every classifier training is repeated with these seeds
 RUN="${RUN:-runs/default}"          # output folder of this run
 SAMPLE_DIR="${SAMPLE_DIR:-data/raw/${EVENTS}ev_seed${SEED}}"  # generated ROOT files, cached between runs
+CORPUS_DIR="${CORPUS_DIR:-data/raw/${PRETRAIN_EVENTS}ev_seed${SEED}}"  # the same for the pretraining corpus
 DEVICE="${DEVICE:-auto}"            # auto | cpu | cuda
 WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"
 OVERWRITE="${OVERWRITE:-0}"
@@ -35,7 +36,7 @@ for p in $PROCESSES $PRETRAIN_PROCESSES; do
         exit 2
     fi
 done
-mkdir -p "$RUN/logs" "$SAMPLE_DIR"
+mkdir -p "$RUN/logs" "$SAMPLE_DIR" "$CORPUS_DIR"
 overwrite=()
 [ "$OVERWRITE" = 1 ] && overwrite=(--overwrite)
 t_start=$SECONDS
@@ -62,14 +63,14 @@ run_step() {
 corpus=()
 for p in $PRETRAIN_PROCESSES; do [[ " $PROCESSES " == *" $p "* ]] || corpus+=("$p"); done
 all_processes=($PROCESSES "${corpus[@]}")
-for p in "${all_processes[@]}"; do
-    n="$EVENTS"; [[ " ${corpus[*]} " == *" $p "* ]] && n="$PRETRAIN_EVENTS"
-    run_step "step0_$p" "$SAMPLE_DIR/$p.root" \
-        python step0_generate.py --process "$p" --events "$n" --seed "$SEED" \
-            --workers "$WORKERS" --out "$SAMPLE_DIR/$p.root"
-done
 raw=()
-for p in "${all_processes[@]}"; do raw+=("$SAMPLE_DIR/$p.root"); done
+for p in "${all_processes[@]}"; do
+    n="$EVENTS" dir="$SAMPLE_DIR"
+    [[ " ${corpus[*]} " == *" $p "* ]] && n="$PRETRAIN_EVENTS" dir="$CORPUS_DIR"
+    run_step "step0_$p" "$dir/$p.root" \
+        python step0_generate.py --process "$p" --events "$n" --seed "$SEED" --workers "$WORKERS" --out "$dir/$p.root"
+    raw+=("$dir/$p.root")
+done
 
 # 1. ROOT -> HDF5
 h5=()

@@ -47,7 +47,7 @@ def child_epoch(paths, out, args) -> tuple[float, float, float]:
            "--objective", args.objective]
     cmd += ["--h5-dir", args.h5_dir] if args.h5_dir else []
     cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    cmd += [] if args.tokenizers else ["--no-code-geometry"]
+    cmd += ["--tokenizers", args.tokenizers] if args.tokenizers else ["--no-code-geometry"]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -62,13 +62,15 @@ def main() -> int:
     p.add_argument("--parquet", nargs="*", default=None)
     p.add_argument("--h5-dir", default=None, help="step1 HDF5 of --parquet (the features objective)")
     p.add_argument("--tokenizers", default=None, help="step2 tokenizers of --parquet (code geometry)")
-    p.add_argument("--objective", default="features")
+    p.add_argument("--objective", default=None,
+                   help="default: step3's (latent,event) with --tokenizers, else features,event (no codebooks to regress)")
     p.add_argument("--events", type=int, default=EVENTS_PER_PROCESS, help="per process, synthetic sample")
     p.add_argument("--scales", default="1", help="synthetic corpus sizes in units of --events, e.g. 1,10")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the child's training steps")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
+    args.objective = args.objective or ("latent,event" if args.tokenizers else "features,event")
     torch.set_num_threads(1)  # one thread for both measurements, so the ratio compares like with like
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

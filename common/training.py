@@ -116,7 +116,7 @@ class RegressionStats:
     def summary(self, vocab: dict, reduce=lambda t: t) -> dict:
         n, values, model, base = reduce(self.sums).cpu().numpy()
         ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
-        gain = lambda m, b: 1 - m / b if b else float("nan")  # noqa: E731
+        gain = lambda m, b: float(1 - m / b) if b else float("nan")  # noqa: E731
         out = {"n_masked": int(n.sum()), "mse": ratio(model.sum(), values.sum()),
                "baseline_mse": ratio(base.sum(), values.sum()), "context_gain": gain(model.sum(), base.sum()),
                "per_type": {}}

@@ -18,7 +18,7 @@ import awkward as ak
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import physics  # noqa: E402
+from common import physics, sample_checks  # noqa: E402
 from common.physlite import (BRANCHES, MUON_QUALITY_MASK, SCALE, TREES, TRUTH_BRANCHES, first_present,  # noqa: E402
                              open_tree, read_generator_metadata, tree_keys)
 from common.runtime import EXIT_OK, EXIT_USAGE, error_line  # noqa: E402
@@ -77,7 +77,7 @@ def load(path) -> dict:
     discriminant = physics.btag_discriminant(*scores, physics.BJET_TAGGER)
     tagged = physics.is_bjet(flat_pt, physics.flat(jet_eta)[1], *scores)
     return {
-        "process": str(process),
+        "path": str(path), "process": str(process),
         "electrons": leptons("electrons", 11, a("electrons", "LHLoose") == 1),
         "muons": leptons("muons", 13, (a("muons", "quality") & MUON_QUALITY_MASK) <= MU_LOOSE),
         "jets": ak.zip({"pt": jet_pt, "eta": jet_eta, "label": a("jets", "HadronConeExclTruthLabelID"),
@@ -232,6 +232,21 @@ def plot_all(samples: list[dict], out_dir: Path) -> list[Path]:
     ax.set(xlabel="ptvarcone30 / pT (e and mu, pT > 10 GeV)", ylabel="normalised", yscale="log")
     ax.legend()
     save(fig, "lepton_isolation.png")
+
+    # the W Jacobian edge and the jet spectra, through the converter's own reader (common.sample_checks)
+    obs = {s["process"]: sample_checks.observables(s["path"]) for s in samples}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for proc, o in obs.items():
+        mt = o["mt_w"][np.isfinite(o["mt_w"])]
+        if len(mt) > 50:
+            a.hist(mt, bins=np.arange(0, 160, 4), histtype="step", density=True, label=f"{proc} ({len(mt)} ev)")
+        b.hist(o["jet1_pt"][o["jet1_pt"] > 0], bins=np.geomspace(25, 1000, 40), histtype="step", density=True, label=proc)
+    a.axvline(physics.W_MASS, color="grey", ls=":")
+    a.set(xlabel="mT(lepton, MET) [GeV], events with one isolated lepton", ylabel="normalised")
+    b.set(xlabel="leading jet pT [GeV]", ylabel="normalised", xscale="log", yscale="log")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    save(fig, "mt_w_and_jet_pt.png")
     return written
 
 

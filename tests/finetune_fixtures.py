@@ -161,9 +161,10 @@ def make_sample(root: Path, n: int = 600, seed: int = 3, processes=tuple(PROCESS
 # --- one sample and one pretraining, shared by test_pretrain.py and test_finetune.py ----------------------
 
 SHARED_EVENTS = 1200  # per process
-# Both objectives at once; strong enough to beat the no-context baselines clearly (asserted in test_pretrain.py),
+# Three objectives at once; strong enough to beat the no-context baselines clearly (asserted in test_pretrain.py),
 # small enough to be quick.
-PRETRAIN_ARGS = ["--objective", "features,tokens,event", "--epochs", "5", "--lr", "3e-3", "--mask-prob", "0.3", "--dropout", "0", "--d-model", "32",
+PRETRAIN_ARGS = ["--objective", "features,tokens,event", "--epochs", "5", "--lr", "3e-3", "--mask-prob", "0.3", "--dropout", "0",
+                 "--d-model", "32",
                  "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1", "--no-plots"]
 _SHARED: dict = {}
 

@@ -29,7 +29,8 @@ from common.token_parquet import SPLITS, batch_to_numpy, legal_id_mask, split_of
 from common.transformer import load_backbone, vocab_checksum  # noqa: E402
 
 # The synthetic sample has no step2 tokenizers behind it, hence no code geometry.
-SMALL = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1", "--no-plots",
+SMALL = ["--objective", "tokens", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1",
+         "--no-plots",
          "--no-code-geometry"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -118,8 +119,8 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     code, stdout, _ = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, *SMALL)
     assert code == 0 and "skipping" in stdout
     code, stdout, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "6",
-                            "--resume", "--objective", "features,tokens,event", "--lr", "3e-3", "--mask-prob", "0.3",
-                            "--max-steps", "4", *SMALL)
+                            "--resume", "--lr", "3e-3", "--mask-prob", "0.3", "--max-steps", "4", *SMALL,
+                            "--objective", "features,tokens,event")
     assert code == 0 and "resuming after epoch 4" in stdout, err[-1500:]
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1, 2, 3, 4, 5]
 
@@ -159,6 +160,13 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     assert code != 0 and "split holds no events" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "--parquet", bad, "--mask-prob", "1.5")
     assert code == 2 and "--mask-prob must be in (0, 1)" in err
+    code, _, err = run(capsys, "--parquet", bad, "--objective", "features,colour")
+    assert code == 2 and "choose one or more of features, latent, tokens, event" in err
+    # the latent objective needs the step2 tokenizers, which the synthetic sample has none of
+    code, _, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", tmp_path / "o4", *SMALL,
+                       "--objective", "latent")
+    assert code == 2 and "--objective latent needs the step2 tokenizers" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o4").exists()
 
 
 def test_code_geometry_embeds_the_quantised_latent_and_hides_masked_objects():
@@ -203,8 +211,8 @@ def test_damaged_inputs_skip_the_file_and_keep_the_run(sample, tmp_path, capsys)
     from finetune_fixtures import make_sample
     other = make_sample(tmp_path / "other", n=60, processes=("dy",), vocab=odd, name_suffix="_odd")["parquet"]["dy"]
     out = tmp_path / "o"
-    code, stdout, err = run(capsys, "--parquet", other, broken, *good[1:], "--out-dir", out, "--objective", "tokens",
-                            "--epochs", "1", "--max-steps", "3", *SMALL)
+    code, stdout, err = run(capsys, "--parquet", other, broken, *good[1:], "--out-dir", out, "--epochs", "1",
+                            "--max-steps", "3", *SMALL)
     assert code == 1 and "Traceback" not in err, err[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert (out / "backbone.pt").exists() and m["val"]["tokens"]["n_masked"] > 100
