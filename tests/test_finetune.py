@@ -161,7 +161,7 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     code, _, err = step4(capsys, "--parquet", *tiny["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", *base)
     assert code == 1 and "split holds no" in err and len(err.strip().splitlines()) == 1
     code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "hzz4l", "--background", "zz4l", "--bootstrap", "0", *base)
-    assert code == 2 and "--bootstrap must be at least 1" in err
+    assert code == 2 and "--bootstrap, --steps, --eval-every and --patience must be at least 1" in err
     assert not (tmp_path / "o").exists(), "no output from a failed run"
 
 
