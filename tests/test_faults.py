@@ -303,6 +303,8 @@ CASES = [
     Case("step1", truncated(0.5), 1, "truncated: 176299 of the 352599 bytes"),
     Case("step1", truncated(0.999), 1, "truncated: 352246 of the 352599 bytes"),
     Case("step1", truncated(0.5, RNTUPLE), 1, "truncated: 1036325 of the 2072650 bytes"),
+    Case("step1", truncated(0.05, RNTUPLE), 1, "truncated"),
+    Case("step1", truncated(0.5, NANO), 1, "truncated"),
     Case("step1", random_bytes(lambda b: (0, 64), "random_bytes_at_start"), 1, "not a ROOT file"),
     Case("step1", random_bytes(muon_pt_basket, "random_bytes_mid_file"), 1, "unreadable data after entry 0"),
     Case("step1", text_file, 1, "not a ROOT file"),
