@@ -1,4 +1,4 @@
-"""Benchmark of step2 at the seeds' setting (dim 8, 4 levels, 4096 codes):
+"""Benchmark of step2 at the production preset's codebooks (dim 8, 4 levels, 4096 codes):
 
   1. nearest-code search: the quantizer's residual search with the compiled exact search
      (common/code_search.py) and with the torch |C|^2 - 2 x.C^T matmul + argmin, vs
