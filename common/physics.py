@@ -15,7 +15,7 @@ from common.schema import ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM
 Z_MASS = 91.1876
 W_MASS = 80.377
 HIGGS_MASS = 125.0
-ELECTRON_MASS, MUON_MASS, PION_MASS = 0.000511, 0.10566, 0.13957
+ELECTRON_MASS, MUON_MASS = 0.000511, 0.10566
 LEPTON_MASS = {"electrons": ELECTRON_MASS, "muons": MUON_MASS}  # the HDF5 lepton objects
 
 # --- b-tagging: D = ln(pb / (fc pc + (1 - fc) pu)), the taggers' charm fractions --------------------
