@@ -137,10 +137,11 @@ def test_tokenizers_from_step2_sidecars(real_run):
 def test_pretraining_from_step3_metrics(real_run):
     pre = section(real_run["page"], "pretraining")
     m = json.loads((real_run["run"] / "pretrain" / "metrics.json").read_text())
+    assert f"objective {' + '.join(m['objectives'])}" in pre and m["objectives"] == ["latent", "event"]
     for split in ("train", "val"):
-        assert f"<td>{shown(m[split]['acc'])}</td>" in pre and f"<td>{m[split]['n_masked']:,}</td>" in pre
-    for obj, v in m["val"]["per_type"].items():
-        assert f"<td>{obj}</td><td>{v['n']:,}</td><td>{shown(v['acc'])}</td>" in pre
+        assert f"<td>{split}</td><td>{shown(m[split]['loss'])}</td>" in pre
+    for obj, v in m["context_gain"].items():
+        assert f"<td>{obj}</td><td>{shown(v['mse'])}</td><td>{shown(v['baseline_mse'])}</td><td>{shown(v['gain'])}</td>" in pre
     # step3 ran with --no-plots: the report draws its plots from metrics.json
     assert "training_curves.png (drawn by the report)" in pre and "data:image/png;base64," in pre
 
@@ -157,14 +158,18 @@ def test_classifier_from_step4_metrics(real_run):
     assert positions == sorted(positions)  # sorted by AUC
     for arm, points in m["data_efficiency"].items():
         for p in points:
-            lo, hi = p["auc_ci95"]
-            assert f"{p['auc']:.3f} [{lo:.3f}, {hi:.3f}]" in clf and f"<td>{p['n_labelled']:,}</td>" in clf
+            assert f"{p['auc']:.3f} ± {p['auc_std']:.3f} (1 seed)" in clf and f"<td>{p['n_labelled']:,}</td>" in clf
+    for fraction, pairs in m["pretraining_verdict"].items():
+        v = pairs["finetune_minus_scratch"]
+        assert f"<td>{fraction}</td><td>finetune - scratch</td><td>{shown(v['delta_auc'])}</td>" in clf
+    summary = section(real_run["page"], "summary")
+    assert all(f"<td>{arm}</td>" in summary for arm in arms) and "Does pretraining pay off?" in summary
     assert "bkg rejection at eff_S=0.50" in clf and "finetune/plots/roc.png" in clf
 
 
 def test_provenance_of_every_step(real_run):
     prov = section(real_run["page"], "provenance")
-    for script in ("step0_generate.py", "step1_convert.py", "step2_tokenize.py fit", "step2_tokenize.py apply",
+    for script in ("step0_generate.py", "step1_convert.py", "step2_fit.py", "step2_apply.py",
                    "step3_pretrain.py", "step4_finetune.py"):
         assert f"<td>{script}</td>" in prov, script
     assert git_hash() in prov
@@ -206,7 +211,7 @@ def test_broken_parts_cost_only_their_sections(real_run, tmp_path):
         assert "could not be built" in section(page, key), key
     sample = section(page, "sample")
     assert "bad.h5" in sample and "<td>hzz4l</td>" in sample  # one unreadable file, the others shown
-    assert re.search(r"<td>bad.root</td>.*not a readable ROOT file", sample) and "<td>hzz4l.root</td>" in sample
+    assert re.search(r"<td>bad.root</td>.*not a ROOT file", sample) and "<td>hzz4l.root</td>" in sample
     for key in ("sample", "conversion", "pretraining"):
         assert "could not be built" not in section(page, key), key
 
