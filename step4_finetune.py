@@ -293,17 +293,6 @@ def collect(stream: SequenceStream, fn) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def highlevel_of(data: dict, h5_files: dict) -> np.ndarray:
-    """The standard variables for the events of `data` (rows of their source HDF5 files)."""
-    x = np.full((len(data["event_index"]), len(highlevel.NAMES)), np.nan, np.float32)
-    for name in np.unique(data["source_file"]):
-        if name not in h5_files:
-            raise ValueError(f"no HDF5 file for source_file {name} (use --h5-dir)")
-        rows = data["source_file"] == name
-        x[rows] = highlevel.for_rows(h5_files[name], data["event_index"][rows])
-    return x
-
-
 def gbdt_data(arm: str, ctx) -> dict:
     """Features of every labelled event of the three splits, read once per arm."""
     if arm not in ctx["cache"]:
@@ -312,7 +301,7 @@ def gbdt_data(arm: str, ctx) -> dict:
         data = {sp: collect(ctx[sp], fn) for sp in ("train_all", "val", "test")}
         if arm == "standard_gbdt":
             for d in data.values():
-                d["x"] = highlevel_of(d, ctx["h5_files"])
+                d["x"] = highlevel.for_events(d["source_file"], d["event_index"], ctx["h5_files"])
         ctx["cache"][arm] = data
     return ctx["cache"][arm]
 

@@ -163,14 +163,8 @@ class SequenceStream:
 
 def observables_column(table: pa.Table, h5_files: dict) -> pa.FixedSizeListArray:
     """common.highlevel's observables of every event of a token table, from its source HDF5 rows."""
-    files = table.column("source_file").to_numpy(zero_copy_only=False)
-    rows = table.column("event_index").to_numpy(zero_copy_only=False)
-    x = np.full((len(rows), len(highlevel.NAMES)), np.nan, np.float32)
-    for name in np.unique(files):
-        if name not in h5_files:
-            raise InputError(f"no HDF5 file for source_file {name} (use --h5-dir)")
-        sel = files == name
-        x[sel] = highlevel.for_rows(h5_files[name], rows[sel])
+    x = highlevel.for_events(table.column("source_file").to_numpy(zero_copy_only=False),
+                             table.column("event_index").to_numpy(zero_copy_only=False), h5_files)
     return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
 
 

@@ -99,3 +99,15 @@ def for_rows(path: str | os.PathLike, rows: Sequence[int], step: int = 65536) ->
         local = sorted_rows[a:b] - lo
         out[order[a:b]] = compute({k: v[local] for k, v in chunk.items()})
     return out
+
+
+def for_events(source_files: np.ndarray, rows: np.ndarray, h5_files: dict) -> np.ndarray:
+    """The variables of events named by (source HDF5 file name, row), each file read once;
+    h5_files maps a source_file name to its path."""
+    x = np.full((len(rows), len(NAMES)), np.nan, dtype=np.float32)
+    for name in np.unique(source_files):
+        if name not in h5_files:
+            raise ValueError(f"no HDF5 file for source_file {name} (use --h5-dir)")
+        sel = source_files == name
+        x[sel] = for_rows(h5_files[name], rows[sel])
+    return x
