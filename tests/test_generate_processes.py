@@ -146,3 +146,14 @@ def test_m4l_peaks_at_the_higgs_mass_in_every_mode(obs, proc):
     core = m4l[np.abs(m4l - HIGGS_MASS) < 10]
     assert len(core) / len(m4l) > 0.7, np.sort(m4l)
     assert HIGGS_MASS - 2 < np.median(core) < HIGGS_MASS + 1.5
+
+
+def test_run_all_refuses_an_unknown_pretraining_process_before_any_work(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PRETRAIN_PROCESSES": "wjets zjets", "RUN": str(tmp_path / "run"),
+           "SAMPLE_DIR": str(tmp_path / "raw")}
+    r = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "unknown process 'zjets'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "raw").exists(), "nothing generated"
