@@ -26,9 +26,11 @@ import common  # noqa: F401  (first: sets the OpenMP wait policy before torch, n
 
 import argparse
 import copy
+import multiprocessing
 import sys
 import time
 from dataclasses import asdict, replace
+from concurrent.futures import ProcessPoolExecutor
 from itertools import count
 from pathlib import Path
 
@@ -48,7 +50,7 @@ from common.classifier_metrics import binary_metrics, paired_auc_difference, sum
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
-                            set_threads, write_json)
+                            set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import SPLITS, read_vocab, recorded_tokenizers
 from common.transformer import EventClassifier, EventTransformer, ModelConfig, check_vocab, load_backbone, save_module
@@ -69,6 +71,8 @@ SHUFFLE_BUFFER = 16384
 GBDT_TREES, GBDT_LEAVES, GBDT_LR, GBDT_STOP = 400, 15, 0.05, 30
 BOOTSTRAP = 200  # resamples of the test set for each AUC's 95% interval
 SEED = 1
+WORKERS = 0  # trainings run side by side, one thread each (0: one per usable CPU). The models are small:
+#              two trainings of one thread do ~1.8x the work of one training of two (bench/README.md)
 NET_ARMS = ("scratch", "finetune", "continuous")
 ALL_ARMS = NET_ARMS + ("frozen", "counts_gbdt", "standard_gbdt")
 PAIRS = (("finetune", "scratch"), ("frozen", "counts_gbdt"))  # the data-efficiency verdicts
@@ -109,6 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--gbdt-trees", type=int, default=GBDT_TREES, help="most boosting rounds of the GBDT baselines")
     p.add_argument("--bootstrap", type=int, default=BOOTSTRAP, help="test-set resamples for the AUC intervals")
     T.add_runtime_args(p)
+    p.add_argument("--workers", type=int, default=WORKERS,
+                   help="trainings run at once, each on one thread (0: the usable CPUs; 1 under torchrun or on a GPU)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-plots", action="store_true")
@@ -159,11 +165,11 @@ def inputs(batch, device, feats=None):
 
 
 @torch.no_grad()
-def score(model, stream, device, amp, feats=None, desc="score") -> dict[str, np.ndarray]:
+def score(model, stream, device, amp, feats=None, desc="score", progress=True) -> dict[str, np.ndarray]:
     """Signal probability of every event of a stream, with process and weight."""
     model.eval()
     out = {"score": [], "process": [], "weight": []}
-    for batch in tqdm(stream.batches(0), desc=desc, leave=False, file=sys.stderr):
+    for batch in tqdm(stream.batches(0), desc=desc, leave=False, disable=not progress, file=sys.stderr):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(*inputs(batch, device, feats))
         out["score"].append(torch.softmax(logits.float(), -1)[:, 1].cpu().numpy())
@@ -214,9 +220,10 @@ def train_network(arm, ctx, fraction, seed, desc=""):
     sched = T.warmup_cosine(opt, args.steps, args.warmup_fraction)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
     amp, feats = T.use_amp(args.amp, dist.device), (lambda b: b["features"]) if cont else None
+    bars = ctx["progress"]
     best, best_auc, history, waited, loss_sum, t0 = None, -1.0, [], 0, 0.0, time.perf_counter()
     batches = forever(streams["train"])
-    for step in tqdm(range(1, args.steps + 1), desc=desc, leave=False, disable=not dist.main, file=sys.stderr):
+    for step in tqdm(range(1, args.steps + 1), desc=desc, leave=False, disable=not bars, file=sys.stderr):
         ddp.train()
         batch = next(batches)
         y, w = class_weights(batch["process"], batch["weight"], task["signal"], task["norm"])
@@ -228,7 +235,7 @@ def train_network(arm, ctx, fraction, seed, desc=""):
         loss_sum += loss.item()
         if step % args.eval_every and step != args.steps:
             continue
-        val_auc = weighted_auc(score(model, streams["val"], dist.device, amp, feats, desc="val"), task["signal"])
+        val_auc = weighted_auc(score(model, streams["val"], dist.device, amp, feats, "val", bars), task["signal"])
         history.append({"step": step, "train_loss": loss_sum / args.eval_every, "val_auc": val_auc,
                         "seconds": round(time.perf_counter() - t0, 2)})
         loss_sum = 0.0
@@ -239,7 +246,7 @@ def train_network(arm, ctx, fraction, seed, desc=""):
             if waited >= args.patience:
                 break
     model.load_state_dict(best)
-    return score(model, streams["test"], dist.device, amp, feats, desc=f"{arm} test"), history, model
+    return score(model, streams["test"], dist.device, amp, feats, f"{arm} test", bars), history, model
 
 
 @torch.no_grad()
@@ -385,14 +392,9 @@ def verdicts(scores: dict, task: dict, args) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    seed_everything(args.seed)
-    set_threads(args.threads)
-    out = Path(args.out_dir)
-    if (out / "metrics.json").exists() and not args.overwrite:
-        print(f"{out / 'metrics.json'} exists, skipping (use --overwrite to redo)")
-        return EXIT_OK
+def prepare(args, dist) -> dict:
+    """Everything a training needs: the sequences, the vocabulary, the task and its splits. Bad
+    input ends here, in one line."""
     sidecar = None
     if args.init:
         try:
@@ -410,13 +412,11 @@ def main(argv=None) -> int:
         except ValueError as exc:
             die(str(exc), EXIT_SOME_FAILED)
         cfg = ModelConfig(**{**sidecar["config"], "continuous_dims": {}})  # scratch: the backbone's architecture
-    for line in errors:
-        print(line, file=sys.stderr)
     if not paths:
+        for line in errors:
+            print(line, file=sys.stderr)
         die("no usable Parquet input", EXIT_SOME_FAILED)
-    dist = D.setup(args.device)
 
-    # The task and its splits.
     totals = SequenceStream(paths, vocab["levels"], args.batch_size).totals()
     try:
         signal = resolve(csv_list(args.signal), totals, "signal")
@@ -443,16 +443,13 @@ def main(argv=None) -> int:
     task = {"signal": signal, "background": background, "test_background": test_bkg,
             "norm": {"signal": 0.5 * n_lab / sw(signal), "background": 0.5 * n_lab / sw(background)}}  # mean weight ~1
     ctx = {"args": args, "dist": dist, "task": task, "vocab": vocab, "cfg": cfg, "cache": {}, "cont": None,
+           "paths": paths, "errors": errors, "failed": failed, "split_totals": split_totals, "progress": dist.main,
            "train_all": make("train", labelled, False, shard=False), "val": make("val", labelled, False, shard=False),
            "test": make("test", labelled + test_bkg, False, shard=False),
            "streams": lambda fraction, features=None: {
                "train": make("train", labelled, True, fraction, features=features),
                "val": make("val", labelled, False, shard=False, features=features),
                "test": make("test", labelled + test_bkg, False, shard=False, features=features)}}
-    if dist.main:
-        print(f"signal {signal} vs background {background}" + (f", test-only {test_bkg}" if test_bkg else "")
-              + f"; events train {n_lab}, val {sum(v['events'] for v in split_totals['val'].values())}, "
-                f"test {sum(v['events'] for v in split_totals['test'].values())}")
     if "continuous" in args.arm_list or "standard_gbdt" in args.arm_list:
         try:
             ctx["h5_files"] = h5_locations(paths, args.h5_dir)
@@ -460,45 +457,120 @@ def main(argv=None) -> int:
                 ctx["cont"] = ContinuousFeatures(ctx["h5_files"], vocab, args.tokenizers or recorded_tokenizers(paths[0]))
         except (OSError, ValueError, KeyError) as exc:
             die(f"HDF5 inputs for the continuous / standard baselines: {str(exc).splitlines()[0]}", EXIT_SOME_FAILED)
+    return ctx
 
+
+# --- the trainings: in this process, or side by side in worker processes ------------------------------
+
+def run_job(ctx, arm, fraction, seed, save_path=None) -> dict:
+    """One arm at one label fraction and seed: its test scores, history and time, or the reason it
+    could not be computed. Saves the network to save_path when given."""
+    t0 = time.perf_counter()
+    try:
+        s, history, model = run_arm(arm, ctx, fraction, seed)
+    except ValueError as exc:
+        return {"error": f"not computable: {str(exc).splitlines()[0]}"}
+    if save_path and model is not None:
+        save_module(save_path, model, {"arm": arm, "config": asdict(model.backbone.cfg), "pooling": ctx["args"].pooling,
+                                       "history": history, "signal": ctx["task"]["signal"],
+                                       "background": ctx["task"]["background"]})
+    return {"scores": s, "history": history, "seconds": round(time.perf_counter() - t0, 2),
+            "failed": dict(ctx["failed"])}  # unreadable files met in a worker
+
+
+_WORKER_CTX = {}
+
+
+def start_worker(args) -> None:
+    """A worker process: one thread, its own copy of the inputs, no per-training progress bars."""
+    set_threads(1)
+    seed_everything(args.seed)
+    ctx = prepare(args, D.setup(args.device))
+    _WORKER_CTX.update(ctx, progress=False)
+
+
+def worker_job(arm, fraction, seed, save_path):
+    return run_job(_WORKER_CTX, arm, fraction, seed, save_path)
+
+
+def run_jobs(ctx, jobs: list[tuple]) -> dict:
+    """{(arm, fraction, seed): run_job result} of every job, `--workers` at a time. The networks
+    go first so the cheap baselines fill the gaps; each job seeds itself, so a result does not
+    depend on the worker that ran it."""
+    args, dist = ctx["args"], ctx["dist"]
+    workers = min(args.workers or usable_cpus(), len(jobs))
+    if dist.active or dist.device.type != "cpu" or workers < 2:
+        return {job[:3]: run_job(ctx, *job) for job in jobs}
+    order = sorted(jobs, key=lambda job: job[0] not in NET_ARMS)
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), start_worker, (args,)) as pool:
+        pending = {job[:3]: pool.submit(worker_job, *job) for job in order}
+        return {key: f.result() for key, f in tqdm(pending.items(), desc=f"trainings, {workers} at a time",
+                                                     file=sys.stderr, disable=not dist.main)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    seed_everything(args.seed)
+    set_threads(args.threads)
+    out = Path(args.out_dir)
+    if (out / "metrics.json").exists() and not args.overwrite:
+        print(f"{out / 'metrics.json'} exists, skipping (use --overwrite to redo)")
+        return EXIT_OK
+    dist = D.setup(args.device)
+    ctx = prepare(args, dist)
+    task, split_totals, errors = ctx["task"], ctx["split_totals"], ctx["errors"]
+    signal, background, test_bkg = task["signal"], task["background"], task["test_background"]
+    for line in errors:
+        print(line, file=sys.stderr)
     if dist.main:
+        print(f"signal {signal} vs background {background}" + (f", test-only {test_bkg}" if test_bkg else "")
+              + f"; events train {sum(v['events'] for v in split_totals['train'].values())}, "
+                f"val {sum(v['events'] for v in split_totals['val'].values())}, "
+                f"test {sum(v['events'] for v in split_totals['test'].values())}")
         output_dir(out)
+
     # Every arm at every label fraction and seed; a protocol entry that fails is reported, the rest goes on.
-    per_fraction, scores, training, generalisation, n_labelled = {}, {}, {}, {}, {}
+    n_labelled, not_computable, jobs = {}, {}, []
     for fraction in args.fractions:
         n_labelled[fraction] = split_totals["train"] if fraction >= 1 else ctx["streams"](fraction)["train"].totals()
         missing = [role for role, names in (("signal", signal), ("background", background))
                    if not any(n_labelled[fraction].get(p, {}).get("events", 0) for p in names)]
         for arm in args.arm_list:
             for seed in args.seed_list:
-                entry = per_fraction.setdefault(fraction, {}).setdefault(arm, [])
                 if missing:
-                    entry.append({"seed": seed, "error": f"not computable: label fraction {fraction} leaves no "
-                                                          f"{' and no '.join(missing)} training events"})
+                    not_computable[arm, fraction, seed] = {
+                        "error": f"not computable: label fraction {fraction} leaves no {' and no '.join(missing)} training events"}
                     continue
-                t0 = time.perf_counter()
-                try:
-                    s, history, model = run_arm(arm, ctx, fraction, seed)
-                except ValueError as exc:
-                    entry.append({"seed": seed, "error": f"not computable: {str(exc).splitlines()[0]}"})
-                    print(f"error: {arm} at label fraction {fraction}, seed {seed}: {exc}", file=sys.stderr)
+                first = fraction >= 1 and seed == args.seed_list[0] and arm in NET_ARMS and dist.main
+                jobs.append((arm, fraction, seed, str(out / f"{arm}.pt") if first else None))
+    results = {**not_computable, **run_jobs(ctx, jobs)}
+
+    per_fraction, scores, training, generalisation = {}, {}, {}, {}
+    for fraction in args.fractions:
+        for arm in args.arm_list:
+            for seed in args.seed_list:
+                r = results[arm, fraction, seed]
+                entry = per_fraction.setdefault(fraction, {}).setdefault(arm, [])
+                if "error" in r:
+                    entry.append({"seed": seed, **r})
+                    if (arm, fraction, seed) not in not_computable:
+                        print(f"error: {arm} at label fraction {fraction}, seed {seed}: {r['error']}", file=sys.stderr)
                     continue
+                s = r["scores"]
                 main_m, gen_m = evaluate(s, task, seed, args.bootstrap)
-                entry.append({"seed": seed, **main_m, "train_seconds": round(time.perf_counter() - t0, 2)})
+                entry.append({"seed": seed, **main_m, "train_seconds": r["seconds"]})
                 scores.setdefault(fraction, {}).setdefault(arm, {})[seed] = s
                 if fraction >= 1:
                     generalisation.setdefault(arm, {})[seed] = gen_m
                     if seed == args.seed_list[0]:
-                        training[arm] = history
-                        if model is not None and arm in NET_ARMS and dist.main:
-                            save_module(out / f"{arm}.pt", model, {"arm": arm, "config": asdict(model.backbone.cfg),
-                                                                  "pooling": args.pooling, "history": history,
-                                                                  "signal": signal, "background": background})
+                        training[arm] = r["history"]
                 if dist.main:
                     print(f"{arm} fraction {fraction} seed {seed}: test AUC {main_m['auc']:.4f} "
                           f"[{main_m['auc_ci95'][0]:.4f}, {main_m['auc_ci95'][1]:.4f}]")
 
-    errors += list(failed.values())
+    for r in results.values():
+        ctx["failed"].update(r.get("failed", {}))
+    errors += list(ctx["failed"].values())
     if dist.main:
         metrics = {
             "task": {"signal": signal, "background": background, "test_background": test_bkg, "events": split_totals,
@@ -510,7 +582,7 @@ def main(argv=None) -> int:
             "data_efficiency": data_efficiency(per_fraction, n_labelled),
             "pretraining_verdict": verdicts(scores, task, args),
             "continuous_normalisation": ctx["cont"].mode if ctx["cont"] else None, "input_errors": errors,
-            "provenance": provenance("step4_finetune.py", args, paths),
+            "provenance": provenance("step4_finetune.py", args, ctx["paths"]),
         }
         out.mkdir(parents=True, exist_ok=True)
         main_scores = {a: s[args.seed_list[0]] for a, s in scores.get(1.0, {}).items() if args.seed_list[0] in s}

@@ -25,7 +25,7 @@ from common import highlevel  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
 
 SMALL = ["--batch-size", "64", "--steps", "20", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
-         "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
+         "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1", "--workers", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -112,12 +112,13 @@ def test_all_arms_protocols_and_plots(sample, tmp_path, capsys):
 
 
 def test_seeded_runs_are_reproducible(sample, tmp_path, capsys):
-    """The same seed gives the same AUCs: one run in-process, one in a fresh process with another hash seed
-    (so neither global state left by earlier tests nor set/dict order can hide a missing seed)."""
+    """The same seed gives the same AUCs: one run in-process with its trainings in two worker processes,
+    one in a fresh process with another hash seed and no workers (so neither global state left by
+    earlier tests, nor set/dict order, nor the process a training ran in can change a result)."""
     args = ["--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", "--arms",
             "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--steps", "5", "--batch-size",
             "64", "--seed", "5", "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
-    code, _, err = step4(capsys, *args, "--out-dir", tmp_path / "o0")
+    code, _, err = step4(capsys, *args, "--workers", "2", "--out-dir", tmp_path / "o0")
     assert code == 0, err[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "step4_finetune.py"), *map(str, args), "--out-dir", str(tmp_path / "o1")],
                        capture_output=True, text=True, env={**ENV, "PYTHONHASHSEED": "12345"}, timeout=300)
@@ -125,7 +126,7 @@ def test_seeded_runs_are_reproducible(sample, tmp_path, capsys):
     aucs = [{a: v["auc"] for a, v in json.loads((tmp_path / f"o{k}" / "metrics.json").read_text())["arms"].items()}
             for k in range(2)]
     assert aucs[0] == aucs[1]
-    other = ["--seed", "6", "--arms", "scratch", "--out-dir", tmp_path / "o2"]
+    other = ["--seed", "6", "--arms", "scratch", "--workers", "1", "--out-dir", tmp_path / "o2"]
     code, _, err = step4(capsys, *args, *other)
     assert code == 0, err[-2000:]
     assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["arms"]["scratch"]["auc"] != aucs[0]["scratch"], \
