@@ -17,12 +17,15 @@ from __future__ import annotations
 import common  # noqa: F401  (first: sets the OpenMP wait policy before torch and numba load)
 
 import argparse
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from common import distributed as D
 from common import runtime
@@ -55,6 +58,7 @@ PREPROCESS_EVENTS = 200_000  # bound of the preprocessing sample
 EVAL_OBJECTS = 200_000  # bound of the held-out quality sample
 SEED = 1
 THREADS = 1  # per process (0: the usable CPUs): the MLPs are small, one thread beats two contending ones
+WORKERS = 0  # object types fitted side by side, in processes of THREADS threads (0: usable CPUs / THREADS)
 DEVICE = "cpu"  # cuda: for the production preset's long fits (GPU sums are not bitwise reproducible)
 PRESETS = {
     "production": {"dim": 8, "levels": 4, "codebook_size": "4096", "codebook_size_tracks": 8192,
@@ -90,10 +94,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-objects", type=int, default=EVAL_OBJECTS)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=THREADS, help="threads per process (0: the usable CPUs)")
+    p.add_argument("--workers", type=int, default=WORKERS,
+                   help="object types fitted at once, each in its own process (0: usable CPUs / threads; "
+                        "1 under torchrun or on a GPU)")
     p.add_argument("--device", default=DEVICE, help="cpu | cuda | auto (one GPU per torchrun rank)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(codebook_size_tracks=None)  # a preset's own size for tracks
+    p.set_defaults(codebook_size_tracks=None, progress=True)  # a preset's own size for tracks; the step bars
     args = p.parse_args(argv)
     if args.preset:  # the preset replaces the defaults; flags given still win
         p.set_defaults(**PRESETS[args.preset])
@@ -186,7 +193,7 @@ def fit_one(obj: str, objs: list[str], infos: list[dict], transforms: dict, args
                                                   np.random.default_rng(args.seed + args.rank)))
     history = train(model, specs, batches, steps=args.steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                     lr=args.lr, commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
-                    ddp_model=ddp_model, label=obj, progress=args.rank == 0)
+                    ddp_model=ddp_model, label=obj, progress=args.rank == 0 and args.progress)
     model.eval()
     digests = ranks_digests(model, args.world)
     model.cpu()  # evaluated and saved on the CPU, where apply and the plots load it
@@ -207,10 +214,38 @@ def fit_one(obj: str, objs: list[str], infos: list[dict], transforms: dict, args
     return {"object": obj, "sha256": sha, "goals": q["goals"], "settings": settings}
 
 
+def fit_or_error(obj: str, objs: list[str], infos: list[dict], transforms: dict, args) -> dict:
+    """fit_one, with a bad input reported as {'object', 'error'} so the other types go on."""
+    try:
+        return fit_one(obj, objs, infos, transforms, args)
+    except (runtime.InputError, ValueError, KeyError) as exc:
+        return {"object": obj, "error": runtime.error_line(obj, exc)}
+
+
+def start_worker(args) -> None:
+    runtime.set_threads(args.threads)
+
+
+def fit_all(targets: list[str], objs: list[str], infos: list[dict], transforms: dict, args) -> list[dict]:
+    """Every tokenizer, `args.workers` at a time, the most populous types first. Each fit seeds
+    itself, so its tokenizer does not depend on the process that fitted it."""
+    if args.world > 1 or args.device != "cpu" or args.workers < 2 or len(targets) < 2:
+        return [fit_or_error(obj, objs, infos, transforms, args) for obj in targets]
+    order = sorted(targets, key=lambda o: -sum(count_objects(t, infos)[0] for t in (objs if o == COMBINED else [o])))
+    with ProcessPoolExecutor(min(args.workers, len(targets)), multiprocessing.get_context("spawn"),
+                             start_worker, (args,)) as pool:
+        quiet = argparse.Namespace(**{**vars(args), "progress": False})  # one bar here, not one per worker
+        pending = {obj: pool.submit(fit_or_error, obj, objs, infos, transforms, quiet) for obj in order}
+        done = {obj: f.result() for obj, f in tqdm(pending.items(), desc=f"fit, {args.workers} types at a time")}
+    return [done[obj] for obj in targets]
+
+
 def setup_distributed(args) -> None:
     d = D.setup(args.device)  # ranks talk over gloo on the CPU, nccl on GPUs
     args.world, args.rank, args.device = d.world, d.rank, str(d.device)  # the device as resolved, recorded
     runtime.set_threads(args.threads)
+    if args.workers == 0:
+        args.workers = max(1, runtime.usable_cpus() // (args.threads or runtime.usable_cpus()))
 
 
 def main(argv=None) -> int:
@@ -230,14 +265,11 @@ def main(argv=None) -> int:
     if not infos:
         return runtime.exit_code(errors)
 
-    results = []
-    for obj in [COMBINED] if args.mode == "combined" else objs:
-        try:
-            results.append(fit_one(obj, objs, infos, transforms, args))
-        except (runtime.InputError, ValueError, KeyError) as exc:
-            line = runtime.error_line(obj, exc)
-            print(line, file=sys.stderr)
-            errors.append(line)
+    results = fit_all([COMBINED] if args.mode == "combined" else objs, objs, infos, transforms, args)
+    for r in results:
+        if "error" in r:
+            print(r["error"], file=sys.stderr)
+            errors.append(r["error"])
 
     if args.rank == 0:
         for r in results:
