@@ -1,5 +1,6 @@
 """Throughput of step0's generation (common/generation.py, step0's defaults) per core, including the
-detector and the writing, against the reference of Pythia itself (pythia.nextBatch), measured in a child process.
+detector and the writing, against the reference of Pythia itself (pythia.nextBatch), measured in a
+child process.
 
     python bench/bench_generate.py --events 400 --processes hzz4l,ttbar
 

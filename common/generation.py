@@ -141,11 +141,12 @@ def generate_block(task: tuple) -> tuple[dict, dict]:
 
 def blocks(process: str, n_events: int, seed: int, block: int) -> list[tuple]:
     """generate_block's tasks: (process, seed, block index, events, number of its first event)."""
-    return [(process, seed, b, min(block, n_events - b * block), b * block + 1) for b in range(math.ceil(n_events / block))]
+    return [(process, seed, b, min(block, n_events - b * block), b * block + 1)
+            for b in range(math.ceil(n_events / block))]
 
 
-def generate(process: str, n_events: int, seed: int, out: Path, *, block: int = BLOCK, chunk: int = CHUNK, workers: int = 1,
-             provenance: dict | None = None, desc: str = "generate") -> dict:
+def generate(process: str, n_events: int, seed: int, out: Path, *, block: int = BLOCK, chunk: int = CHUNK,
+             workers: int = 1, provenance: dict | None = None, desc: str = "generate") -> dict:
     """Generate `n_events` of `process` into `out` (a temporary file renamed when complete), writing every
     `chunk` events or so; `workers` processes generate blocks in parallel. Returns the totals."""
     tasks = blocks(process, n_events, seed, block)
