@@ -1,5 +1,6 @@
-"""Throughput of step0_generate.py per core, including the detector and the writing, against
-the reference of Pythia itself (pythia.nextBatch), measured in a child process.
+"""Throughput of step0's generation (common/generation.py, step0's defaults) per core, including the
+detector and the writing, against the reference of Pythia itself (pythia.nextBatch), measured in a
+child process.
 
     python bench/bench_generate.py --events 400 --processes hzz4l,ttbar
 
@@ -19,14 +20,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EVENTS = 400
 PROCESSES = "hzz4l,zz4l,ttbar,dy,vbfh4l,whh4l,zhh4l,tthh4l,wjets,qcd,singletop,wz"  # every step0 process
+SEED = 1
 
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-import step0_generate as s0
-args = s0.parse_args(["--process", {proc!r}, "--events", "{n}", "--seed", "1", "--out", {out!r}, "--overwrite"])
+from pathlib import Path
+from common.generation import generate
 t = time.perf_counter()
-totals = s0.run(args)
+totals = generate({proc!r}, {n}, {seed}, Path({out!r}))
 wall = time.perf_counter() - t
 print(json.dumps({{"wall": wall, "n": totals["n_events"], "t_pythia": totals["t_pythia"], "t_init": totals["t_init"],
                   "t_detector": totals["t_detector"], "t_write": totals["t_write"], "sigma_pb": totals["cross_section_pb"],
@@ -44,7 +46,7 @@ def main() -> int:
           f"{'detector ms/ev':>15} {'write ms/ev':>12} {'peak MB':>8} {'sigma pb':>10}")
     with tempfile.TemporaryDirectory() as d:
         for proc in args.processes.split(","):
-            code = CHILD.format(root=str(ROOT), proc=proc, n=args.events, out=str(Path(d) / f"{proc}.root"))
+            code = CHILD.format(root=str(ROOT), proc=proc, n=args.events, seed=SEED, out=str(Path(d) / f"{proc}.root"))
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
             if res.returncode != 0:
                 print(f"{proc}: failed: {res.stderr.strip().splitlines()[-1]}")

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import step2_apply  # noqa: E402
 import common.tokenizer as tokenizer  # noqa: E402
-from common import object_stream, runtime, sequences  # noqa: E402
+from common import object_stream, runtime, sequences, token_parquet  # noqa: E402
 from common.schema import SEQUENCE_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
 from common.tokenizer import ResidualEMAQuantizer, Tokenizer, build_specs, fit_preprocessing, nearest_code  # noqa: E402
 from common.tokenizer_training import KMEANS_FACTOR, init_codebooks, train  # noqa: E402
@@ -72,13 +72,13 @@ def make_tokenizers(h5: Path, out_dir: Path, seed: int, codes_tracks: int) -> No
         tok.save(out_dir / f"{obj}.pt", {"bench": True})
 
 
-def count_objects(h5: Path) -> int:
-    """Objects that apply tokenizes: those in the sequences after the default caps and max length
-    (apply encodes no others), plus one MET per event."""
+def count_objects(h5: Path, vocab: dict) -> int:
+    """Objects that apply tokenizes: those in the sequences after the caps and max length its
+    vocabulary records (apply encodes no others), plus one MET per event."""
     with h5py.File(h5) as f:
         n = {o: f[f"common/{o}/n"][:] for o in SEQUENCE_OBJECTS}
         n_events = f["common/met/pt"].shape[0]
-    kept = sequences.kept_counts(n, sequences.DEFAULT_CAPS, step2_apply.MAX_LENGTH)
+    kept = sequences.kept_counts(n, vocab["caps"], vocab["max_length"])
     return int(kept.sum()) + n_events
 
 
@@ -139,7 +139,7 @@ def bench_apply(h5: Path, tok_dir: Path, out_dir: Path, threads: int, compiled: 
         if step2_apply.main(argv) != 0:
             raise RuntimeError(f"step2_apply.py {' '.join(argv)} failed")
         seconds.append(time.perf_counter() - t)
-    n = count_objects(h5)
+    n = count_objects(h5, token_parquet.read_vocab(out_dir / f"{h5.stem}.parquet"))
     rates = sorted(n / dt for dt in seconds)
     return {"objects": n, "seconds": float(np.median(seconds)), "objects_per_s": float(np.median(rates)),
             "range": (rates[0], rates[-1])}

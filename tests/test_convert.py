@@ -16,6 +16,7 @@ import uproot
 
 from common import nanoaod, physics, physlite
 from common.h5io import object_datasets, read_metadata
+from common.root_to_h5 import finish_chunk
 from common.schema import LIST_OBJECTS, METADATA_KEYS, MISSING_INT, OBJECTS, features_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,6 @@ NANO_RNTUPLE = DATA / "nanoaod" / "nano_dy_rntuple.root"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import nano_layouts  # noqa: E402
-import step1_convert  # noqa: E402
 
 
 def convert(*args, cwd=ROOT):
@@ -180,7 +180,7 @@ def write_physlite_as_rntuple(path) -> Path:
     """The branches the converter reads from the Run 2 PHYSLITE TTree, written with uproot as an RNTuple
     `EventData` the way Athena 25 spells its fields (`<Container>AuxDyn:<var>`, ElementLinks as records)."""
     tree = uproot.open(RUN2)["CollectionTree"]
-    columns = sorted(set(physlite.PhysliteReader(tree, "ttree", step1_convert.PT_CUTS).columns.values()))
+    columns = sorted(set(physlite.PhysliteReader(tree, "ttree", {}).columns.values()))
     arrays = tree.arrays(columns, library="ak")
     fields: dict = {}
     for c in columns:
@@ -541,7 +541,7 @@ def test_finish_chunk_pads_and_counts_truncation():
             out[f"{f.group}/{obj}/{f.name}"] = np.zeros(2)
     truncated = {o: 0 for o in LIST_OBJECTS}
     cuts, maxes = {o: 2.0 for o in LIST_OBJECTS}, {o: 2 for o in LIST_OBJECTS}
-    arrays = step1_convert.finish_chunk(out, "cms", cuts, maxes, truncated)
+    arrays = finish_chunk(out, "cms", cuts, maxes, truncated)
     np.testing.assert_array_equal(arrays["common/jets/pt"], [[50.0, 30.0], [0.0, 0.0]])
     np.testing.assert_array_equal(arrays["common/jets/n"], [2, 0])
     assert truncated["jets"] == 1  # the 5 GeV jet passed the cut but did not fit

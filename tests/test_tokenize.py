@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import step2_fit
 import step2_tokenize as step2
 from common import h5io, sequences, token_parquet, tokenizer_training
 from common.schema import MISSING_INT, OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS, features_for
@@ -440,12 +439,18 @@ def test_auto_levels_keep_the_bits_of_small_codebooks():
     assert choose_levels("2", 64) == 2  # an explicit --levels is kept
 
 
-def test_preset_sets_defaults_and_given_flags_win():
-    base = ["--h5", "x.h5", "--out-dir", "tok", "--preset", "production"]
-    a = step2_fit.parse_args(base)  # the command line is the script's interface
-    assert (a.dim, a.levels, a.codebook_size, a.codebook_size_tracks, a.steps) == (8, 4, "4096", 8192, 20000)
-    a = step2_fit.parse_args(base + ["--steps", "600", "--levels", "2"])
-    assert (a.steps, a.levels, a.batch_size) == (600, "2", 8192)
+def test_preset_sets_defaults_and_given_flags_win(tmp_path, fitted):
+    """--preset production replaces the defaults and the flags given still win, read back from what the fit wrote."""
+    _, h5 = fitted
+    out = tmp_path / "tok"
+    assert step2.main(["fit", "--h5", str(h5[1]), "--out-dir", str(out), "--preset", "production", "--objects", "met",
+                       "--steps", "2", "--warmup-steps", "1", "--codebook-size", "16", "--no-plots",
+                       "--preprocess-events", "500", "--eval-objects", "500"]) == 0
+    side = json.loads((out / "met.json").read_text())
+    flags, fitted_with = side["provenance"]["settings"], side["settings"]
+    assert (flags["dim"], flags["levels"], flags["codebook_size_tracks"], flags["batch_size"]) == (8, 4, 8192, 8192)
+    assert (fitted_with["dim"], fitted_with["levels"], fitted_with["batch_size"]) == (8, 4, 8192)  # the preset's
+    assert (fitted_with["steps"], fitted_with["warmup_steps"], fitted_with["codebook_size"]) == (2, 1, 16)  # the flags'
 
 
 def test_vocab_ranges_disjoint():
