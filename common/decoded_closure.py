@@ -43,15 +43,14 @@ GOALS = {"m4l": (0.01, 0.003), "mll": (0.01, 0.003), "mjj": (0.03, None), "met":
 
 
 def tokenizers_in(tok_dir: str | Path) -> dict[str, Tokenizer]:
-    """The tokenizers of the objects the quantities read: <obj>.pt, else the combined one."""
+    """The tokenizers of the objects the quantities read, as step2 apply picks them: the combined
+    one when the folder holds it, else each object's <obj>.pt that is there."""
     tok_dir = Path(tok_dir)
     combined = tok_dir / f"{COMBINED}.pt"
-    toks = {}
-    for obj in KINEMATICS:
-        path = tok_dir / f"{obj}.pt"
-        if path.exists() or combined.exists():
-            toks[obj] = load_tokenizer(path if path.exists() else combined)
-    return toks
+    if combined.exists():
+        tok = load_tokenizer(combined)
+        return {obj: tok for obj in KINEMATICS if _names(tok, obj)}
+    return {obj: load_tokenizer(tok_dir / f"{obj}.pt") for obj in KINEMATICS if (tok_dir / f"{obj}.pt").exists()}
 
 
 def decode_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
