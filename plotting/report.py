@@ -33,6 +33,7 @@ from common import h5io  # noqa: E402
 from common.classifier_metrics import WORKING_POINTS  # noqa: E402
 from common.runtime import EXIT_OK, EXIT_USAGE, InputError, atomic_output, die, provenance  # noqa: E402
 from common.schema import LIST_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
+from common.decoded_closure import QUANTITIES  # noqa: E402
 from common.tokenizer_quality import WORST_BIN_MIN_OBJECTS  # noqa: E402
 
 RUN_DIR = "runs/default"
@@ -355,7 +356,7 @@ def closure_section(run_dir: Path) -> str:
     if c is None:
         return missing(f"no {run_dir / 'tok' / 'closure.json'}: decoded-physics closure not shown")
     rows = [[name, ", ".join(q["objects"]), q["difference"], q.get("n", 0), q["n_original"], q["n_decoded"],
-             q.get("bias", ""), q.get("resolution", "")] for name, q in c["quantities"].items()]
+             q.get("bias", ""), q.get("resolution", "")] for name in QUANTITIES if (q := c["quantities"].get(name))]
     marks = "; ".join(f"{esc(k)}: {'pass' if v else 'FAIL'}" for k, v in c["goals"].items() if v is not None)
     pngs = plots_in(run_dir / "tok" / "plots" / "closure")
     return (f'<h3 id="tok-closure">Decoded-physics closure ({fmt(c["n_events"])} held-out events)</h3>'
