@@ -9,7 +9,9 @@ tokenize=True features present in all inputs (`--mode combined`: one over all ob
 Preprocessing is fitted on a bounded sample of events drawn uniformly from all inputs; training
 streams minibatches from the HDF5 files (memory does not grow with the number of events); the
 quality is measured on held-out events (the `test` split of common/token_parquet.split_of) and
-written to <obj>.json. Under torchrun the model is DistributedDataParallel and the codebook
+written to <obj>.json; the decoded-physics closure of all tokenizers in --out-dir together (m4l,
+mll, mjj, Delta R, MET from decoded against original objects: common/decoded_closure.py) to
+closure.json. Under torchrun the model is DistributedDataParallel and the codebook
 statistics are all-reduced. The fit runs on the CPU unless --device says otherwise.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 from common import distributed as D
 from common import runtime
+from common.decoded_closure import MAX_EVENTS as CLOSURE_EVENTS, write_closure
 from common.object_stream import (combined_stream, common_features, count_objects, describe_file, dropped_features,
                                   minibatches, preprocessing_sample, stream_objects)
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
@@ -92,6 +95,8 @@ def parse_args(argv=None):
                    help=f"override a continuous feature's transform ({', '.join(TRANSFORMS)})")
     p.add_argument("--preprocess-events", type=int, default=PREPROCESS_EVENTS)
     p.add_argument("--eval-objects", type=int, default=EVAL_OBJECTS)
+    p.add_argument("--closure-events", type=int, default=CLOSURE_EVENTS,
+                   help="held-out events of the decoded-physics closure (closure.json; 0: none)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=THREADS, help="threads per process (0: the usable CPUs)")
     p.add_argument("--workers", type=int, default=WORKERS,
@@ -240,6 +245,21 @@ def fit_all(targets: list[str], objs: list[str], infos: list[dict], transforms: 
     return [done[obj] for obj in targets]
 
 
+def closure(out_dir: str, infos: list[dict], max_events: int) -> list[str]:
+    """Write <out-dir>/closure.json (common/decoded_closure.py); its error line, if any."""
+    try:
+        c = write_closure(out_dir, infos, max_events)
+    except (OSError, KeyError, ValueError) as exc:
+        line = runtime.error_line("closure", exc)
+        print(line, file=sys.stderr)
+        return [line]
+    if c:
+        shown = lambda v, q: f"{v:+.2%}" if q["difference"] == "relative" else f"{v:+.3f}"  # noqa: E731
+        figures = ", ".join(f"{k} {shown(q['resolution'], q)[1:]}/{shown(q['bias'], q)}" for k, q in c["quantities"].items() if q.get("n"))
+        print(f"[fit] decoded closure on {c['n_events']} held-out events (resolution/bias): {figures}; goals={c['goals']}")
+    return []
+
+
 def setup_distributed(args) -> None:
     d = D.setup(args.device)  # ranks talk over gloo on the CPU, nccl on GPUs
     args.world, args.rank, args.device = d.world, d.rank, str(d.device)  # the device as resolved, recorded
@@ -275,6 +295,8 @@ def main(argv=None) -> int:
         for r in results:
             if "goals" in r:
                 print(f"[fit] {r['object']}: codes={r['settings']['codebook_size']} levels={r['settings']['levels']} goals={r['goals']['pass']}")
+        if args.closure_events > 0 and any("sha256" in r for r in results):  # every tokenizer in out-dir, together
+            errors += closure(args.out_dir, infos, args.closure_events)
         if not args.no_plots and any("sha256" in r for r in results):
             from plotting.plot_tokenizer import plot_dir
 

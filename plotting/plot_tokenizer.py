@@ -1,9 +1,11 @@
 """Tokenizer diagnostics, per object type, from a step2 fit directory (<obj>.json + <obj>.eval.npz):
 
   original vs reconstructed histograms, residuals, a 2D correlation (pt), binned relative
-  resolution vs truth pT, used codes per level, sorted code frequency, dead codes.
+  resolution vs truth pT, used codes per level, sorted code frequency, dead codes; and, from
+  closure.json + closure.npz, the decoded-physics closure (m4l, mll, mjj, Delta R, MET).
 
   python plotting/plot_tokenizer.py runs/tok [--objects jets,electrons]   -> runs/tok/plots/<obj>/*.png
+                                                                             runs/tok/plots/closure/*.png
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from matplotlib.colors import LogNorm
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from plotting.figures import plt, save_figure  # noqa: E402  (sets the headless backend first)
+from common.decoded_closure import QUANTITIES  # noqa: E402
 
 
 def load(tok_dir: Path, obj: str):
@@ -111,6 +114,7 @@ def plot_correlation_and_resolution(orig, reco, side, out: Path) -> None:
                     label="median (bias) +- resolution")
         a2.plot(x, [b["resolution"] for b in binned], "s-", label="resolution (16-84%/2)")
         a2.axhline(0.02, color="r", ls=":", label="2% goal")
+        a2.axhline(0.03, color="m", ls="--", label="3% worst-bin goal")
         a2.axhline(0, color="k", lw=0.5)
         a2.set_xscale("log")
         a2.set_xlabel(f"truth {name} [GeV]")
@@ -161,10 +165,41 @@ def plot_object(tok_dir: Path, obj: str) -> Path:
     return out
 
 
+def plot_closure(tok_dir: Path) -> Path:
+    """Each closure quantity, original vs decoded, and its per-event difference (held-out events)."""
+    closure = json.loads((tok_dir / "closure.json").read_text())["quantities"]
+    with np.load(tok_dir / "closure.npz", allow_pickle=False) as z:
+        vals = {k: z[k] for k in z.files}
+    names = [n for n in QUANTITIES if closure.get(n, {}).get("n")]
+    out = tok_dir / "plots" / "closure"
+    dist, diffs = _grid(len(names)), _grid(len(names))
+    for ax, ax_d, name in zip(dist[1], diffs[1], names):
+        q, o, d = closure[name], vals[f"orig/{name}"], vals[f"decoded/{name}"]
+        rel = q["difference"] == "relative"
+        both = np.isfinite(o) & np.isfinite(d) & ((o > 0) if rel else True)
+        bins = np.linspace(*_range(o[both]), 50)
+        ax.hist(o[np.isfinite(o)], bins, histtype="step", label="original")
+        ax.hist(d[np.isfinite(d)], bins, histtype="step", label="decoded")
+        ax.set_xlabel(f"{name} [{q['unit']}]" if q["unit"] else name)
+        ax.legend(fontsize=7)
+        diff = (d[both] / o[both] - 1) if rel else d[both] - o[both]
+        ax_d.hist(diff, np.linspace(*_range(diff), 60), histtype="stepfilled", alpha=0.7)
+        ax_d.set_xlabel(f"{name}: " + ("decoded / original - 1" if rel else "decoded - original"))
+        ax_d.set_title(f"bias {q['bias']:.2g}, resolution {q['resolution']:.2g}", fontsize=8)
+    dist[0].suptitle("decoded-physics closure: original vs decoded (held-out events)")
+    save_figure(dist[0], out / "closure_distributions.png", dpi=90)
+    diffs[0].suptitle("decoded-physics closure: per-event difference (held-out events)")
+    save_figure(diffs[0], out / "closure_differences.png", dpi=90)
+    return out
+
+
 def plot_dir(tok_dir, objects=None) -> list[Path]:
     tok_dir = Path(tok_dir)
     objects = objects or sorted(p.stem for p in tok_dir.glob("*.pt"))
-    return [plot_object(tok_dir, o) for o in objects]
+    outs = [plot_object(tok_dir, o) for o in objects]
+    if (tok_dir / "closure.json").exists():
+        outs.append(plot_closure(tok_dir))
+    return outs
 
 
 def main(argv=None) -> int:

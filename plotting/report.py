@@ -33,6 +33,8 @@ from common import h5io  # noqa: E402
 from common.classifier_metrics import WORKING_POINTS  # noqa: E402
 from common.runtime import EXIT_OK, EXIT_USAGE, InputError, atomic_output, die, provenance  # noqa: E402
 from common.schema import LIST_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
+from common.decoded_closure import QUANTITIES  # noqa: E402
+from common.tokenizer_quality import WORST_BIN_MIN_OBJECTS  # noqa: E402
 
 RUN_DIR = "runs/default"
 SAMPLE_DIR = "data/raw"
@@ -311,8 +313,8 @@ def object_settings_table(h5s: list[dict]) -> str:
 # --- the tokenizers ----------------------------------------------------------------------------------
 
 def tokenizer_sidecars(run_dir: Path) -> dict[str, dict]:
-    """step2 fit's <obj>.json sidecars (per object type, or one `combined`)."""
-    return {path.stem: load_json(path) for path in sorted((run_dir / "tok").glob("*.json"))}
+    """step2 fit's <obj>.json sidecars (per object type, or one `combined`): the JSONs beside a checkpoint."""
+    return {path.stem: load_json(path) for path in sorted((run_dir / "tok").glob("*.json")) if path.with_suffix(".pt").exists()}
 
 
 def codebook_usage(side: dict) -> str:
@@ -339,7 +341,32 @@ def resolution(side: dict) -> str:
         out += "<p><b>pT resolution in bins of true pT</b> (relative, reco/true - 1)</p>" + table(
             ["true pT [GeV]", "objects", "bias", "resolution"],
             [[f"{fmt(b['lo'])} - {fmt(b['hi'])}", b["n"], b["bias"], b["resolution"]] for b in binned])
+    worst = feats.get("pt", {}).get("worst_bin")
+    if worst:
+        where = lambda b: f"{fmt(b['lo'])} - {fmt(b['hi'])} GeV, {fmt(b['n'])} objects"  # noqa: E731
+        out += (f"<p><b>worst bins</b> (at least {WORST_BIN_MIN_OBJECTS} objects): resolution "
+                f"{esc(fmt(worst['resolution']['resolution']))} ({esc(where(worst['resolution']))}), bias "
+                f"{esc(fmt(worst['bias']['bias']))} ({esc(where(worst['bias']))})</p>")
     return out
+
+
+def closure_section(run_dir: Path) -> str:
+    """The decoded-physics closure of the tokenizers together (step2 fit's closure.json) and its plots."""
+    c = load_json(run_dir / "tok" / "closure.json")
+    if c is None:
+        return missing(f"no {run_dir / 'tok' / 'closure.json'}: decoded-physics closure not shown")
+    rows = [[name, ", ".join(q["objects"]), q["difference"], q.get("n", 0), q["n_original"], q["n_decoded"],
+             q.get("bias", ""), q.get("resolution", "")] for name in QUANTITIES if (q := c["quantities"].get(name))]
+    marks = "; ".join(f"{esc(k)}: {'pass' if v else 'FAIL'}" for k, v in c["goals"].items() if v is not None)
+    pngs = plots_in(run_dir / "tok" / "plots" / "closure")
+    return (f'<h3 id="tok-closure">Decoded-physics closure ({fmt(c["n_events"])} held-out events)</h3>'
+            "<p>Each quantity from the original and from the decoded objects of the same event; bias = median and "
+            "resolution = half the 16-84% interval of decoded/original - 1 (relative) or decoded - original (absolute), "
+            "over the events where both define it.</p>"
+            + (f"<p><b>goals:</b> {marks}</p>" if marks else "")
+            + table(["quantity", "objects", "difference", "events (both)", "events (original)", "events (decoded)",
+                     "bias", "resolution"], rows)
+            + (png_files(pngs, run_dir) if pngs else ""))
 
 
 def goals_line(side: dict) -> str:
@@ -373,7 +400,9 @@ def section_tokenizers(run_dir: Path) -> str:
     order = [o for o in (*TOKENIZED_OBJECTS, "combined") if o in sides] + \
             [o for o in sides if o not in TOKENIZED_OBJECTS and o != "combined"]
     parts = [summary_tokenizers(sides, order)]
-    parts.append('<p class="note">' + " ".join(f'<a href="#tok-{esc(o)}">{esc(o)}</a>' for o in order) + "</p>")
+    parts.append('<p class="note">' + " ".join(f'<a href="#tok-{esc(o)}">{esc(o)}</a>' for o in order)
+                 + ' <a href="#tok-closure">closure</a></p>')
+    parts.append(closure_section(run_dir))
     for obj in order:
         side = sides[obj]
         parts.append(f'<h3 id="tok-{esc(obj)}">{esc(obj)}</h3>')
@@ -393,9 +422,10 @@ def summary_tokenizers(sides: dict, order: list[str]) -> str:
     for obj in order:
         s, q = sides[obj]["settings"], sides[obj]["quality"]
         rows.append([obj, s["levels"], s["codebook_size"], s["dim"], s["n_train_objects"], q["n_objects"],
-                     ", ".join(fmt(c["used_fraction"]) for c in q["codes"]), q["goals"]["pt_relative_resolution"]])
+                     ", ".join(fmt(c["used_fraction"]) for c in q["codes"]), q["goals"]["pt_relative_resolution"],
+                     q["goals"].get("pt_worst_bin_resolution", ""), q["goals"].get("pt_worst_bin_abs_bias", "")])
     return table(["tokenizer", "levels", "codebook size", "dim", "training objects", "held-out objects",
-                  "used fraction per level", "pT rel. resolution"], rows)
+                  "used fraction per level", "pT rel. resolution", "worst pT bin: resolution", "worst pT bin: |bias|"], rows)
 
 
 # --- pretraining ---------------------------------------------------------------------------------
@@ -599,7 +629,9 @@ def section_summary(run_dir: Path) -> str:
     sides = tokenizer_sidecars(run_dir)
     if sides:
         failing = [f"{o}: {k}" for o, side in sides.items() for k, v in side["quality"]["goals"]["pass"].items() if v is False]
-        parts.append(f"<p><b>Tokenizer goals:</b> {len(sides)} tokenizers, "
+        closure = load_json(run_dir / "tok" / "closure.json") or {"goals": {}}
+        failing += [f"closure: {k}" for k, v in closure["goals"].items() if v is False]
+        parts.append(f"<p><b>Tokenizer goals:</b> {len(sides)} tokenizers and their decoded-physics closure, "
                      + (f"failing: {esc('; '.join(failing))}" if failing else "all pass")
                      + ' - <a href="#tokenizers">details</a></p>')
     return "".join(parts) or missing("no step outputs to summarise yet")

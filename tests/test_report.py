@@ -132,6 +132,8 @@ def test_tokenizers_from_step2_sidecars(real_run):
     pt = json.loads((real_run["run"] / "tok" / "jets.json").read_text())["quality"]["features"]["pt"]
     assert f"<td>{shown(pt['relative']['resolution'])}</td>" in tok
     assert all(f"<td>{shown(b['resolution'])}</td>" in tok for b in pt["relative_binned"])
+    closure = json.loads((real_run["run"] / "tok" / "closure.json").read_text())  # step2 fit's decoded-physics closure
+    assert 'id="tok-closure"' in tok and f"<td>{shown(closure['quantities']['met']['resolution'])}</td>" in tok
 
 
 def test_pretraining_from_step3_metrics(real_run):

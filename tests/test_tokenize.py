@@ -475,6 +475,7 @@ def test_combined_mode_fit_and_apply(tmp_path, fitted):
     side = json.loads((tmp_path / "tok" / "combined.json").read_text())
     assert "type" in side["features"] and "jets/GN2_pb" in side["features"] and "met/sumet" in side["features"]
     assert {"electrons/charge", "tracks/d0"} <= set(side["quality"]["features"])
+    assert {"m4l", "mjj", "met"} <= set(json.loads((tmp_path / "tok" / "closure.json").read_text())["quantities"])
     r = run_step("apply", "--h5", h5[1], "--tokenizers", tmp_path / "tok", "--out-dir", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
     vocab = token_parquet.read_vocab(tmp_path / "out" / "dy.parquet")

@@ -95,3 +95,21 @@ def test_pt_weight_buys_pt_resolution(tmp_path):
         assert meta["settings"]["pt_weight"] == w
         assert next(s for s in meta["specs"] if s["names"] == ["pt"])["loss_weight"] == w
     assert res[10] < 0.8 * res[1], res
+
+
+def test_worst_pt_bin_and_its_goal():
+    """The worst bin is looked for among bins with >= 50 objects, and fails the goal where the average passes."""
+    from common.tokenizer_quality import feature_quality, goals
+
+    rng = np.random.default_rng(0)
+    o = np.concatenate([rng.uniform(30, 50, 5000), rng.uniform(150, 250, 200), rng.uniform(500, 900, 40)])
+    smear = np.concatenate([np.full(5000, 0.005), np.full(200, 0.05), np.full(40, 0.5)])
+    r = o * (1 + rng.normal(0, 1, len(o)) * smear - np.where(o > 500, 0.3, 0) - np.where((o > 150) & (o < 250), 0.02, 0))
+    q = feature_quality("continuous", "pt", o, r)
+    worst = q["worst_bin"]
+    assert (worst["resolution"]["lo"], worst["bias"]["lo"]) == (150, 150)  # the 40 objects above 500 GeV are too few
+    assert 0.04 < worst["resolution"]["resolution"] < 0.06 and -0.025 < worst["bias"]["bias"] < -0.015
+    assert q["relative"]["resolution"] < 0.02  # the average hides it
+    g = goals({"features": {"pt": q}, "codes": [{"used_fraction": 1.0}], "btag_working_points": {}})
+    assert g["pt_worst_bin_resolution"] == worst["resolution"]["resolution"]
+    assert g["pass"]["pt_worst_bin_resolution_le_3pct_bias_le_1pct"] is False and g["pass"]["pt_resolution_le_2pct"] is True
