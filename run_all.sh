@@ -17,12 +17,13 @@ SIGNAL="${SIGNAL:-hzz4l}"
 BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
 PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz}"  # unlabelled corpus, beside the task's own events
 PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-2500}"  # events generated per corpus process
-SEEDS="${SEEDS:-1,2,3}"             # every classifier training is repeated with these seeds
+SEEDS="${SEEDS:-1}"                 # every classifier training is repeated with these seeds (1,2,3: the
+                                    # seed spread of every figure, about 3x step4's time: README.md)
 RUN="${RUN:-runs/default}"          # output folder of this run
 SAMPLE_DIR="${SAMPLE_DIR:-data/raw/${EVENTS}ev_seed${SEED}}"  # generated ROOT files, cached between runs
 CORPUS_DIR="${CORPUS_DIR:-data/raw/${PRETRAIN_EVENTS}ev_seed${SEED}}"  # the same for the pretraining corpus
 DEVICE="${DEVICE:-auto}"            # auto | cpu | cuda
-WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"
+WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"  # processes of step0, step1, the fit and the step4 trainings
 OVERWRITE="${OVERWRITE:-0}"
 TRACKS_IN_SEQUENCE="${TRACKS_IN_SEQUENCE:-10}"  # leading tracks per event in the token sequence
 LABEL_FRACTIONS="${LABEL_FRACTIONS:-0.01,0.1,1}"  # data-efficiency protocol
@@ -80,7 +81,7 @@ run_step step1_convert "${h5[-1]}" \
 
 # 2. tokenizers, then token sequences
 run_step step2_fit "$RUN/tok/met.json" \
-    python step2_tokenize.py fit --h5 "${h5[@]}" --out-dir "$RUN/tok" --seed "$SEED"
+    python step2_tokenize.py fit --h5 "${h5[@]}" --out-dir "$RUN/tok" --seed "$SEED" --workers "$WORKERS"
 parquet=() task_parquet=()
 for p in "${all_processes[@]}"; do parquet+=("$RUN/tokens/$p.parquet"); done
 for p in $PROCESSES; do task_parquet+=("$RUN/tokens/$p.parquet"); done
@@ -99,13 +100,14 @@ run_step step3_pretrain "$RUN/pretrain/metrics.json" \
 run_step step4_finetune "$RUN/finetune/metrics.json" \
     python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
         --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
-        --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE"
+        --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE" \
+        --workers "$WORKERS"
 first_bkg="${BACKGROUND%%,*}"
 run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
     python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
         --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt --seeds "$SEEDS" \
         --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
-        --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE"
+        --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS"
 
 # plots of the sample, then the report (always rebuilt: it is cheap)
 run_step plot_sample "$RUN/plots/sample/m4l.png" \
