@@ -110,17 +110,18 @@ class SequenceStream:
                 yield table
 
     def totals(self) -> dict[str, float]:
-        """Events and summed weights per process of the selection (reads the light columns only)."""
+        """Events, summed weights and summed |weights| per process of the selection (reads the light columns only)."""
         out: dict[str, list] = {}
         for table in self._tables(0, LIGHT_COLUMNS):
             procs = table.column("process").to_numpy(zero_copy_only=False)
             w = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
             dsid = table.column("dsid").to_numpy(zero_copy_only=False)
             for p in np.unique(procs):
-                acc = out.setdefault(str(p), [0, 0.0, int(dsid[procs == p][0])])
+                acc = out.setdefault(str(p), [0, 0.0, 0.0, int(dsid[procs == p][0])])
                 acc[0] += int((procs == p).sum())
                 acc[1] += float(w[procs == p].sum())
-        return {p: {"events": n, "sum_weights": s, "dsid": d} for p, (n, s, d) in out.items()}
+                acc[2] += float(np.abs(w[procs == p]).sum())
+        return {p: {"events": n, "sum_weights": s, "sum_abs_weights": a, "dsid": d} for p, (n, s, a, d) in out.items()}
 
     def count(self) -> int:
         return sum(v["events"] for v in self.totals().values())

@@ -69,8 +69,11 @@ def _feature_values(obj: str, feat, shape, scale, rng):
     return rng.gamma(2.0, 1.0, shape)
 
 
-def make_h5(path: Path, process: str, n: int, seed: int) -> dict[str, np.ndarray]:
-    """Write one HDF5 file; returns the arrays (for building the tokens)."""
+def make_h5(path: Path, process: str, n: int, seed: int, negative_fraction: float = 0.0,
+            cross_section: float | None = None) -> dict[str, np.ndarray]:
+    """Write one HDF5 file; returns the arrays (for building the tokens). negative_fraction: that share
+    of the events gets generator weight -1 (an NLO-like sample); cross_section: the /metadata
+    cross_section_pb and sum_weights that --weighting xsec reads (none by default)."""
     rng = np.random.default_rng([seed, PROCESSES[process]])
     mult = _multiplicities(process, n, rng)
     mult.update(taus=rng.poisson(0.2, n), photons=rng.poisson(0.3, n), tracks=rng.poisson(2.0 if process == "ttbar" else 1.0, n))
@@ -97,10 +100,13 @@ def make_h5(path: Path, process: str, n: int, seed: int) -> dict[str, np.ndarray
         for f in features_for(obj, "atlas"):
             arrays[dataset_path(obj, f)] = _feature_values(obj, f, (n,), scale, rng).astype(f.dtype)
     arrays["common/event/mu"] = rng.uniform(10, 70, n).astype(np.float32)
-    arrays["common/event/weight"] = np.ones(n, np.float32)
+    arrays["common/event/weight"] = np.where(rng.random(n) < negative_fraction, -1, 1).astype(np.float32)
+    meta = {"experiment": "atlas", "process": process, "dsid": PROCESSES[process], "input_file": f"{process}.root"}
+    if cross_section is not None:
+        meta.update(cross_section_pb=cross_section, sum_weights=float(arrays["common/event/weight"].sum()))
     with H5EventWriter(path) as w:
         w.append(arrays)
-        w.close({"experiment": "atlas", "process": process, "dsid": PROCESSES[process], "input_file": f"{process}.root"})
+        w.close(meta)
     return arrays
 
 
@@ -141,13 +147,14 @@ def tokens_from_arrays(arrays: dict, vocab: dict) -> tuple[np.ndarray, np.ndarra
 
 
 def make_sample(root: Path, n: int = 600, seed: int = 3, processes=tuple(PROCESSES), vocab: dict | None = None,
-                name_suffix: str = "") -> dict:
-    """HDF5 under root/h5, Parquet under root/tokens for each process. Returns the paths."""
+                name_suffix: str = "", negative_fraction: float = 0.0, cross_sections: dict | None = None) -> dict:
+    """HDF5 under root/h5, Parquet under root/tokens for each process. Returns the paths.
+    negative_fraction and cross_sections (process -> pb): see make_h5."""
     vocab = vocab or make_vocab()
     out = {"h5": {}, "parquet": {}, "vocab": vocab}
     for proc in processes:
         h5 = root / "h5" / f"{proc}{name_suffix}.h5"
-        arrays = make_h5(h5, proc, n, seed)
+        arrays = make_h5(h5, proc, n, seed, negative_fraction, (cross_sections or {}).get(proc))
         ids, types, lengths = tokens_from_arrays(arrays, vocab)
         table = sequences_table(ids, types, lengths, np.arange(n), h5.name, proc, PROCESSES[proc],
                                 arrays["common/event/weight"])
