@@ -27,11 +27,24 @@ WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"  # processes of step0, step
 OVERWRITE="${OVERWRITE:-0}"
 TRACKS_IN_SEQUENCE="${TRACKS_IN_SEQUENCE:-10}"  # leading tracks per event in the token sequence
 LABEL_FRACTIONS="${LABEL_FRACTIONS:-0.01,0.1,1}"  # data-efficiency protocol
+TASKS="${TASKS:-binary}"            # binary and/or multiclass (the Higgs production modes; generates them too)
+CLASSES="${CLASSES:-ggF=hzz4l;VBF=vbfh4l;VH=whh4l,zhh4l;ttH=tthh4l}"  # the multiclass task's classes
+WEIGHTING="${WEIGHTING:-events}"    # events | xsec (cross-section x generator weight / sum of weights)
 
 cd "$(dirname "$0")"
 source ./env.sh
+for t in $TASKS; do
+    if [[ "$t" != binary && "$t" != multiclass ]]; then
+        echo "[run_all] error: unknown task '$t' in TASKS (known: binary multiclass)" >&2
+        exit 2
+    fi
+done
+class_processes=()  # the multiclass task's processes (generated at EVENTS each, beside PROCESSES)
+[[ " $TASKS " == *" multiclass "* ]] && class_processes=($(tr ';,' '  ' <<< "$CLASSES" | tr ' ' '\n' | sed 's/.*=//'))
+task_processes="$PROCESSES"
+for p in "${class_processes[@]}"; do [[ " $task_processes " == *" $p "* ]] || task_processes+=" $p"; done
 known="$(python step0_generate.py --list-processes | cut -d' ' -f1)"
-for p in $PROCESSES $PRETRAIN_PROCESSES; do
+for p in $task_processes $PRETRAIN_PROCESSES; do
     if ! grep -qx "$p" <<< "$known"; then
         echo "[run_all] error: unknown process '$p' (known: $(echo $known))" >&2
         exit 2
@@ -41,6 +54,14 @@ mkdir -p "$RUN/logs" "$SAMPLE_DIR" "$CORPUS_DIR"
 overwrite=()
 [ "$OVERWRITE" = 1 ] && overwrite=(--overwrite)
 t_start=$SECONDS
+
+# The first of the files that does not exist yet (else the last): a step that writes them all is done when
+# this one exists.
+first_missing() {
+    local f
+    for f in "$@"; do [ -e "$f" ] || { echo "$f"; return; }; done
+    echo "${@: -1}"
+}
 
 # run_step NAME DONE_FILE COMMAND... : skip when DONE_FILE exists, else run with a log.
 run_step() {
@@ -62,8 +83,8 @@ run_step() {
 # 0. the built-in sample (cached in SAMPLE_DIR: a rerun does not regenerate it): the task's processes, then
 #    the pretraining corpus (corpus processes already in the task keep the task's events)
 corpus=()
-for p in $PRETRAIN_PROCESSES; do [[ " $PROCESSES " == *" $p "* ]] || corpus+=("$p"); done
-all_processes=($PROCESSES "${corpus[@]}")
+for p in $PRETRAIN_PROCESSES; do [[ " $task_processes " == *" $p "* ]] || corpus+=("$p"); done
+all_processes=($task_processes "${corpus[@]}")
 raw=()
 for p in "${all_processes[@]}"; do
     n="$EVENTS" dir="$SAMPLE_DIR"
@@ -76,7 +97,7 @@ done
 # 1. ROOT -> HDF5
 h5=()
 for p in "${all_processes[@]}"; do h5+=("$RUN/h5/$p.h5"); done
-run_step step1_convert "${h5[-1]}" \
+run_step step1_convert "$(first_missing "${h5[@]}")" \
     python step1_convert.py "${raw[@]}" --out-dir "$RUN/h5" --workers "$WORKERS" --seed "$SEED" "${overwrite[@]}"
 
 # 2. tokenizers, then token sequences
@@ -85,7 +106,7 @@ run_step step2_fit "$RUN/tok/met.json" \
 parquet=() task_parquet=()
 for p in "${all_processes[@]}"; do parquet+=("$RUN/tokens/$p.parquet"); done
 for p in $PROCESSES; do task_parquet+=("$RUN/tokens/$p.parquet"); done
-run_step step2_apply "${parquet[-1]}" \
+run_step step2_apply "$(first_missing "${parquet[@]}")" \
     python step2_tokenize.py apply --h5 "${h5[@]}" --tokenizers "$RUN/tok" --out-dir "$RUN/tokens" \
         --cap "tracks=$TRACKS_IN_SEQUENCE" --seed "$SEED" "${overwrite[@]}"
 
@@ -97,17 +118,31 @@ run_step step3_pretrain "$RUN/pretrain/metrics.json" \
 
 # 4. fine-tuning and baselines on the main task, with the data-efficiency protocol;
 #    then the generalisation protocol: trained against the first background only, tested on all
-run_step step4_finetune "$RUN/finetune/metrics.json" \
-    python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
-        --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
-        --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE" \
-        --workers "$WORKERS"
-first_bkg="${BACKGROUND%%,*}"
-run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
-    python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
-        --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt --seeds "$SEEDS" \
-        --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
-        --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS"
+if [[ " $TASKS " == *" binary "* ]]; then
+    run_step step4_finetune "$RUN/finetune/metrics.json" \
+        python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
+            --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
+            --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE" \
+            --workers "$WORKERS" --weighting "$WEIGHTING"
+    first_bkg="${BACKGROUND%%,*}"
+    run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
+        python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
+            --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt --seeds "$SEEDS" \
+            --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
+            --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" \
+            --weighting "$WEIGHTING"
+fi
+
+# 4b. the multi-class task (TASKS=multiclass): the Higgs production modes, every arm, the same protocols
+if [[ " $TASKS " == *" multiclass "* ]]; then
+    class_parquet=()
+    for p in "${class_processes[@]}"; do class_parquet+=("$RUN/tokens/$p.parquet"); done
+    run_step step4_multiclass "$RUN/finetune_multiclass/metrics.json" \
+        python step4_finetune.py --parquet "${class_parquet[@]}" --classes "$CLASSES" \
+            --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
+            --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune_multiclass" --seed "$SEED" \
+            --device "$DEVICE" --workers "$WORKERS" --weighting "$WEIGHTING"
+fi
 
 # plots of the sample, then the report (always rebuilt: it is cheap)
 run_step plot_sample "$RUN/plots/sample/m4l.png" \

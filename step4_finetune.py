@@ -1,4 +1,4 @@
-"""Step 4: signal-vs-background classifiers on the token sequences, honest baselines, metrics.json.
+"""Step 4: signal-vs-background or multi-class classifiers on the token sequences, honest baselines, metrics.json.
 
 Arms (all evaluated on the same test split, the one pretraining never saw):
   scratch        the event transformer + classifier head, randomly initialised
@@ -11,9 +11,19 @@ The networks read the event representation pretraining trains: the mean of the o
 (--pooling). Every network trains for the same number of optimiser steps at every label
 fraction, with early stopping on the validation AUC (the whole validation split, for every arm).
 
+Tasks: binary (--signal vs --background; label 1 is signal) or multi-class (--classes
+"ggF=hzz4l;VBF=vbfh4l;VH=whh4l,zhh4l": a softmax head over n classes, metrics per class one vs the
+rest, the macro AUC (their mean) as the headline AUC, accuracy and the confusion matrix).
+Event weights (--weighting, common/classifier_task.py): `events` weighs each event by its generator
+weight; `xsec` by generator weight x cross-section / sum of weights of its process (step1 /metadata),
+the physical mixture. Every metric uses these weights with their sign (negative NLO weights subtract,
+as they should); the loss uses their absolute values (a negative weight in a cross-entropy would reward
+misclassifying its event without bound) scaled so every class weighs the same.
+
 Protocols: --seeds (every arm repeated; mean, spread, and each test AUC with a bootstrap
 interval), --label-fractions (data efficiency: every arm at each fraction of the train labels,
-with the paired test-set interval of finetune - scratch and frozen - counts_gbdt), and
+with the paired test-set interval of finetune - scratch and frozen - counts_gbdt, on the macro AUC
+for classes), and
 --test-background (generalisation to backgrounds not trained on). A protocol entry that cannot
 be computed (a class without events at a fraction, say) is reported as such; the rest is written.
 
@@ -39,14 +49,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from common import distributed as D
 from common import highlevel
 from common import training as T
-from common.classifier_metrics import binary_metrics, paired_auc_difference, summarize_seeds
+from common.classifier_metrics import auc_rows, binary_metrics, multiclass_metrics, paired_auc_difference, summarize_seeds
+from common.classifier_task import (WEIGHTINGS, binary_task, csv_list, multiclass_task, parse_classes, resolve,
+                                    xsec_scale)
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
@@ -78,18 +89,19 @@ ALL_ARMS = NET_ARMS + ("frozen", "counts_gbdt", "standard_gbdt")
 PAIRS = (("finetune", "scratch"), ("frozen", "counts_gbdt"))  # the data-efficiency verdicts
 
 
-def csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else []
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--parquet", nargs="+", required=True, help="step2 token Parquet files (or directories)")
-    p.add_argument("--signal", "--signal-process", dest="signal", required=True,
+    p.add_argument("--signal", "--signal-process", dest="signal", default="",
                    help="process names or dataset ids, comma separated (under torchrun spell it --signal-process: "
                         "torchrun's own parser takes --signal as an abbreviation of its --signals-to-handle)")
-    p.add_argument("--background", required=True, help="process names or dataset ids, comma separated")
+    p.add_argument("--background", default="", help="process names or dataset ids, comma separated")
     p.add_argument("--test-background", default="", help="backgrounds only tested on (generalisation protocol)")
+    p.add_argument("--classes", default="", help="a multi-class task instead of --signal/--background: "
+                   "'name=process,process;name=process;...' (names optional), processes or dataset ids")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="events",
+                   help="event weights of the metrics and the loss: generator weights (events), or x cross-section "
+                        "/ sum of weights of the process from the step1 HDF5 /metadata (xsec)")
     p.add_argument("--init", default=None, help="step3 backbone.pt (needed by finetune and frozen)")
     p.add_argument("--arms", default=ARMS)
     p.add_argument("--pooling", choices=("mean", "cls"), default=POOLING, help="the event representation")
@@ -119,6 +131,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
+    if args.classes and (args.signal or args.background or args.test_background):
+        p.error("--classes replaces --signal, --background and --test-background")
+    if not args.classes and not (args.signal and args.background):
+        p.error("give --signal and --background (a binary task), or --classes")
     args.arm_list = csv_list(args.arms)
     bad = [a for a in args.arm_list if a not in ALL_ARMS]
     if bad:
@@ -138,24 +154,25 @@ def parse_args(argv=None):
     return args
 
 
-# --- the task: which events are signal, background, test-only background ---------------------------
+# --- the task -----------------------------------------------------------------------------------------
 
-def resolve(names: list[str], totals: dict, role: str) -> list[str]:
-    """Process names or dataset ids -> process names present in the data; unknown is an error."""
-    out = []
-    for name in names:
-        hits = [p for p, t in totals.items() if p == name or str(t["dsid"]) == name]
-        if not hits:
-            present = ", ".join(f"{p} ({t['dsid']})" for p, t in sorted(totals.items()))
-            raise ValueError(f"{role} '{name}' matches no events (present: {present})")
-        out += hits
-    return sorted(set(out))
+def define_task(args, totals: dict):
+    """The binary or multi-class task of the flags (common/classifier_task.py); ValueError for a process
+    that matches no events, one in two classes, or fewer than two classes."""
+    if args.classes:
+        task = multiclass_task(parse_classes(args.classes), totals)
+    else:
+        background = resolve(csv_list(args.background), totals, "background")
+        task = binary_task(resolve(csv_list(args.signal), totals, "signal"), background,
+                           [b for b in resolve(csv_list(args.test_background), totals, "test background") if b not in background])
+    task.weighting = args.weighting
+    return task
 
 
-def class_weights(process: np.ndarray, weight: np.ndarray, signal: list[str], norm: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and training weights: |event weight| scaled so signal and background weigh the same."""
-    y = np.isin(process, signal).astype(np.int64)
-    return y, np.abs(weight.astype(np.float64)) * np.where(y == 1, norm["signal"], norm["background"])
+def task_members(task) -> dict:
+    """What a saved classifier records of its task."""
+    return {"signal": task.signal, "background": task.background} if task.binary else \
+        {"classes": dict(zip(task.names, task.members))}
 
 
 # --- network arms -----------------------------------------------------------------------------------
@@ -166,24 +183,26 @@ def inputs(batch, device, feats=None):
 
 @torch.no_grad()
 def score(model, stream, device, amp, feats=None, desc="score", progress=True) -> dict[str, np.ndarray]:
-    """Signal probability of every event of a stream, with process and weight."""
+    """Class probabilities (N, K) of every event of a stream, with process and weight."""
     model.eval()
     out = {"score": [], "process": [], "weight": []}
     for batch in tqdm(stream.batches(0), desc=desc, leave=False, disable=not progress, file=sys.stderr):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(*inputs(batch, device, feats))
-        out["score"].append(torch.softmax(logits.float(), -1)[:, 1].cpu().numpy())
+        out["score"].append(torch.softmax(logits.float(), -1).cpu().numpy())
         out["process"].append(batch["process"])
         out["weight"].append(batch["weight"])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def weighted_auc(s: dict, signal: list[str]) -> float:
-    y = np.isin(s["process"], signal)
-    return float(roc_auc_score(y, s["score"], sample_weight=np.abs(s["weight"]))) if 0 < y.sum() < len(y) else float("nan")
+def weighted_auc(s: dict, task) -> float:
+    """The validation AUC under the task's weighting (the macro AUC for classes); NaN without every class."""
+    y, w = task.labels(s["process"]), task.event_weights(s["process"], s["weight"])
+    score = s["score"][:, 1] if task.binary else s["score"]
+    return float(auc_rows(y, score, w[None])[0]) if len(np.unique(y)) == len(task.names) else float("nan")
 
 
-def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | None) -> EventClassifier:
+def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | None, n_classes: int) -> EventClassifier:
     if arm == "finetune":
         backbone, _ = load_backbone(args.init)
     elif arm == "continuous":
@@ -192,7 +211,7 @@ def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | N
         backbone = EventTransformer(cfg)
         if cfg.code_dim:  # scratch: the pretrained backbone's architecture, code geometry included
             backbone.set_code_vectors(load_backbone(args.init)[0].code_vectors.numpy())
-    return EventClassifier(backbone, args.pooling)
+    return EventClassifier(backbone, args.pooling, n_classes)
 
 
 def forever(stream: SequenceStream):
@@ -213,7 +232,7 @@ def train_network(arm, ctx, fraction, seed, desc=""):
     torch.manual_seed(seed)
     cont = ctx["cont"] if arm == "continuous" else None
     streams = ctx["streams"](fraction, cont)  # the continuous arm's batches carry their HDF5 features
-    model = build_network(arm, ctx["cfg"], args, cont).to(dist.device)
+    model = build_network(arm, ctx["cfg"], args, cont, len(task.names)).to(dist.device)
     groups = [{"params": list(model.head.parameters()), "lr": args.lr},
               {"params": list(model.backbone.parameters()), "lr": args.backbone_lr if arm == "finetune" else args.lr}]
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
@@ -226,7 +245,7 @@ def train_network(arm, ctx, fraction, seed, desc=""):
     for step in tqdm(range(1, args.steps + 1), desc=desc, leave=False, disable=not bars, file=sys.stderr):
         ddp.train()
         batch = next(batches)
-        y, w = class_weights(batch["process"], batch["weight"], task["signal"], task["norm"])
+        y, w = task.train_weights(batch["process"], batch["weight"])
         y, w = torch.from_numpy(y).to(dist.device), torch.from_numpy(w).float().to(dist.device)
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = ddp(*inputs(batch, dist.device, feats))
@@ -235,7 +254,7 @@ def train_network(arm, ctx, fraction, seed, desc=""):
         loss_sum += loss.item()
         if step % args.eval_every and step != args.steps:
             continue
-        val_auc = weighted_auc(score(model, streams["val"], dist.device, amp, feats, "val", bars), task["signal"])
+        val_auc = weighted_auc(score(model, streams["val"], dist.device, amp, feats, "val", bars), task)
         history.append({"step": step, "train_loss": loss_sum / args.eval_every, "val_auc": val_auc,
                         "seconds": round(time.perf_counter() - t0, 2)})
         loss_sum = 0.0
@@ -270,11 +289,11 @@ def train_probe(ctx, fraction, seed):
         ctx["cache"]["frozen_test"] = embeddings(ctx["cache"]["frozen"], ctx["test"], ctx["dist"].device)
     train = embeddings(ctx["cache"]["frozen"], ctx["streams"](fraction)["train"], ctx["dist"].device)
     test = ctx["cache"]["frozen_test"]
-    y, w = class_weights(train["process"], train["weight"], task["signal"], task["norm"])
+    y, w = task.train_weights(train["process"], train["weight"])
     scaler = StandardScaler().fit(train["x"])
     probe = LogisticRegression(C=args.probe_c, max_iter=2000, random_state=seed)
     probe.fit(scaler.transform(train["x"]), y, sample_weight=w)
-    s = {"score": probe.predict_proba(scaler.transform(test["x"]))[:, 1], "process": test["process"], "weight": test["weight"]}
+    s = {"score": probe.predict_proba(scaler.transform(test["x"])), "process": test["process"], "weight": test["weight"]}
     return s, [{"n_train": int(len(y)), "iterations": int(probe.n_iter_[0])}], None
 
 
@@ -327,52 +346,65 @@ def train_gbdt(arm, ctx, fraction, seed):
     args, task = ctx["args"], ctx["task"]
     data = gbdt_data(arm, ctx)
     train = label_subset(data["train_all"], fraction, args.seed)
-    y, w = class_weights(train["process"], train["weight"], task["signal"], task["norm"])
-    yv, wv = class_weights(data["val"]["process"], data["val"]["weight"], task["signal"], task["norm"])
+    y, w = task.train_weights(train["process"], train["weight"])
+    yv, wv = task.train_weights(data["val"]["process"], data["val"]["weight"])
+    metric = "auc" if task.binary else "multi_logloss"
     model = lgb.LGBMClassifier(n_estimators=args.gbdt_trees, num_leaves=GBDT_LEAVES, learning_rate=GBDT_LR,
                                random_state=seed, n_jobs=torch.get_num_threads(), verbose=-1, subsample=0.8,
                                subsample_freq=1, min_child_samples=min(20, max(2, len(y) // 10)))
     model.fit(train["x"], y, sample_weight=w, eval_X=(data["val"]["x"],), eval_y=(yv,), eval_sample_weight=[wv],
-              eval_metric="auc", callbacks=[lgb.early_stopping(GBDT_STOP, verbose=False)])
+              eval_metric=metric, callbacks=[lgb.early_stopping(GBDT_STOP, verbose=False)])
     test = data["test"]
-    s = {"score": model.predict_proba(test["x"])[:, 1], "process": test["process"], "weight": test["weight"]}
+    s = {"score": model.predict_proba(test["x"]), "process": test["process"], "weight": test["weight"]}
     names = count_names(ctx["vocab"]) if arm == "counts_gbdt" else list(highlevel.NAMES)
     history = [{"best_iteration": int(model.best_iteration_ or args.gbdt_trees),
-                "val_auc": float(model.best_score_["valid_0"]["auc"]),
+                f"val_{metric}": float(model.best_score_["valid_0"][metric]),
                 "feature_importance": dict(zip(names, model.feature_importances_.tolist()))}]
     return s, history, model
 
 
 # --- evaluation ----------------------------------------------------------------------------------------
 
-def evaluate(s: dict, task: dict, seed: int, n_bootstrap: int) -> tuple[dict, dict]:
-    """Metrics against the trained backgrounds, and against each background alone (generalisation);
-    a background without test events is reported as not computable."""
+def evaluate(s: dict, task, seed: int, n_bootstrap: int) -> tuple[dict, dict]:
+    """Metrics under the task's weighting. Binary: against the trained backgrounds, and against each
+    background alone (generalisation; a background without test events is reported as not
+    computable). Classes: one vs the rest per class, macro AUC, accuracy, confusion matrix."""
+    w = task.event_weights(s["process"], s["weight"])
+    if not task.binary:
+        y = task.labels(s["process"])
+        return {**multiclass_metrics(y, s["score"], w, task.names, n_bootstrap, seed), "weighting": task.weighting}, {}
+
     def subset(bkgs):
-        keep = np.isin(s["process"], task["signal"] + bkgs)
-        return binary_metrics(np.isin(s["process"][keep], task["signal"]), s["score"][keep], s["weight"][keep],
-                              n_bootstrap=n_bootstrap, seed=seed)
+        keep = np.isin(s["process"], task.signal + bkgs)
+        return {**binary_metrics(np.isin(s["process"][keep], task.signal), s["score"][keep], w[keep],
+                                 n_bootstrap=n_bootstrap, seed=seed), "weighting": task.weighting}
     per_background = {}
-    for b in task["background"] + task["test_background"]:
+    for b in task.background + task.test_background:
         try:
             per_background[b] = subset([b])
         except ValueError as exc:
             per_background[b] = {"error": f"not computable: {exc}"}
-    return subset(task["background"]), per_background
+    return subset(task.background), per_background
 
 
 def run_arm(arm, ctx, fraction, seed):
-    """(test scores, history, model) of one arm at one label fraction and seed."""
+    """(test scores, history, model) of one arm at one label fraction and seed; the scores are the
+    class probabilities (N, K), or the signal probability (N,) of a binary task."""
     if arm in NET_ARMS:
-        return train_network(arm, ctx, fraction, seed, desc=f"{arm} f={fraction} seed {seed}")
-    if arm == "frozen":
-        return train_probe(ctx, fraction, seed)
-    return train_gbdt(arm, ctx, fraction, seed)
+        s, history, model = train_network(arm, ctx, fraction, seed, desc=f"{arm} f={fraction} seed {seed}")
+    elif arm == "frozen":
+        s, history, model = train_probe(ctx, fraction, seed)
+    else:
+        s, history, model = train_gbdt(arm, ctx, fraction, seed)
+    if ctx["task"].binary:
+        s["score"] = s["score"][:, 1]
+    return s, history, model
 
 
-def verdicts(scores: dict, task: dict, args) -> dict:
-    """Per label fraction, the paired test-set difference of the AUCs of each pair of arms (mean
-    over seeds, 95% bootstrap interval over test events): 'better' only outside the interval."""
+def verdicts(scores: dict, task, args) -> dict:
+    """Per label fraction, the paired test-set difference of the AUCs (macro AUCs for classes) of
+    each pair of arms under the task's weighting (mean over seeds, 95% bootstrap interval over test
+    events): 'better' only outside the interval."""
     out = {}
     for fraction, arms in scores.items():
         for a, b in PAIRS:
@@ -382,13 +414,14 @@ def verdicts(scores: dict, task: dict, args) -> dict:
             if not seeds:
                 continue
             ref = arms[a][seeds[0]]
-            y = np.isin(ref["process"], task["signal"])
-            keep = np.isin(ref["process"], task["signal"] + task["background"])
-            d = paired_auc_difference(y[keep], np.abs(ref["weight"][keep]),
+            y, w = task.labels(ref["process"]), task.event_weights(ref["process"], ref["weight"])
+            keep = y >= 0
+            d = paired_auc_difference(y[keep], w[keep],
                                       np.stack([arms[a][s]["score"][keep] for s in seeds]),
                                       np.stack([arms[b][s]["score"][keep] for s in seeds]), args.bootstrap, args.seed)
             d["verdict"] = "better" if d["ci95"][0] > 0 else "worse" if d["ci95"][1] < 0 else "not distinguishable"
-            out.setdefault(str(fraction), {})[f"{a}_minus_{b}"] = {**d, "seeds": seeds}
+            out.setdefault(str(fraction), {})[f"{a}_minus_{b}"] = {
+                **d, "seeds": seeds, "metric": "AUC" if task.binary else "macro AUC", "weighting": task.weighting}
     return out
 
 
@@ -417,31 +450,29 @@ def prepare(args, dist) -> dict:
             print(line, file=sys.stderr)
         die("no usable Parquet input", EXIT_SOME_FAILED)
 
-    totals = SequenceStream(paths, vocab["levels"], args.batch_size).totals()
+    # The task, its event weights and its splits.
     try:
-        signal = resolve(csv_list(args.signal), totals, "signal")
-        background = resolve(csv_list(args.background), totals, "background")
-        test_bkg = [b for b in resolve(csv_list(args.test_background), totals, "test background") if b not in background]
+        task = define_task(args, SequenceStream(paths, vocab["levels"], args.batch_size).totals())
     except ValueError as exc:
         die(str(exc))
-    if set(signal) & set(background):
-        die(f"process(es) {', '.join(sorted(set(signal) & set(background)))} are both signal and background")
+    if args.weighting == "xsec":
+        try:
+            task.scale = xsec_scale(h5_locations(paths, args.h5_dir), task.labelled + task.test_background)
+        except ValueError as exc:
+            die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
+    labelled, test_bkg = task.labelled, task.test_background
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
         rank=dist.rank if shard else 0, world=dist.world if shard else 1, features=features, failed=failed)
-    labelled = signal + background
     split_totals = {}
     for split, procs in (("train", labelled), ("val", labelled), ("test", labelled + test_bkg)):
         split_totals[split] = make(split, procs, False).totals()
-        for role, names in (("signal", signal), ("background", background)):
+        for role, names in zip(task.names, task.members):
             if not any(split_totals[split].get(p, {}).get("events", 0) for p in names):
                 die(f"{', '.join(paths)}: the {split} split holds no {role} events ({', '.join(names)})", EXIT_SOME_FAILED)
-    sw = lambda names: sum(split_totals["train"].get(p, {}).get("sum_weights", 0.0) for p in names)  # noqa: E731
-    n_lab = sum(v["events"] for v in split_totals["train"].values())
-    task = {"signal": signal, "background": background, "test_background": test_bkg,
-            "norm": {"signal": 0.5 * n_lab / sw(signal), "background": 0.5 * n_lab / sw(background)}}  # mean weight ~1
+    task.balance(split_totals["train"])
     ctx = {"args": args, "dist": dist, "task": task, "vocab": vocab, "cfg": cfg, "cache": {}, "cont": None,
            "paths": paths, "errors": errors, "failed": failed, "split_totals": split_totals, "progress": dist.main,
            "train_all": make("train", labelled, False, shard=False), "val": make("val", labelled, False, shard=False),
@@ -472,8 +503,7 @@ def run_job(ctx, arm, fraction, seed, save_path=None) -> dict:
         return {"error": f"not computable: {str(exc).splitlines()[0]}"}
     if save_path and model is not None:
         save_module(save_path, model, {"arm": arm, "config": asdict(model.backbone.cfg), "pooling": ctx["args"].pooling,
-                                       "history": history, "signal": ctx["task"]["signal"],
-                                       "background": ctx["task"]["background"]})
+                                       "history": history, **task_members(ctx["task"])})
     return {"scores": s, "history": history, "seconds": round(time.perf_counter() - t0, 2),
             "failed": dict(ctx["failed"])}  # unreadable files met in a worker
 
@@ -519,11 +549,12 @@ def main(argv=None) -> int:
     dist = D.setup(args.device)
     ctx = prepare(args, dist)
     task, split_totals, errors = ctx["task"], ctx["split_totals"], ctx["errors"]
-    signal, background, test_bkg = task["signal"], task["background"], task["test_background"]
+    test_bkg = task.test_background
     for line in errors:
         print(line, file=sys.stderr)
     if dist.main:
-        print(f"signal {signal} vs background {background}" + (f", test-only {test_bkg}" if test_bkg else "")
+        print("; ".join(f"{n}: {m}" for n, m in zip(task.names, task.members))
+              + (f", test-only {test_bkg}" if test_bkg else "") + f" ({args.weighting}-weighted)"
               + f"; events train {sum(v['events'] for v in split_totals['train'].values())}, "
                 f"val {sum(v['events'] for v in split_totals['val'].values())}, "
                 f"test {sum(v['events'] for v in split_totals['test'].values())}")
@@ -533,7 +564,7 @@ def main(argv=None) -> int:
     n_labelled, not_computable, jobs = {}, {}, []
     for fraction in args.fractions:
         n_labelled[fraction] = split_totals["train"] if fraction >= 1 else ctx["streams"](fraction)["train"].totals()
-        missing = [role for role, names in (("signal", signal), ("background", background))
+        missing = [role for role, names in zip(task.names, task.members)
                    if not any(n_labelled[fraction].get(p, {}).get("events", 0) for p in names)]
         for arm in args.arm_list:
             for seed in args.seed_list:
@@ -573,13 +604,15 @@ def main(argv=None) -> int:
     errors += list(ctx["failed"].values())
     if dist.main:
         metrics = {
-            "task": {"signal": signal, "background": background, "test_background": test_bkg, "events": split_totals,
-                     "class_weight_norm": task["norm"], "seeds": args.seed_list, "pooling": args.pooling,
-                     "model_selection": "validation AUC on the whole validation split, every arm"},
+            "task": {**task.describe(), "events": split_totals, "seeds": args.seed_list, "pooling": args.pooling,
+                     "model_selection": f"validation {'AUC' if task.binary else 'macro AUC'} ({args.weighting}-weighted) "
+                                        "on the whole validation split, every arm (GBDTs: "
+                                        f"{'AUC' if task.binary else 'multi-class log loss'})"},
             "arms": arm_summaries(per_fraction.get(1.0, {})), "training": training,
-            "generalisation": {"trained_on": background, "tested_on": background + test_bkg,
+            "generalisation": {"trained_on": task.background if task.binary else task.labelled,
+                               "tested_on": task.background + test_bkg if task.binary else task.labelled,
                                "arms": generalisation_summary(generalisation)},
-            "data_efficiency": data_efficiency(per_fraction, n_labelled),
+            "data_efficiency": data_efficiency(per_fraction, n_labelled, args.weighting),
             "pretraining_verdict": verdicts(scores, task, args),
             "continuous_normalisation": ctx["cont"].mode if ctx["cont"] else None, "input_errors": errors,
             "provenance": provenance("step4_finetune.py", args, ctx["paths"]),
@@ -612,20 +645,23 @@ def arm_summaries(per_arm: dict) -> dict:
     return out
 
 
-def data_efficiency(per_fraction: dict, n_labelled: dict) -> dict:
-    """Per arm, one point per label fraction: mean and spread of the test AUC over seeds, the
-    first seed's bootstrap interval, and every seed's AUC and interval."""
+def data_efficiency(per_fraction: dict, n_labelled: dict, weighting: str) -> dict:
+    """Per arm, one point per label fraction: mean and spread of the test AUC (macro AUC for
+    classes) over seeds, the first seed's bootstrap interval, and every seed's AUC and interval."""
     out = {}
     for fraction in sorted(per_fraction):
         events = int(sum(v["events"] for v in n_labelled[fraction].values()))
         for arm, per_seed in per_fraction[fraction].items():
             ok = [m for m in per_seed if "error" not in m]
-            point = {"fraction": fraction, "n_labelled": events,
+            point = {"fraction": fraction, "n_labelled": events, "weighting": weighting,
                      "per_seed": [{k: m[k] for k in ("seed", "auc", "auc_ci95", "error") if k in m} for m in per_seed]}
             if ok:
                 aucs = np.array([m["auc"] for m in ok])
                 point.update(auc=float(aucs.mean()), auc_std=float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
-                             auc_ci95=ok[0]["auc_ci95"], rejection_at_50=float(np.mean([m["rejection_at_50"] for m in ok])))
+                             auc_ci95=ok[0]["auc_ci95"])
+                for key in ("rejection_at_50", "accuracy"):
+                    if key in ok[0]:
+                        point[key] = float(np.mean([m[key] for m in ok]))
             else:
                 point["error"] = per_seed[0]["error"]
             out.setdefault(arm, []).append(point)

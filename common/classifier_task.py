@@ -63,10 +63,7 @@ class Task:
     weighting: str = "events"
     scale: dict = field(default_factory=dict)  # process -> factor on the generator weight (1 under events)
     norm: list = field(default_factory=list)  # per class: balances the classes in the loss
-
-    @property
-    def binary(self) -> bool:
-        return self.names == ["background", "signal"]
+    binary: bool = True  # signal vs background (label 1: signal), else n classes from --classes
 
     @property
     def signal(self) -> list[str]:
@@ -144,7 +141,7 @@ def multiclass_task(classes: list[tuple[str, list[str]]], totals: dict) -> Task:
             if p in seen:
                 raise ValueError(f"process {p} is in two classes ({seen[p]} and {name})")
             seen[p] = name
-    return Task([n for n, _ in classes], members)
+    return Task([n for n, _ in classes], members, binary=False)
 
 
 def xsec_scale(h5_files: dict[str, str], processes: list[str]) -> dict[str, float]:
@@ -153,7 +150,10 @@ def xsec_scale(h5_files: dict[str, str], processes: list[str]) -> dict[str, floa
     first file without a usable cross-section or sum of weights."""
     xs, sumw = {}, {}
     for path in sorted(set(h5_files.values())):
-        meta = read_metadata(path)
+        try:
+            meta = read_metadata(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
         proc = meta.get("process")
         if proc not in processes:
             continue

@@ -1,5 +1,7 @@
 """Classifier diagnostics (step4): ROC curves of all arms, score distributions, training curves,
-the data-efficiency curve and the generalisation table as a bar chart.
+the data-efficiency curve and the generalisation table as a bar chart; for a multi-class task, the
+confusion matrix and the one-vs-rest ROC of every class instead of the ROC and score plots. Every
+title names the event weighting its numbers use.
 
   python plotting/plot_classifier.py runs/x/finetune/metrics.json --out-dir runs/x/finetune/plots
 """
@@ -17,6 +19,53 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from plotting.figures import plt, save_figure  # noqa: E402  (sets the headless backend first)
 
 
+def weighting(m: dict) -> str:
+    return f"{m['task'].get('weighting', 'events')}-weighted"
+
+
+def arm_grid(n: int, size=(4.2, 3.8)):
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def plot_confusion(m: dict, out: Path) -> Path | None:
+    """Each arm's confusion matrix, normalised per true class (rows sum to 1)."""
+    arms = {a: r for a, r in m["arms"].items() if "confusion" in r}
+    if not arms:
+        return None
+    fig, axes = arm_grid(len(arms))
+    for ax, (arm, r) in zip(axes, arms.items()):
+        c, names = np.array(r["confusion"]["normalised"]), r["classes"]
+        ax.imshow(c, vmin=0, vmax=1, cmap="Blues")
+        for (i, j), v in np.ndenumerate(c):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > 0.6 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set(xlabel="predicted class", ylabel="true class",
+               title=f"{arm}: accuracy {r['accuracy']:.3f}\n({weighting(m)}, rows normalised)")
+    return save_figure(fig, out / "confusion.png")
+
+
+def plot_class_rocs(m: dict, out: Path) -> Path | None:
+    """Each arm's one-vs-rest ROC curve of every class, with its AUC."""
+    arms = {a: r for a, r in m["arms"].items() if "per_class" in r}
+    if not arms:
+        return None
+    fig, axes = arm_grid(len(arms))
+    for ax, (arm, r) in zip(axes, arms.items()):
+        for name, c in r["per_class"].items():
+            ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=f"{name} (AUC {c['auc']:.3f})")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set(xlabel="efficiency of the other classes", ylabel="efficiency of the class",
+               title=f"{arm}: macro AUC {r['auc']:.3f} ({weighting(m)})")
+        ax.legend(fontsize=7)
+    return save_figure(fig, out / "class_roc.png")
+
+
 def plot_roc(m: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5))
     for arm, r in m["arms"].items():
@@ -26,7 +75,7 @@ def plot_roc(m: dict, out: Path) -> Path:
         keep = fpr > 0
         ax.plot(tpr[keep], 1 / fpr[keep], label=f"{arm} (AUC {r['auc']:.3f})")
     ax.set(xlabel="signal efficiency", ylabel="background rejection 1/eff_bkg", yscale="log", xlim=(0, 1),
-           title=f"{'+'.join(m['task']['signal'])} vs {'+'.join(m['task']['background'])} (test split)")
+           title=f"{'+'.join(m['task']['signal'])} vs {'+'.join(m['task']['background'])} (test split, {weighting(m)})")
     ax.legend(fontsize=8)
     return save_figure(fig, out / "roc.png")
 
@@ -45,7 +94,7 @@ def plot_scores(m: dict, scores_path: Path, out: Path) -> Path | None:
     for ax, arm in zip(axes.flat, arms):
         for sel, label in ((sig, "signal"), (bkg, "background")):
             ax.hist(s[f"score_{arm}"][sel], bins, weights=np.abs(s["weight"][sel]), density=True, histtype="step", label=label)
-        ax.set(title=arm, xlabel="classifier score", yscale="log")
+        ax.set(title=f"{arm} (|generator weight|)", xlabel="classifier score", yscale="log")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(arms):]:
         ax.axis("off")
@@ -61,7 +110,8 @@ def plot_training(m: dict, out: Path) -> Path | None:
         a.plot([r["step"] for r in h], [r["train_loss"] for r in h], "o-", label=arm)
         b.plot([r["step"] for r in h], [r["val_auc"] for r in h], "o-", label=arm)
     a.set(xlabel="optimiser step", ylabel="weighted training loss")
-    b.set(xlabel="optimiser step", ylabel="validation AUC (all labels, first seed)")
+    b.set(xlabel="optimiser step", ylabel=f"validation {'macro ' if 'classes' in m['task'] else ''}AUC "
+                                        f"({weighting(m)}, all labels, first seed)")
     a.legend(fontsize=8)
     return save_figure(fig, out / "training_curves.png")
 
@@ -79,7 +129,8 @@ def plot_efficiency(m: dict, out: Path) -> Path | None:
         for p in pts:  # every seed's AUC, so the spread is seen, not only summarised
             seeds = [s["auc"] for s in p["per_seed"] if "auc" in s]
             ax.plot([p["n_labelled"]] * len(seeds), seeds, ".", color=line[0].get_color(), alpha=0.5)
-    ax.set(xscale="log", xlabel="labelled training events", ylabel="test AUC (mean and spread over seeds)",
+    ax.set(xscale="log", xlabel="labelled training events",
+           ylabel=f"test {'macro ' if 'classes' in m['task'] else ''}AUC ({weighting(m)}; mean, spread over seeds)",
            title="data efficiency")
     ax.legend()
     return save_figure(fig, out / "data_efficiency.png")
@@ -104,8 +155,11 @@ def plot_generalisation(m: dict, out: Path) -> Path | None:
 def plot_all(metrics_path, out_dir) -> list[Path]:
     metrics_path, out = Path(metrics_path), Path(out_dir)
     m = json.loads(metrics_path.read_text())
-    made = [plot_roc(m, out), plot_scores(m, metrics_path.parent / "test_scores.npz", out), plot_training(m, out),
-            plot_efficiency(m, out), plot_generalisation(m, out)]
+    if "classes" in m["task"]:  # multi-class
+        made = [plot_confusion(m, out), plot_class_rocs(m, out)]
+    else:
+        made = [plot_roc(m, out), plot_scores(m, metrics_path.parent / "test_scores.npz", out), plot_generalisation(m, out)]
+    made += [plot_training(m, out), plot_efficiency(m, out)]
     return [p for p in made if p is not None]
 
 

@@ -126,7 +126,7 @@ def png_tag(data: bytes, caption: str = "") -> str:
     return f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{b64}">{cap}</figure>'
 
 
-FIRST_PLOTS = ("roc", "data_efficiency", "training_curves", "reco_vs_original", "pt_correlation_resolution")
+FIRST_PLOTS = ("roc", "confusion", "class_roc", "data_efficiency", "training_curves", "reco_vs_original", "pt_correlation_resolution")
 
 
 def png_files(pngs: list[Path], base: Path) -> str:
@@ -510,7 +510,44 @@ def seeds_text(arm: dict) -> str:
     return f"{seeds['n_seeds']}: {seeds['auc']['mean']:.3f} ± {seeds['auc']['std']:.3f}"
 
 
-def classifier_table(arms: dict) -> str:
+def weighting_text(task: dict) -> str:
+    """Which event weights every number of a step4 output uses (older outputs: events)."""
+    w = task.get("weighting", "events")
+    return (f"<p><b>weighting:</b> {esc(w)}: every AUC, rejection, accuracy and confusion matrix of this block is "
+            f"computed with these event weights: {esc(task.get('weighting_definition', 'generator weights'))}. "
+            f"Loss weights: {esc(task.get('loss_weights', '|generator weight|, classes balanced'))}.</p>")
+
+
+def multiclass_table(arms: dict, weighting: str) -> str:
+    """Per arm: macro AUC, accuracy and every class's one-vs-rest AUC, each with its interval."""
+    rows, failed, names = [], [], []
+    for name, arm in sorted(arms.items(), key=lambda kv: -kv[1].get("auc", -1)):
+        if "error" in arm:
+            failed.append([name, arm["error"]])
+            continue
+        names = arm["classes"]
+        lo, hi = arm["accuracy_ci95"]
+        rows.append([name, auc_text(arm), f"{arm['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"]
+                    + [auc_text(arm["per_class"][c]) for c in names] + [seeds_text(arm), fmt(arm["train_seconds"])])
+    header = ["arm / baseline", f"macro AUC ({weighting}) [95%]", f"accuracy ({weighting}) [95%]"]
+    out = table(header + [f"AUC {c} vs rest" for c in names] + ["seeds: macro AUC mean ± std", "train s"], rows)
+    return out + (table(["arm", "not computable"], failed) if failed else "")
+
+
+def confusion_tables(arms: dict) -> str:
+    """Each arm's confusion matrix normalised per true class, with the raw event counts."""
+    parts = []
+    for name, arm in arms.items():
+        if "confusion" not in arm:
+            continue
+        c, names = arm["confusion"], arm["classes"]
+        rows = [[t] + [f"{v:.3f} ({n})" for v, n in zip(c["normalised"][i], c["counts"][i])] for i, t in enumerate(names)]
+        parts.append(f"<details><summary>{esc(name)}: confusion matrix (rows: true class, normalised; "
+                     f"raw test events in brackets)</summary>" + table(["true \\ predicted"] + names, rows) + "</details>")
+    return "".join(parts)
+
+
+def classifier_table(arms: dict, weighting: str = "events") -> str:
     rows, failed = [], []
     for name, arm in sorted(arms.items(), key=lambda kv: -kv[1].get("auc", -1)):
         if "error" in arm:
@@ -519,7 +556,7 @@ def classifier_table(arms: dict) -> str:
         n = arm["n_test"]
         rows.append([name, auc_text(arm)] + [fmt(arm[k]) for k in REJECTIONS]
                     + [f"{fmt(n['signal'])} / {fmt(n['background'])}", seeds_text(arm), fmt(arm["train_seconds"])])
-    header = ["arm / baseline", "AUC [95% interval], first seed"] + [
+    header = ["arm / baseline", f"AUC ({weighting}) [95% interval], first seed"] + [
         k.replace("rejection_at_", "bkg rejection at eff_S=0.") for k in REJECTIONS]
     out = table(header + ["test events S / B", "seeds: AUC mean ± std", "train s"], rows)
     return out + (table(["arm", "not computable"], failed) if failed else "")
@@ -548,8 +585,8 @@ def verdict_table(verdicts: dict) -> str:
     rows = [[f, pair.replace("_minus_", " - "), v["delta_auc"], f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]",
              len(v["seeds"]), v["verdict"]] for f, pairs in sorted(verdicts.items(), key=lambda kv: float(kv[0]))
             for pair, v in pairs.items()]
-    return table(["labelled fraction", "arms", "delta AUC (mean of seeds)", "95% interval (test events)", "seeds",
-                  "verdict"], rows)
+    return table(["labelled fraction", "arms", "delta AUC (mean of seeds; macro AUC for classes)",
+                  "95% interval (test events)", "seeds", "verdict"], rows)
 
 
 def generalisation_table(gen: dict) -> str:
@@ -576,10 +613,16 @@ def classifier_block(run_dir: Path, d: Path) -> str:
     if metrics is None:
         return missing(f"no {d / 'metrics.json'}: classifier not shown")
     task = metrics["task"]
-    parts = [f"<p><b>signal:</b> {esc(fmt(task['signal']))}; <b>background:</b> {esc(fmt(task['background']))}"
-             + (f"; <b>tested only:</b> {esc(fmt(task['test_background']))}" if task["test_background"] else "")
-             + f"; <b>seeds:</b> {esc(fmt(task['seeds']))}; <b>event representation:</b> {esc(task['pooling'])}; "
-             f"<b>model selection:</b> {esc(task['model_selection'])}</p>", classifier_table(metrics["arms"])]
+    weighting = task.get("weighting", "events")
+    if "classes" in task:  # multi-class
+        what = "; ".join(f"<b>{esc(c)}:</b> {esc(fmt(p))}" for c, p in task["classes"].items())
+        tables = [multiclass_table(metrics["arms"], weighting), confusion_tables(metrics["arms"])]
+    else:
+        what = (f"<b>signal:</b> {esc(fmt(task['signal']))}; <b>background:</b> {esc(fmt(task['background']))}"
+                + (f"; <b>tested only:</b> {esc(fmt(task['test_background']))}" if task["test_background"] else ""))
+        tables = [classifier_table(metrics["arms"], weighting)]
+    parts = [f"<p>{what}; <b>seeds:</b> {esc(fmt(task['seeds']))}; <b>event representation:</b> {esc(task['pooling'])}; "
+             f"<b>model selection:</b> {esc(task['model_selection'])}</p>", weighting_text(task), *tables]
     rows = [[split, proc, v["events"], v["sum_weights"]] for split, procs in task["events"].items() for proc, v in procs.items()]
     parts.append("<details><summary>events per split and process</summary>"
                  + table(["split", "process", "events", "sum of weights"], rows) + "</details>")
@@ -589,8 +632,9 @@ def classifier_block(run_dir: Path, d: Path) -> str:
                      "(&quot;better&quot; only when the whole interval is above zero)</p>"
                      + verdict_table(metrics["pretraining_verdict"]))
     gen = metrics["generalisation"]
-    parts.append(f'<h3 id="{d.name}-generalisation">Generalisation</h3><p>trained on {esc(fmt(gen["trained_on"]))}, '
-                 f"tested on {esc(fmt(gen['tested_on']))}</p>" + generalisation_table(gen))
+    if gen.get("arms"):
+        parts.append(f'<h3 id="{d.name}-generalisation">Generalisation</h3><p>trained on {esc(fmt(gen["trained_on"]))}, '
+                     f"tested on {esc(fmt(gen['tested_on']))} ({esc(weighting)}-weighted)</p>" + generalisation_table(gen))
     pngs = plots_in(d / "plots")
     parts.append(png_files(pngs, run_dir) if pngs else missing(f"no ROC / data-efficiency plots under {d.name}/plots"))
     return "".join(parts)
@@ -605,7 +649,8 @@ def section_summary(run_dir: Path) -> str:
     ft = load_json(run_dir / "finetune" / "metrics.json")
     if ft is not None:
         arms = {a: v for a, v in ft["arms"].items() if "error" not in v}
-        parts.append('<p><b>Test AUC, all labels</b> (first seed [95% interval]; mean ± std over seeds) - '
+        parts.append(f'<p><b>Test AUC, all labels</b> ({esc(ft["task"].get("weighting", "events"))}-weighted; first seed '
+                     '[95% interval]; mean ± std over seeds) - '
                      '<a href="#classifier">details</a></p>'
                      + table(["arm", "AUC [95% interval]", "mean ± std"],
                              [[a, auc_text(v), seeds_text(v)] for a, v in sorted(arms.items(), key=lambda kv: -kv[1]["auc"])]))
@@ -619,6 +664,14 @@ def section_summary(run_dir: Path) -> str:
         if lines:
             parts.append('<p><b>Does pretraining pay off?</b> - <a href="#finetune-efficiency">data efficiency</a></p>'
                          f"<ul>{''.join(lines)}</ul>")
+    mc = load_json(run_dir / "finetune_multiclass" / "metrics.json")
+    if mc is not None:
+        arms = {a: v for a, v in mc["arms"].items() if "error" not in v}
+        parts.append(f'<p><b>Multi-class</b> ({esc(", ".join(mc["task"]["classes"]))}; '
+                     f'{esc(mc["task"]["weighting"])}-weighted) - <a href="#classifier">details</a></p>'
+                     + table(["arm", "macro AUC [95% interval]", "accuracy", "mean ± std"],
+                             [[a, auc_text(v), fmt(v["accuracy"]), seeds_text(v)]
+                              for a, v in sorted(arms.items(), key=lambda kv: -kv[1]["auc"])]))
     pre = load_json(run_dir / "pretrain" / "metrics.json")
     if pre is not None and pre["context_gain"]:
         key = "ratio" if pre["objectives"][0] == "tokens" else "gain"

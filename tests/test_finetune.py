@@ -208,3 +208,104 @@ def test_pickled_backbone_is_refused_in_one_line(sample, tmp_path, capsys):
                          "--init", bad, "--arms", "finetune", "--out-dir", tmp_path / "o", *SMALL)
     assert code == 2 and f"{bad}: cannot load the backbone" in err and "refusing to unpickle" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# --- event weights and the multi-class task ------------------------------------------------------------
+
+def pairwise_auc(y, s, w):
+    """The signed-weight AUC by its definition, O(n^2): every (signal, background) pair."""
+    gt = (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :])
+    return (w[y][:, None] * w[~y][None, :] * gt).sum() / (w[y].sum() * w[~y].sum())
+
+
+XSEC = {"hzz4l": 0.005, "zz4l": 1.5, "ttbar": 90.0}
+
+
+def test_xsec_weighting_with_negative_weights(tmp_path, capsys):
+    """--weighting xsec: every event weighs generator weight x sigma / sum of weights, negative weights kept
+    with their sign in the metrics; the AUC in metrics.json is the pairwise signed-weight AUC of the saved
+    test scores, and it differs from the per-event-count figure (ttbar, the easy background, dominates)."""
+    s = make_sample(tmp_path, n=700, processes=tuple(XSEC), negative_fraction=0.2, cross_sections=XSEC)
+    out = tmp_path / "xs"
+    code, _, err = step4(capsys, "--parquet", *s["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l,ttbar",
+                         "--arms", "counts_gbdt,standard_gbdt", "--weighting", "xsec", "--h5-dir", tmp_path / "h5",
+                         "--out-dir", out, "--no-plots", *SMALL)
+    assert code == 0, err[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    from common.h5io import read_metadata
+    for proc, xs in XSEC.items():
+        meta = read_metadata(s["h5"][proc])
+        assert 0 < meta["sum_weights"] < 700 * 0.7, "the sample has negative generator weights"
+        assert m["task"]["process_scale"][proc] == pytest.approx(xs / meta["sum_weights"])
+    assert m["task"]["weighting"] == "xsec" and "cross-section" in m["task"]["weighting_definition"]
+    scores = np.load(out / "test_scores.npz", allow_pickle=False)
+    y = scores["process"] == "hzz4l"
+    w = scores["weight"] * np.vectorize(m["task"]["process_scale"].get)(scores["process"])
+    for arm in ("counts_gbdt", "standard_gbdt"):
+        a = m["arms"][arm]
+        assert a["weighting"] == "xsec" and a["n_negative_weights"] > 20
+        assert a["auc"] == pytest.approx(pairwise_auc(y, scores[f"score_{arm}"], w), abs=1e-9)
+        assert abs(a["auc"] - pairwise_auc(y, scores[f"score_{arm}"], scores["weight"])) > 1e-3, "xsec is not events"
+    assert all(p["weighting"] == "xsec" for p in m["data_efficiency"]["counts_gbdt"])
+
+
+def test_xsec_weighting_needs_cross_sections(sample, tmp_path, capsys):
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
+                         "--arms", "counts_gbdt", "--weighting", "xsec", "--h5-dir", sample["root"] / "h5",
+                         "--out-dir", tmp_path / "o", *SMALL)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and "/h5/" in err and ".h5: no cross-section in /metadata" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_three_classes_all_protocols(sample, tmp_path, capsys):
+    out = tmp_path / "mc"
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), "--classes", "H=hzz4l;ZZ=zz4l;other=410470,dy",
+                         "--arms", "scratch,finetune,frozen,counts_gbdt,standard_gbdt", "--init", sample["init"],
+                         "--h5-dir", sample["root"] / "h5", "--out-dir", out, "--label-fractions", "0.3,1",
+                         "--seeds", "1,2", *SMALL, "--steps", "10")
+    assert code == 0, err[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"]["classes"] == {"H": ["hzz4l"], "ZZ": ["zz4l"], "other": ["dy", "ttbar"]}
+    assert m["task"]["kind"] == "multiclass" and m["task"]["weighting"] == "events"
+    for arm, a in m["arms"].items():
+        assert set(a["per_class"]) == {"H", "ZZ", "other"} and a["weighting"] == "events", arm
+        assert a["auc"] == pytest.approx(np.mean([c["auc"] for c in a["per_class"].values()]))
+        assert a["auc_ci95"][0] <= a["auc"] <= a["auc_ci95"][1] and 0 < a["accuracy"] <= 1
+        assert np.allclose(np.sum(a["confusion"]["normalised"], 1), 1) and np.shape(a["confusion"]["counts"]) == (3, 3)
+        assert a["seeds"]["n_seeds"] == 2 and "accuracy" in a["seeds"]
+    # leptons and b-jets tell the three classes apart
+    gbdt = m["arms"]["standard_gbdt"]
+    assert gbdt["per_class"]["other"]["auc"] > 0.9 and gbdt["auc"] > 0.8 and gbdt["accuracy"] > 0.6
+    scores = np.load(out / "test_scores.npz", allow_pickle=False)
+    assert scores["score_scratch"].shape == (len(scores["process"]), 3)
+    assert np.allclose(scores["score_scratch"].sum(1), 1, atol=1e-4), "softmax probabilities of 3 classes"
+    eff = m["data_efficiency"]["finetune"]
+    assert [e["fraction"] for e in eff] == [0.3, 1.0] and len(eff[0]["per_seed"]) == 2
+    v = m["pretraining_verdict"]["0.3"]["finetune_minus_scratch"]
+    assert v["ci95"][0] <= v["delta_auc"] <= v["ci95"][1] and v["metric"] == "macro AUC"
+    assert json.loads((out / "finetune.json").read_text())["classes"] == m["task"]["classes"]
+    for png in ("confusion", "class_roc", "data_efficiency"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("classes, message", [
+    ("H=hzz4l", "at least two classes"),
+    ("H=hzz4l;Z=hzz4l,zz4l", "process hzz4l is in two classes"),
+    ("H=hzz4l;Z=zjets", "class Z 'zjets' matches no events"),
+])
+def test_bad_classes_one_line_exit_2(sample, tmp_path, capsys, classes, message):
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), "--classes", classes, "--arms", "counts_gbdt",
+                         "--out-dir", tmp_path / "o", *SMALL)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_run_all_refuses_an_unknown_task_or_class_process_before_any_work(tmp_path):
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "SAMPLE_DIR": str(tmp_path / "raw")}
+    r = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, timeout=300,
+                       env={**env, "TASKS": "binary regression"})
+    assert r.returncode == 2 and "unknown task 'regression'" in r.stderr
+    r = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, timeout=300,
+                       env={**env, "TASKS": "multiclass", "CLASSES": "ggF=hzz4l;VBF=vbfh"})
+    assert r.returncode == 2 and "unknown process 'vbfh'" in r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "raw").exists(), "nothing generated"
