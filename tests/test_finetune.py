@@ -301,7 +301,7 @@ def test_bad_classes_one_line_exit_2(sample, tmp_path, capsys, classes, message)
 
 
 def test_run_all_refuses_an_unknown_task_or_class_process_before_any_work(tmp_path):
-    env = {**os.environ, "RUN": str(tmp_path / "run"), "SAMPLE_DIR": str(tmp_path / "raw")}
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "SAMPLE_DIR": str(tmp_path / "raw"), "VENV": sys.prefix}
     r = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, timeout=300,
                        env={**env, "TASKS": "binary regression"})
     assert r.returncode == 2 and "unknown task 'regression'" in r.stderr
