@@ -246,3 +246,32 @@ def test_renders_in_chromium(real_run, tmp_path):
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 200
     # the embedded plots decoded: some rows well below the header are not plain white
     assert (img[600:] < 250).any(axis=2).mean() > 0.01
+
+
+def test_multiclass_and_weighting_from_step4(tmp_path):
+    """A multi-class step4 run (synthetic fixtures, the GBDT arms) under --weighting xsec: the page names the
+    weighting of its numbers, gives every class's AUC and the confusion matrix, and embeds the confusion
+    and per-class ROC plots."""
+    import step4_finetune
+    from finetune_fixtures import make_sample
+
+    xs = {"hzz4l": 0.005, "zz4l": 1.5, "ttbar": 90.0}
+    s = make_sample(tmp_path / "s", n=400, processes=tuple(xs), cross_sections=xs)
+    run = tmp_path / "run"
+    assert call_main(step4_finetune.main, "--parquet", *s["parquet"].values(), "--classes", "H=hzz4l;ZZ=zz4l;top=ttbar",
+                     "--arms", "counts_gbdt,standard_gbdt", "--weighting", "xsec", "--h5-dir", tmp_path / "s" / "h5",
+                     "--out-dir", run / "finetune_multiclass", "--gbdt-trees", "20", "--bootstrap", "20",
+                     "--threads", "1", "--workers", "1") == 0
+    assert report(run, run / "report.html") == 0
+    page = (run / "report.html").read_text()
+    clf, summary = section(page, "classifier"), section(page, "summary")
+    m = json.loads((run / "finetune_multiclass" / "metrics.json").read_text())
+    assert "<b>weighting:</b> xsec" in clf and "macro AUC (xsec)" in clf and "Multi-class" in summary
+    for arm, a in m["arms"].items():
+        lo, hi = a["auc_ci95"]
+        assert f"<td>{arm}</td><td>{a['auc']:.3f} [{lo:.3f}, {hi:.3f}]</td>" in clf
+        for name, c in a["per_class"].items():
+            assert f"{c['auc']:.3f} [{c['auc_ci95'][0]:.3f}, {c['auc_ci95'][1]:.3f}]" in clf, (arm, name)
+        first = a["confusion"]
+        assert f"<td>H</td><td>{first['normalised'][0][0]:.3f} ({first['counts'][0][0]})</td>" in clf
+    assert "finetune_multiclass/plots/confusion.png" in clf and "finetune_multiclass/plots/class_roc.png" in clf
