@@ -23,10 +23,15 @@ def weighting(m: dict) -> str:
     return f"{m['task'].get('weighting', 'events')}-weighted"
 
 
-def arm_grid(n: int, size=(4.2, 3.8)):
+def auc_name(m: dict) -> str:
+    return "macro AUC" if "classes" in m["task"] else "AUC"
+
+
+def arm_grid(n: int):
+    """One panel per arm, three to a row."""
     cols = min(3, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     return fig, axes.flat
@@ -110,8 +115,7 @@ def plot_training(m: dict, out: Path) -> Path | None:
         a.plot([r["step"] for r in h], [r["train_loss"] for r in h], "o-", label=arm)
         b.plot([r["step"] for r in h], [r["val_auc"] for r in h], "o-", label=arm)
     a.set(xlabel="optimiser step", ylabel="weighted training loss")
-    b.set(xlabel="optimiser step", ylabel=f"validation {'macro ' if 'classes' in m['task'] else ''}AUC "
-                                        f"({weighting(m)}, all labels, first seed)")
+    b.set(xlabel="optimiser step", ylabel=f"validation {auc_name(m)} ({weighting(m)}, all labels, first seed)")
     a.legend(fontsize=8)
     return save_figure(fig, out / "training_curves.png")
 
@@ -130,7 +134,7 @@ def plot_efficiency(m: dict, out: Path) -> Path | None:
             seeds = [s["auc"] for s in p["per_seed"] if "auc" in s]
             ax.plot([p["n_labelled"]] * len(seeds), seeds, ".", color=line[0].get_color(), alpha=0.5)
     ax.set(xscale="log", xlabel="labelled training events",
-           ylabel=f"test {'macro ' if 'classes' in m['task'] else ''}AUC ({weighting(m)}; mean, spread over seeds)",
+           ylabel=f"test {auc_name(m)} ({weighting(m)}; mean, spread over seeds)",
            title="data efficiency")
     ax.legend()
     return save_figure(fig, out / "data_efficiency.png")
