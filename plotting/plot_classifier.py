@@ -65,8 +65,8 @@ def plot_class_rocs(m: dict, out: Path) -> Path | None:
         for name, c in r["per_class"].items():
             ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=f"{name} (AUC {c['auc']:.3f})")
         ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.set(xlabel="efficiency of the other classes", ylabel="efficiency of the class",
-               title=f"{arm}: macro AUC {r['auc']:.3f} ({weighting(m)})")
+        ax.set(xlabel="efficiency of the other classes", ylabel="efficiency of the class")
+        ax.set_title(f"{arm}: macro AUC {r['auc']:.3f}\n({weighting(m)}, one vs the rest)", fontsize=10)
         ax.legend(fontsize=7)
     return save_figure(fig, out / "class_roc.png")
 
