@@ -300,6 +300,19 @@ def test_bad_classes_one_line_exit_2(sample, tmp_path, capsys, classes, message)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_class_without_events_in_a_split_exit_1(sample, tmp_path, capsys):
+    from common.token_parquet import batch_to_numpy, sequences_table, split_of, write_sequences
+
+    # wz: dy's sequences renamed, every event in the train split (none to validate or test on)
+    idx = np.flatnonzero(split_of("train_only.h5", np.arange(5000)) == 0)[:40]
+    b = batch_to_numpy(pq.read_table(sample["parquet"]["dy"]).slice(0, 40), sample["vocab"]["levels"])
+    t = sequences_table(b["input_ids"], b["token_type_ids"], b["length"], idx, "train_only.h5", "wz", 361601, np.ones(40))
+    write_sequences(tmp_path / "wz.parquet", [t], sample["vocab"], {})
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), tmp_path / "wz.parquet",
+                         "--classes", "H=hzz4l;W=wz", "--arms", "counts_gbdt", "--out-dir", tmp_path / "o", *SMALL)
+    assert code == 1 and "split holds no W events (wz)" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_run_all_refuses_an_unknown_task_or_class_process_before_any_work(tmp_path):
     env = {**os.environ, "RUN": str(tmp_path / "run"), "SAMPLE_DIR": str(tmp_path / "raw"), "VENV": sys.prefix}
     r = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, timeout=300,
