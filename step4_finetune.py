@@ -525,8 +525,8 @@ def worker_job(arm, fraction, seed, save_path):
 
 def run_jobs(ctx, jobs: list[tuple]) -> dict:
     """{(arm, fraction, seed): run_job result} of every job, `--workers` at a time. The networks
-    go first so the cheap baselines fill the gaps; each job seeds itself, so a result does not
-    depend on the worker that ran it."""
+    go first so the cheap baselines fill the gaps; each job seeds itself, so at one thread a result
+    does not depend on the process that ran it."""
     args, dist = ctx["args"], ctx["dist"]
     workers = min(args.workers or usable_cpus(), len(jobs))
     if dist.active or dist.device.type != "cpu" or workers < 2:

@@ -6,8 +6,10 @@
   fit     step2 fit of every object type with --workers 1 and --workers N (one thread per fit)
 
 Each configuration runs as a child process; the bench prints wall time, trainings (or fits) per
-minute, the peak memory of the process tree, the ratio to the reference, and checks that the
-results are identical.
+minute, the peak memory of the process tree, the ratio to the reference, and the results of
+both (the step4 reference trains on all threads, the workers on one each: floating-point sums
+in another order, so the AUCs agree only within the training's own noise; the fits run on one
+thread in both, so their files must be identical).
 
   python bench/bench_workers.py --run-dir runs/default                 # about 8 minutes on 2 cores
   python bench/bench_workers.py --run-dir runs/default --only step4 --steps 100 --seeds 1,2
@@ -112,7 +114,7 @@ def main() -> int:
             for w, (wall, peak, _) in rows.items():
                 print(f"{name:5s} workers {w}: {wall:7.1f} s wall, {60 * jobs / wall:5.2f} {'trainings' if n_jobs[name] else 'fits'}"
                       f"/min, peak memory {peak / 2**20:6.0f} MiB, speed-up {rows[1][0] / wall:4.2f}x")
-            print(f"{name:5s} identical results: {rows[1][2] == rows[workers][2]}")
+            print(f"{name:5s} results, one at a time: {rows[1][2]}\n{name:5s} results, side by side: {rows[workers][2]}")
     print(f"load average {psutil.getloadavg()[0]:.1f} at the end")
     return 0
 
