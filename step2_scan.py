@@ -1,0 +1,204 @@
+"""Step 2, scan: a grid of tokenizer settings, each configuration fitted and judged downstream.
+
+  python step2_scan.py --grid scans/starter.json --h5 runs/default/h5 \
+      --reference-tokenizers runs/default/tok --out-dir runs/default/scan [--shard K/N]
+
+The grid ({axis: [values]}, common/tokenizer_scan.AXES: codebook_size, levels, dim, hidden, depth,
+cosine, decay, commit_weight, pt_weight, transform) is given as a JSON file and/or --axis flags;
+every object type of --objects is scanned over all of its points. Each configuration is one
+independent job in <out>/configs/<id>/:
+  1. step2_fit on --h5 with that configuration (fit time; the held-out quality of <obj>.json:
+     per-feature resolution, worst pT bin, codes used / dead / perplexity per level);
+  2. a tokenizer set of the reference tokenizers for the other object types and this one;
+  3. step2_apply of the task's HDF5 files (those of --signal and --background) with that set;
+  4. step4_finetune's scratch arm, few steps, fixed seed: the downstream test AUC;
+  5. result.json, written last: a rerun skips configurations that have it.
+A configuration that fails is listed with one error line and the others go on (exit 1).
+The table of every finished configuration (all shards) is <out>/scan.csv and scan.parquet:
+  pandas.read_parquet("runs/default/scan/scan.parquet")
+with the plots of plotting/plot_scan.py in <out>/plots.
+"""
+from __future__ import annotations
+
+import common  # noqa: F401  (first: sets the OpenMP wait policy before torch and numba load)
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import step2_apply
+import step2_fit
+import step4_finetune
+from common import runtime
+from common import tokenizer_scan as S
+from common.object_stream import describe_file
+from common.schema import TOKENIZED_OBJECTS
+from common.tokenizer import load_tokenizer
+
+OBJECTS = "jets,muons"
+SIGNAL, BACKGROUND = "hzz4l", "zz4l,ttbar,dy"  # run_all's task
+CAP = "tracks=10"  # run_all's sequences (TRACKS_IN_SEQUENCE)
+FIT_STEPS = step2_fit.STEPS
+FINETUNE_STEPS = 150  # the quick scratch classifier: a ranking of tokenizers, not the best AUC
+FINETUNE_EVAL_EVERY = 50
+SEED = 1
+THREADS = 1  # per step: the scan's shards are the parallelism
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default=None, help="JSON file {axis: [values]}")
+    p.add_argument("--axis", action="append", default=[], metavar="AXIS=V1,V2",
+                   help=f"an axis of the grid (adds to or replaces --grid's); axes: {', '.join(S.AXES)}")
+    p.add_argument("--objects", default=OBJECTS, help="comma list of the object types scanned")
+    p.add_argument("--h5", nargs="+", required=True, help="step1 HDF5 files (or directories): fit inputs and task")
+    p.add_argument("--reference-tokenizers", required=True, help="step2 fit folder: the other object types' tokenizers")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--shard", default=None, help="K/N: this job's share of the configurations")
+    p.add_argument("--signal", default=SIGNAL)
+    p.add_argument("--background", default=BACKGROUND)
+    p.add_argument("--cap", default=CAP, help="step2_apply --cap of the task sequences")
+    p.add_argument("--fit-steps", type=int, default=FIT_STEPS, help="step2_fit --steps of every configuration")
+    p.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS, help="step4 --steps of the scratch classifier")
+    p.add_argument("--finetune-eval-every", type=int, default=FINETUNE_EVAL_EVERY)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=THREADS, help="threads of each step (0: the usable CPUs)")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def step(name: str, main, argv: list) -> float:
+    """A step's main(argv) in this process, its chatter to stderr; the wall seconds. A step that
+    fails raises InputError naming it (its own error lines are already printed)."""
+    t0 = time.perf_counter()
+    try:
+        with redirect_stdout(sys.stderr):
+            code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    if code:
+        raise runtime.InputError(f"{name} exited with code {code}")
+    return time.perf_counter() - t0
+
+
+def task_files(paths: list[str], processes: set[str]) -> list[str]:
+    return [p for p in paths if str(describe_file(p)["meta"].get("process", "")) in processes]
+
+
+def encode_speed(tok_path: Path, eval_path: Path) -> float:
+    """Objects per second of the tokenizer's encode on its held-out sample (one thread; the
+    compiled code search warmed up first)."""
+    tok = load_tokenizer(tok_path)
+    with np.load(eval_path) as z:
+        feats = {k: z[f"orig/{k}"] for k in tok.features}
+    n = len(next(iter(feats.values())))
+    tok.encode({k: v[:64] for k, v in feats.items()})
+    t0 = time.perf_counter()
+    tok.encode(feats)
+    return n / (time.perf_counter() - t0)
+
+
+def run_config(cfg: dict, h5: list[str], task_h5: list[str], args) -> dict:
+    """Fit, tokenize the task, train the quick classifier; the configuration's row of the table."""
+    obj, d = cfg["object"], Path(args.out_dir) / "configs" / cfg["id"]
+    d.mkdir(parents=True, exist_ok=True)
+    common_flags = ["--seed", args.seed, "--threads", args.threads]
+    fit_seconds = step("step2_fit", step2_fit.main, ["--h5", *h5, "--out-dir", d, "--objects", obj, "--steps",
+                                                     args.fit_steps, "--workers", 1, "--no-plots", "--overwrite",
+                                                     *S.fit_flags(cfg["settings"]), *common_flags])
+    tok_dir = d / "tok"  # this configuration's tokenizer beside the reference ones
+    tok_dir.mkdir(exist_ok=True)
+    for o in TOKENIZED_OBJECTS:
+        src = d if o == obj else Path(args.reference_tokenizers)
+        for ext in (".pt", ".json"):
+            shutil.copy2(src / f"{o}{ext}", tok_dir / f"{o}{ext}")
+    apply_seconds = step("step2_apply", step2_apply.main, ["--h5", *task_h5, "--tokenizers", tok_dir, "--out-dir",
+                                                           d / "tokens", "--cap", args.cap, "--device", "cpu",
+                                                           "--overwrite", *common_flags])
+    n_events = sum(describe_file(p)["n_events"] for p in task_h5)
+    step("step4_finetune", step4_finetune.main, [
+        "--parquet", *(d / "tokens" / f"{Path(p).stem}.parquet" for p in task_h5), "--signal", args.signal,
+        "--background", args.background, "--arms", "scratch", "--steps", args.finetune_steps, "--eval-every",
+        args.finetune_eval_every, "--workers", 1, "--device", "cpu", "--out-dir", d / "finetune", "--no-plots",
+        "--overwrite", *common_flags])
+
+    sidecar = json.loads((d / f"{obj}.json").read_text())
+    row = {"config": cfg["id"], "object": obj, **{f"axis_{k}": json.dumps(v) if isinstance(v, list) else v
+                                                  for k, v in cfg["settings"].items()},
+           **S.quality_columns(sidecar), **S.auc_columns(json.loads((d / "finetune" / "metrics.json").read_text())),
+           "fit_seconds": fit_seconds, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
+           "encode_objects_per_s": encode_speed(d / f"{obj}.pt", d / f"{obj}.eval.npz"),
+           "apply_events_per_s": n_events / apply_seconds}
+    if (d / "closure.json").exists():
+        row.update(S.closure_columns(json.loads((d / "closure.json").read_text())))
+    runtime.write_json(d / "result.json", row)  # last: the configuration is done
+    return row
+
+
+def collect(out: Path) -> pd.DataFrame:
+    """Every finished configuration under out/configs (whichever shard ran it), one row each."""
+    rows = [json.loads(p.read_text()) for p in sorted((out / "configs").glob("*/result.json"))]
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    runtime.set_threads(args.threads)
+    objects = [o.strip() for o in args.objects.split(",") if o.strip()]
+    bad = [o for o in objects if o not in TOKENIZED_OBJECTS]
+    if bad or not objects:
+        runtime.die(f"--objects: unknown object type(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TOKENIZED_OBJECTS)}")
+    if not args.grid and not args.axis:
+        runtime.die("no grid: give --grid FILE and/or --axis AXIS=V1,V2")
+    if min(args.fit_steps, args.finetune_steps, args.finetune_eval_every) < 1:
+        runtime.die("--fit-steps, --finetune-steps and --finetune-eval-every must be at least 1")
+    try:
+        grid = S.load_grid(args.grid, args.axis)
+        S.check_reference(args.reference_tokenizers, objects)
+        configs = runtime.select_shard(S.configurations(grid, objects), args.shard)
+    except ValueError as exc:
+        runtime.die(str(exc))
+    h5 = runtime.input_files(args.h5)
+    processes = {p.strip() for p in f"{args.signal},{args.background}".split(",") if p.strip()}
+    task_h5 = task_files(h5, processes) if h5 else []
+    if not task_h5:
+        runtime.die(f"--h5: no HDF5 files of the task's processes ({', '.join(sorted(processes))})")
+    out = runtime.output_dir(args.out_dir)
+
+    errors = []
+    for i, cfg in enumerate(configs, 1):
+        if (out / "configs" / cfg["id"] / "result.json").exists():
+            print(f"[scan] {i}/{len(configs)} {cfg['id']}: done, skipping")
+            continue
+        print(f"[scan] {i}/{len(configs)} {cfg['id']}: {cfg['settings']}", flush=True)
+        try:
+            row = run_config(cfg, h5, task_h5, args)
+            print(f"[scan] {cfg['id']}: pT resolution {row['pt_resolution']:.4f}, AUC {row['auc']:.4f}, "
+                  f"fit {row['fit_seconds']:.0f} s", flush=True)
+        except (runtime.InputError, OSError, ValueError, KeyError) as exc:
+            errors.append(runtime.error_line(cfg["id"], exc))
+            print(errors[-1], file=sys.stderr)
+
+    table = collect(out)
+    if len(table):
+        for name in ("scan.csv", "scan.parquet"):
+            with runtime.atomic_output(out / name) as tmp:
+                table.to_csv(tmp, index=False) if name.endswith(".csv") else table.to_parquet(tmp, index=False)
+        print(f"[scan] {len(table)} configuration(s) in {out / 'scan.csv'} and scan.parquet")
+        if not args.no_plots:
+            from plotting.plot_scan import plot_scan
+
+            plot_scan(table, out / "plots")
+    return runtime.exit_code(errors)
+
+
+if __name__ == "__main__":
+    runtime.bound_heap_growth()
+    sys.exit(main())
