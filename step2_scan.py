@@ -7,12 +7,15 @@ The grid ({axis: [values]}, common/tokenizer_scan.AXES: codebook_size, levels, d
 cosine, decay, commit_weight, pt_weight, transform) is given as a JSON file and/or --axis flags;
 every object type of --objects is scanned over all of its points. Each configuration is one
 independent job in <out>/configs/<id>/:
-  1. step2_fit on --h5 with that configuration (fit time; the held-out quality of <obj>.json:
-     per-feature resolution, worst pT bin, codes used / dead / perplexity per level);
-  2. a tokenizer set of the reference tokenizers for the other object types and this one;
-  3. step2_apply of the task's HDF5 files (those of --signal and --background) with that set;
-  4. step4_finetune's scratch arm, few steps, fixed seed: the downstream test AUC;
-  5. result.json, written last: a rerun skips configurations that have it.
+  1. tok/: the reference tokenizers (.pt, .json) of the other object types, and step2_fit of this
+     one on --h5 with that configuration (fit wall time; the held-out quality of its <obj>.json:
+     per-feature resolution and bias, the worst pT bin, codes used / dead / perplexity per level;
+     closure.json's figures as closure_* columns where the fit writes one);
+  2. tokens/: step2_apply of the task's HDF5 files (those of --signal and --background) with tok/
+     (apply_events_per_s: whole events, every object type, reading and writing included);
+  3. finetune/: step4_finetune's scratch arm, few steps, fixed seed: the downstream test AUC;
+  4. result.json, written last: a rerun skips configurations that have it.
+encode_objects_per_s is this object's encode alone, on its held-out sample, one thread.
 A configuration that fails is listed with one error line and the others go on (exit 1).
 The table of every finished configuration (all shards) is <out>/scan.csv and scan.parquet:
   pandas.read_parquet("runs/default/scan/scan.parquet")
@@ -45,7 +48,7 @@ from common.tokenizer import load_tokenizer
 OBJECTS = "jets,muons"
 SIGNAL, BACKGROUND = "hzz4l", "zz4l,ttbar,dy"  # run_all's task
 CAP = "tracks=10"  # run_all's sequences (TRACKS_IN_SEQUENCE)
-FIT_STEPS = step2_fit.STEPS
+FIT_STEPS = step2_fit.STEPS  # with step2_fit's warmup, at most a quarter of them (a short test scan)
 FINETUNE_STEPS = 150  # the quick scratch classifier: a ranking of tokenizers, not the best AUC
 FINETUNE_EVAL_EVERY = 50
 SEED = 1
@@ -88,6 +91,10 @@ def step(name: str, main, argv: list) -> float:
     return time.perf_counter() - t0
 
 
+def fit_warmup(steps: int) -> int:
+    return min(step2_fit.WARMUP_STEPS, steps // 4)
+
+
 def task_files(paths: list[str], processes: set[str]) -> list[str]:
     return [p for p in paths if str(describe_file(p)["meta"].get("process", "")) in processes]
 
@@ -108,36 +115,37 @@ def encode_speed(tok_path: Path, eval_path: Path) -> float:
 def run_config(cfg: dict, h5: list[str], task_h5: list[str], args) -> dict:
     """Fit, tokenize the task, train the quick classifier; the configuration's row of the table."""
     obj, d = cfg["object"], Path(args.out_dir) / "configs" / cfg["id"]
-    d.mkdir(parents=True, exist_ok=True)
-    common_flags = ["--seed", args.seed, "--threads", args.threads]
-    fit_seconds = step("step2_fit", step2_fit.main, ["--h5", *h5, "--out-dir", d, "--objects", obj, "--steps",
-                                                     args.fit_steps, "--workers", 1, "--no-plots", "--overwrite",
-                                                     *S.fit_flags(cfg["settings"]), *common_flags])
-    tok_dir = d / "tok"  # this configuration's tokenizer beside the reference ones
-    tok_dir.mkdir(exist_ok=True)
+    tok_dir = d / "tok"  # the reference tokenizers of the other types, and this configuration's fit
+    tok_dir.mkdir(parents=True, exist_ok=True)
     for o in TOKENIZED_OBJECTS:
-        src = d if o == obj else Path(args.reference_tokenizers)
-        for ext in (".pt", ".json"):
-            shutil.copy2(src / f"{o}{ext}", tok_dir / f"{o}{ext}")
-    apply_seconds = step("step2_apply", step2_apply.main, ["--h5", *task_h5, "--tokenizers", tok_dir, "--out-dir",
-                                                           d / "tokens", "--cap", args.cap, "--device", "cpu",
-                                                           "--overwrite", *common_flags])
-    n_events = sum(describe_file(p)["n_events"] for p in task_h5)
+        if o != obj:
+            for ext in (".pt", ".json"):
+                shutil.copy2(Path(args.reference_tokenizers) / f"{o}{ext}", tok_dir / f"{o}{ext}")
+    common_flags = ["--seed", args.seed, "--threads", args.threads]
+    fit_seconds = step("step2_fit", step2_fit.main, [
+        "--h5", *h5, "--out-dir", tok_dir, "--objects", obj, "--steps", args.fit_steps,
+        "--warmup-steps", fit_warmup(args.fit_steps), "--workers", 1, "--no-plots", "--overwrite",
+        *S.fit_flags(cfg["settings"]), *common_flags])
+    apply_seconds = step("step2_apply", step2_apply.main, [
+        "--h5", *task_h5, "--tokenizers", tok_dir, "--out-dir", d / "tokens", "--cap", args.cap,
+        "--device", "cpu", "--overwrite", *common_flags])
     step("step4_finetune", step4_finetune.main, [
         "--parquet", *(d / "tokens" / f"{Path(p).stem}.parquet" for p in task_h5), "--signal", args.signal,
         "--background", args.background, "--arms", "scratch", "--steps", args.finetune_steps, "--eval-every",
         args.finetune_eval_every, "--workers", 1, "--device", "cpu", "--out-dir", d / "finetune", "--no-plots",
         "--overwrite", *common_flags])
+    n_events = sum(describe_file(p)["n_events"] for p in task_h5)
 
-    sidecar = json.loads((d / f"{obj}.json").read_text())
+    sidecar = json.loads((tok_dir / f"{obj}.json").read_text())
     row = {"config": cfg["id"], "object": obj, **{f"axis_{k}": json.dumps(v) if isinstance(v, list) else v
                                                   for k, v in cfg["settings"].items()},
            **S.quality_columns(sidecar), **S.auc_columns(json.loads((d / "finetune" / "metrics.json").read_text())),
            "fit_seconds": fit_seconds, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
-           "encode_objects_per_s": encode_speed(d / f"{obj}.pt", d / f"{obj}.eval.npz"),
+           "encode_objects_per_s": encode_speed(tok_dir / f"{obj}.pt", tok_dir / f"{obj}.eval.npz"),
            "apply_events_per_s": n_events / apply_seconds}
-    if (d / "closure.json").exists():
-        row.update(S.closure_columns(json.loads((d / "closure.json").read_text())))
+    closure = next((p for p in (d / "closure.json", tok_dir / "closure.json") if p.exists()), None)
+    if closure:  # the decoded-physics closure of this tokenizer set, where the fit writes one
+        row.update(S.closure_columns(json.loads(closure.read_text())))
     runtime.write_json(d / "result.json", row)  # last: the configuration is done
     return row
 

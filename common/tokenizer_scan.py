@@ -157,7 +157,7 @@ def config_id(obj: str, settings: dict) -> str:
     runs and machines, so a rerun finds its finished configurations."""
     digest = hashlib.sha256(json.dumps([obj, settings], sort_keys=True).encode()).hexdigest()[:8]
     parts = []
-    for axis in sorted(settings):
+    for axis in (a for a in AXES if a in settings):
         v = settings[axis]
         short = AXES[axis][2]
         if axis == "cosine":
@@ -170,8 +170,8 @@ def config_id(obj: str, settings: dict) -> str:
 def fit_flags(settings: dict) -> list[str]:
     """step2_fit's command-line flags of one configuration."""
     argv = []
-    for axis, v in sorted(settings.items()):
-        flag = AXES[axis][0]
+    for axis in (a for a in AXES if a in settings):
+        flag, v = AXES[axis][0], settings[axis]
         if axis == "cosine":
             argv += [flag] if v else []
         elif axis == "transform":
@@ -203,20 +203,20 @@ def bits_per_object(levels: int, codebook_size: int) -> float:
     return levels * math.log2(codebook_size)
 
 
-def worst_bin(feature: dict) -> dict | None:
-    """The pT bin of largest resolution, when the quality table has binned figures (a list of
-    {'resolution', ...} under a key ending in 'bins')."""
-    for key, value in feature.items():
-        if key.endswith("bins") and isinstance(value, list):
-            rows = [b for b in value if isinstance(b, dict) and b.get("resolution") is not None]
-            if rows:
-                return max(rows, key=lambda b: b["resolution"])
-    return None
+WORST_BIN_MIN_OBJECTS = 50  # the worst pT bin is looked for among bins with this many held-out objects
+
+
+def worst_bin(pt: dict) -> dict | None:
+    """The truth-pT bin of largest relative resolution in the fit's binned table (bins of
+    WORST_BIN_MIN_OBJECTS objects or more), or None without one."""
+    bins = [b for b in pt.get("relative_binned", []) if b.get("n", 0) >= WORST_BIN_MIN_OBJECTS]
+    return max(bins, key=lambda b: b["resolution"]) if bins else None
 
 
 def quality_columns(sidecar: dict) -> dict:
-    """(A) and (B) from a fit's <obj>.json: every feature's resolution and bias, the pT summary and
-    worst pT bin, and codes used, dead and perplexity per level (all measured on held-out events)."""
+    """(A) and (B) from a fit's <obj>.json: every feature's resolution and bias (the units of the
+    fit's table; pT also relative), the worst pT bin, and codes used, dead and perplexity per level,
+    all measured on held-out events."""
     q = sidecar["quality"]
     row = {"codebook_size": sidecar["settings"]["codebook_size"], "levels": sidecar["settings"]["levels"],
            "n_eval_objects": q.get("n_objects"), "pt_resolution": q["goals"].get("pt_relative_resolution")}
@@ -224,11 +224,13 @@ def quality_columns(sidecar: dict) -> dict:
         for key in ("resolution", "bias", "exact_match"):
             if isinstance(f.get(key), (int, float)):
                 row[f"{key}_{name}"] = f[key]
-    worst = worst_bin(q["features"].get("pt", {}))
+    pt = q["features"].get("pt", {})
+    if "relative" in pt:
+        row["pt_bias"] = pt["relative"]["bias"]
+    worst = worst_bin(pt)
     if worst:
-        row["pt_worst_bin_resolution"] = worst["resolution"]
-        row["pt_worst_bin_bias"] = worst.get("bias")
-        row["pt_worst_bin"] = json.dumps({k: v for k, v in worst.items() if k not in ("resolution", "bias")}, sort_keys=True)
+        row.update(pt_worst_bin_resolution=worst["resolution"], pt_worst_bin_bias=worst["bias"],
+                   pt_worst_bin=f"{worst['lo']:g}-{worst['hi']:g} GeV")
     for c in q["codes"]:
         for key in ("used", "dead", "perplexity", "used_fraction"):
             row[f"{key}_L{c['level']}"] = c[key]
