@@ -132,3 +132,19 @@ def test_tiny_scan_shards_rerun_and_failure(sample, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("configs/*/result.json")} == done
     assert f"error: {blocked}: " in captured.err  # the failed one is listed ...
     assert len(pd.read_csv(out / "scan.csv")) == 2  # ... and the table keeps the others
+
+
+def test_report_ranks_the_scan(sample, tmp_path):
+    """A run folder with a scan/ gets a section ranking each object's configurations, best AUC first."""
+    import re
+
+    from plotting import report
+
+    assert scan(sample, tmp_path / "scan", "--axis", "codebook_size=8,32", "--axis", "levels=2") == 0
+    assert report.main(["--run-dir", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    m = re.search(r'<section id="scan">(.*?)</section>', page, re.S)
+    assert m and "<h3>muons</h3>" in m.group(1)
+    table = pd.read_parquet(tmp_path / "scan" / "scan.parquet").sort_values("auc", ascending=False)
+    shown = re.findall(r"<tr><td>\d+</td><td>([^<]+)</td>", m.group(1))
+    assert shown == list(table["config"])
