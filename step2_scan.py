@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune-eval-every", type=int, default=FINETUNE_EVAL_EVERY)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=THREADS, help="threads of each step (0: the usable CPUs)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: gather the finished configurations into the table and plots")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
 
@@ -95,10 +97,6 @@ def fit_warmup(steps: int) -> int:
     return min(step2_fit.WARMUP_STEPS, steps // 4)
 
 
-def task_files(paths: list[str], processes: set[str]) -> list[str]:
-    return [p for p in paths if str(describe_file(p)["meta"].get("process", "")) in processes]
-
-
 def encode_speed(tok_path: Path, eval_path: Path) -> float:
     """Objects per second of the tokenizer's encode on its held-out sample (one thread; the
     compiled code search warmed up first)."""
@@ -112,7 +110,7 @@ def encode_speed(tok_path: Path, eval_path: Path) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def run_config(cfg: dict, h5: list[str], task_h5: list[str], args) -> dict:
+def run_config(cfg: dict, h5: list[str], task: list[dict], args) -> dict:
     """Fit, tokenize the task, train the quick classifier; the configuration's row of the table."""
     obj, d = cfg["object"], Path(args.out_dir) / "configs" / cfg["id"]
     tok_dir = d / "tok"  # the reference tokenizers of the other types, and this configuration's fit
@@ -126,6 +124,7 @@ def run_config(cfg: dict, h5: list[str], task_h5: list[str], args) -> dict:
         "--h5", *h5, "--out-dir", tok_dir, "--objects", obj, "--steps", args.fit_steps,
         "--warmup-steps", fit_warmup(args.fit_steps), "--workers", 1, "--no-plots", "--overwrite",
         *S.fit_flags(cfg["settings"]), *common_flags])
+    task_h5 = [info["path"] for info in task]
     apply_seconds = step("step2_apply", step2_apply.main, [
         "--h5", *task_h5, "--tokenizers", tok_dir, "--out-dir", d / "tokens", "--cap", args.cap,
         "--device", "cpu", "--overwrite", *common_flags])
@@ -134,7 +133,7 @@ def run_config(cfg: dict, h5: list[str], task_h5: list[str], args) -> dict:
         "--background", args.background, "--arms", "scratch", "--steps", args.finetune_steps, "--eval-every",
         args.finetune_eval_every, "--workers", 1, "--device", "cpu", "--out-dir", d / "finetune", "--no-plots",
         "--overwrite", *common_flags])
-    n_events = sum(describe_file(p)["n_events"] for p in task_h5)
+    n_events = sum(info["n_events"] for info in task)
 
     sidecar = json.loads((tok_dir / f"{obj}.json").read_text())
     row = {"config": cfg["id"], "object": obj, **{f"axis_{k}": json.dumps(v) if isinstance(v, list) else v
@@ -173,32 +172,31 @@ def main(argv=None) -> int:
         configs = runtime.select_shard(S.configurations(grid, objects), args.shard)
     except ValueError as exc:
         runtime.die(str(exc))
-    h5 = runtime.input_files(args.h5)
+    infos, errors = runtime.process_inputs(runtime.input_files(args.h5), describe_file)  # an unreadable file: one line
+    h5 = [info["path"] for info in infos]
     processes = {p.strip() for p in f"{args.signal},{args.background}".split(",") if p.strip()}
-    task_h5 = task_files(h5, processes) if h5 else []
-    if not task_h5:
-        runtime.die(f"--h5: no HDF5 files of the task's processes ({', '.join(sorted(processes))})")
+    task = [info for info in infos if str(info["meta"].get("process", "")) in processes]
+    if not task:
+        runtime.die(f"--h5: no readable HDF5 files of the task's processes ({', '.join(sorted(processes))})")
     out = runtime.output_dir(args.out_dir)
 
-    errors = []
-    for i, cfg in enumerate(configs, 1):
+    def one(cfg: dict) -> None:
         if (out / "configs" / cfg["id"] / "result.json").exists():
-            print(f"[scan] {i}/{len(configs)} {cfg['id']}: done, skipping")
-            continue
-        print(f"[scan] {i}/{len(configs)} {cfg['id']}: {cfg['settings']}", flush=True)
-        try:
-            row = run_config(cfg, h5, task_h5, args)
-            print(f"[scan] {cfg['id']}: pT resolution {row['pt_resolution']:.4f}, AUC {row['auc']:.4f}, "
-                  f"fit {row['fit_seconds']:.0f} s", flush=True)
-        except (runtime.InputError, OSError, ValueError, KeyError) as exc:
-            errors.append(runtime.error_line(cfg["id"], exc))
-            print(errors[-1], file=sys.stderr)
+            print(f"[scan] {cfg['id']}: done, skipping")
+            return
+        print(f"[scan] {cfg['id']}: {cfg['settings']}", flush=True)
+        row = run_config(cfg, h5, task, args)
+        print(f"[scan] {cfg['id']}: pT resolution {row['pt_resolution']:.4f}, AUC {row['auc']:.4f}, "
+              f"fit {row['fit_seconds']:.0f} s", flush=True)
 
+    if not args.table_only:
+        errors += runtime.process_inputs(configs, one, label=lambda cfg: cfg["id"])[1]  # a failure: one line, the rest go on
     table = collect(out)
     if len(table):
-        for name in ("scan.csv", "scan.parquet"):
-            with runtime.atomic_output(out / name) as tmp:
-                table.to_csv(tmp, index=False) if name.endswith(".csv") else table.to_parquet(tmp, index=False)
+        with runtime.atomic_output(out / "scan.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with runtime.atomic_output(out / "scan.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
         print(f"[scan] {len(table)} configuration(s) in {out / 'scan.csv'} and scan.parquet")
         if not args.no_plots:
             from plotting.plot_scan import plot_scan

@@ -18,34 +18,20 @@ from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
 from common.tokenizer import MAX_LEVELS
 
 
-def _positive_int(v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError("a positive integer")
-    return v
+def _integer(lo: int, hi: int | None = None, why: str = ""):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            raise ValueError(f"an integer {lo}..{hi}" if hi else f"an integer of at least {lo}{why}")
+        return v
+    return check
 
 
-def _codebook_size(v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-        raise ValueError("an integer of at least 2 (one code carries no information)")
-    return v
-
-
-def _levels(v):
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_LEVELS:
-        raise ValueError(f"an integer 1..{MAX_LEVELS}")
-    return v
-
-
-def _non_negative(v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-        raise ValueError("a number >= 0")
-    return float(v)
-
-
-def _decay(v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-        raise ValueError("a number in (0, 1)")
-    return float(v)
+def _number(ok, what: str):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ValueError(what)
+        return float(v)
+    return check
 
 
 def _flag(v):
@@ -73,15 +59,15 @@ def _transform(v):
 
 # axis -> (step2_fit flag, check, short name in a configuration's readable name)
 AXES = {
-    "codebook_size": ("--codebook-size", _codebook_size, "K"),
-    "levels": ("--levels", _levels, "L"),
-    "dim": ("--dim", _positive_int, "d"),
-    "hidden": ("--hidden", _positive_int, "h"),
-    "depth": ("--depth", _positive_int, "D"),
+    "codebook_size": ("--codebook-size", _integer(2, why=" (one code carries no information)"), "K"),
+    "levels": ("--levels", _integer(1, MAX_LEVELS), "L"),
+    "dim": ("--dim", _integer(1), "d"),
+    "hidden": ("--hidden", _integer(1), "h"),
+    "depth": ("--depth", _integer(1), "D"),
     "cosine": ("--cosine", _flag, "cos"),
-    "decay": ("--decay", _decay, "ema"),
-    "commit_weight": ("--commit-weight", _non_negative, "cw"),
-    "pt_weight": ("--pt-weight", _non_negative, "ptw"),
+    "decay": ("--decay", _number(lambda v: 0 < v < 1, "a number in (0, 1)"), "ema"),
+    "commit_weight": ("--commit-weight", _number(lambda v: v >= 0, "a number >= 0"), "cw"),
+    "pt_weight": ("--pt-weight", _number(lambda v: v >= 0, "a number >= 0"), "ptw"),
     "transform": ("--transform", _transform, "tf"),
 }
 
@@ -181,7 +167,7 @@ def fit_flags(settings: dict) -> list[str]:
     return argv
 
 
-def check_reference(ref_dir: str, objects: list[str]) -> list[str]:
+def check_reference(ref_dir: str, objects: list[str]) -> None:
     """The reference tokenizer files each configuration borrows (<obj>.pt and .json of every type
     other than the one scanned); ValueError names what is missing."""
     d = Path(ref_dir)
@@ -193,7 +179,6 @@ def check_reference(ref_dir: str, objects: list[str]) -> list[str]:
     missing = [f"{o}{ext}" for o in needed for ext in (".pt", ".json") if not (d / f"{o}{ext}").exists()]
     if missing:
         raise ValueError(f"{ref_dir}: reference tokenizers missing: {', '.join(missing)} (run step2_fit.py)")
-    return needed
 
 
 # --- what one configuration records ------------------------------------------------------------------
@@ -203,14 +188,19 @@ def bits_per_object(levels: int, codebook_size: int) -> float:
     return levels * math.log2(codebook_size)
 
 
-WORST_BIN_MIN_OBJECTS = 50  # the worst pT bin is looked for among bins with this many held-out objects
+WORST_BIN_MIN_OBJECTS = 50  # the worst pT bins are looked for among bins with this many held-out objects
 
 
-def worst_bin(pt: dict) -> dict | None:
-    """The truth-pT bin of largest relative resolution in the fit's binned table (bins of
-    WORST_BIN_MIN_OBJECTS objects or more), or None without one."""
+def worst_bins(pt: dict) -> tuple[dict, dict] | None:
+    """The truth-pT bins of largest relative resolution and of largest |relative bias|: the fit's
+    own choice where its quality has one ('worst_bin'), else from its binned table (bins of
+    WORST_BIN_MIN_OBJECTS objects or more); None without bins."""
+    if pt.get("worst_bin"):
+        return pt["worst_bin"]["resolution"], pt["worst_bin"]["bias"]
     bins = [b for b in pt.get("relative_binned", []) if b.get("n", 0) >= WORST_BIN_MIN_OBJECTS]
-    return max(bins, key=lambda b: b["resolution"]) if bins else None
+    if not bins:
+        return None
+    return max(bins, key=lambda b: b["resolution"]), max(bins, key=lambda b: abs(b["bias"]))
 
 
 def quality_columns(sidecar: dict) -> dict:
@@ -227,10 +217,11 @@ def quality_columns(sidecar: dict) -> dict:
     pt = q["features"].get("pt", {})
     if "relative" in pt:
         row["pt_bias"] = pt["relative"]["bias"]
-    worst = worst_bin(pt)
+    worst = worst_bins(pt)
     if worst:
-        row.update(pt_worst_bin_resolution=worst["resolution"], pt_worst_bin_bias=worst["bias"],
-                   pt_worst_bin=f"{worst['lo']:g}-{worst['hi']:g} GeV")
+        (res, bias), where = worst, lambda b: f"{b['lo']:g}-{b['hi']:g} GeV"
+        row.update(pt_worst_bin_resolution=res["resolution"], pt_worst_bin=where(res),
+                   pt_worst_bias=bias["bias"], pt_worst_bias_bin=where(bias))
     for c in q["codes"]:
         for key in ("used", "dead", "perplexity", "used_fraction"):
             row[f"{key}_L{c['level']}"] = c[key]

@@ -132,6 +132,9 @@ def test_tiny_scan_shards_rerun_and_failure(sample, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.glob("configs/*/result.json")} == done
     assert f"error: {blocked}: " in captured.err  # the failed one is listed ...
     assert len(pd.read_csv(out / "scan.csv")) == 2  # ... and the table keeps the others
+    (out / "scan.csv").unlink()
+    assert scan(sample, out, "--axis", "codebook_size=8,16,32", "--axis", "levels=2", "--table-only") == 0
+    assert len(pd.read_csv(out / "scan.csv")) == 2 and not (out / "configs" / blocked / "result.json").exists()
 
 
 def test_report_ranks_the_scan(sample, tmp_path):
