@@ -15,7 +15,7 @@ independent job in <out>/configs/<id>/:
      (apply_events_per_s: whole events, every object type, reading and writing included);
   3. finetune/: step4_finetune's scratch arm, few steps, fixed seed: the downstream test AUC;
   4. result.json, written last: a rerun skips configurations that have it.
-encode_objects_per_s is this object's encode alone, on its held-out sample, one thread.
+encode_objects_per_s is this object's encode alone, on its held-out sample, on --threads threads.
 A configuration that fails is listed with one error line and the others go on (exit 1).
 The table of every finished configuration (all shards) is <out>/scan.csv and scan.parquet:
   pandas.read_parquet("runs/default/scan/scan.parquet")
@@ -98,7 +98,7 @@ def fit_warmup(steps: int) -> int:
 
 
 def encode_speed(tok_path: Path, eval_path: Path) -> float:
-    """Objects per second of the tokenizer's encode on its held-out sample (one thread; the
+    """Objects per second of the tokenizer's encode on its held-out sample (--threads threads; the
     compiled code search warmed up first)."""
     tok = load_tokenizer(tok_path)
     with np.load(eval_path) as z:
