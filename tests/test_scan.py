@@ -151,3 +151,17 @@ def test_report_ranks_the_scan(sample, tmp_path):
     table = pd.read_parquet(tmp_path / "scan" / "scan.parquet").sort_values("auc", ascending=False)
     shown = re.findall(r"<tr><td>\d+</td><td>([^<]+)</td>", m.group(1))
     assert shown == list(table["config"])
+
+
+def test_unreadable_input_is_listed(sample, tmp_path, capsys):
+    """A corrupt HDF5 file among the inputs costs one error line (exit 1), not the scan."""
+    h5 = tmp_path / "h5"
+    h5.mkdir()
+    for p in (sample / "h5").glob("*.h5"):
+        (h5 / p.name).write_bytes(p.read_bytes())
+    (h5 / "bad.h5").write_text("not an hdf5 file")
+    code = call_main(step2_scan.main, "--h5", h5, "--reference-tokenizers", sample / "ref", "--out-dir", tmp_path / "out",
+                     "--signal", "hzz4l", "--background", "zz4l", "--axis", "levels=2", *TINY_SCAN, "--table-only")
+    assert code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "bad.h5" in err[0]
