@@ -428,6 +428,37 @@ def summary_tokenizers(sides: dict, order: list[str]) -> str:
                   "used fraction per level", "pT rel. resolution", "worst pT bin: resolution", "worst pT bin: |bias|"], rows)
 
 
+# --- tokenizer scan (step2_scan.py's scan/ folder) -------------------------------------------------
+
+SCAN_COLUMNS = (("config", "configuration"), ("bits_per_object", "bits"), ("auc", "AUC (scratch)"),
+                ("pt_resolution", "pT rel. resolution"), ("pt_worst_bin_resolution", "worst pT bin"),
+                ("min_used_fraction", "codes used (worst level)"), ("perplexity_L0", "perplexity L0"),
+                ("fit_seconds", "fit [s]"), ("encode_objects_per_s", "encode [obj/s]"))
+
+
+def section_scan(run_dir: Path) -> str:
+    """Per object type, the scanned configurations ranked (downstream AUC, then pT resolution,
+    then fewer bits), and the scan's plots."""
+    import pandas as pd
+
+    from common.tokenizer_scan import ranking
+
+    d = run_dir / "scan"
+    path = d / "scan.parquet"
+    if not path.exists():
+        return missing(f"no {path}: the scan has not finished a configuration")
+    scan = pd.read_parquet(path)
+    cols = [(c, h) for c, h in SCAN_COLUMNS if c in scan]
+    parts = [f'<p class="note">{len(scan)} configuration(s) from <code>{esc(path)}</code>, ranked by the downstream '
+             "AUC, then the held-out pT resolution, then fewer bits per object.</p>"]
+    for obj in sorted(scan["object"].unique()):
+        ranked = ranking(scan, obj)
+        rows = [[i, *(r[c] for c, _ in cols)] for i, (_, r) in enumerate(ranked.iterrows(), 1)]
+        parts.append(f"<h3>{esc(obj)}</h3>" + table(["rank", *(h for _, h in cols)], rows))
+    pngs = plots_in(d / "plots")
+    return "".join(parts) + ("<h4>Plots</h4>" + png_files(pngs, run_dir) if pngs else "")
+
+
 # --- pretraining ---------------------------------------------------------------------------------
 
 CONTEXT_GAIN_GOAL = {"gain": 0.2, "ratio": 3.0}  # regression 20% below, or ids 3x, the no-context baseline
@@ -730,6 +761,7 @@ def section_provenance(run_dir: Path, h5s: list[dict], generated: list[tuple[Pat
 SECTIONS = (("summary", "Summary"), ("sample", "The sample"), ("conversion", "The conversion (step1)"), ("tokenizers", "Tokenizers (step2)"),
             ("pretraining", "Pretraining (step3)"), ("classifier", "Classifier (step4)"),
             ("provenance", "Settings and code version"))
+SCAN_SECTION = ("scan", "Tokenizer scan (step2_scan)")  # shown when the run has a scan/ folder
 
 
 def guarded(build, title: str) -> str:
@@ -756,11 +788,15 @@ def build_report(run_dir: Path, sample_dir: Path | None, args=None) -> str:
         "pretraining": lambda: section_pretraining(run_dir),
         "classifier": lambda: section_classifier(run_dir),
         "provenance": lambda: section_provenance(run_dir, h5s, generated),
+        "scan": lambda: section_scan(run_dir),
     }
+    scan = (SCAN_SECTION,) if (run_dir / "scan").is_dir() else ()
+    at = [k for k, _ in SECTIONS].index("tokenizers") + 1
+    sections = SECTIONS[:at] + scan + SECTIONS[at:]
     prov = provenance("plotting/report.py", args, [run_dir])
-    nav = "".join(f'<a href="#{key}">{esc(title)}</a>' for key, title in SECTIONS)
+    nav = "".join(f'<a href="#{key}">{esc(title)}</a>' for key, title in sections)
     body = "".join(f'<section id="{key}"><h2>{esc(title)}</h2>{guarded(bodies[key], title)}</section>'
-                   for key, title in SECTIONS)
+                   for key, title in sections)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Run report: {esc(run_dir.name)}</title>'
             f"<style>{CSS}</style></head><body><h1>Run report: {esc(run_dir.name)}</h1>"

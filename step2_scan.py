@@ -1,0 +1,210 @@
+"""Step 2, scan: a grid of tokenizer settings, each configuration fitted and judged downstream.
+
+  python step2_scan.py --grid scans/starter.json --h5 runs/default/h5 \
+      --reference-tokenizers runs/default/tok --out-dir runs/default/scan [--shard K/N]
+
+The grid ({axis: [values]}, common/tokenizer_scan.AXES: codebook_size, levels, dim, hidden, depth,
+cosine, decay, commit_weight, pt_weight, transform) is given as a JSON file and/or --axis flags;
+every object type of --objects is scanned over all of its points. Each configuration is one
+independent job in <out>/configs/<id>/:
+  1. tok/: the reference tokenizers (.pt, .json) of the other object types, and step2_fit of this
+     one on --h5 with that configuration (fit wall time; the held-out quality of its <obj>.json:
+     per-feature resolution and bias, the worst pT bin, codes used / dead / perplexity per level;
+     closure.json's figures as closure_* columns where the fit writes one);
+  2. tokens/: step2_apply of the task's HDF5 files (those of --signal and --background) with tok/
+     (apply_events_per_s: whole events, every object type, reading and writing included);
+  3. finetune/: step4_finetune's scratch arm, few steps, fixed seed: the downstream test AUC;
+  4. result.json, written last: a rerun skips configurations that have it.
+encode_objects_per_s is this object's encode alone, on its held-out sample, on --threads threads.
+A configuration that fails is listed with one error line and the others go on (exit 1).
+The table of every finished configuration (all shards) is <out>/scan.csv and scan.parquet:
+  pandas.read_parquet("runs/default/scan/scan.parquet")
+with the plots of plotting/plot_scan.py in <out>/plots.
+"""
+from __future__ import annotations
+
+import common  # noqa: F401  (first: sets the OpenMP wait policy before torch and numba load)
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import step2_apply
+import step2_fit
+import step4_finetune
+from common import runtime
+from common import tokenizer_scan as S
+from common.object_stream import describe_file
+from common.schema import TOKENIZED_OBJECTS
+from common.tokenizer import load_tokenizer
+
+OBJECTS = "jets,muons"
+SIGNAL, BACKGROUND = "hzz4l", "zz4l,ttbar,dy"  # run_all's task
+CAP = "tracks=10"  # run_all's sequences (TRACKS_IN_SEQUENCE)
+FIT_STEPS = step2_fit.STEPS  # with step2_fit's warmup, at most a quarter of them (a short test scan)
+FINETUNE_STEPS = 150  # the quick scratch classifier: a ranking of tokenizers, not the best AUC
+FINETUNE_EVAL_EVERY = 50
+SEED = 1
+THREADS = 1  # per step: the scan's shards are the parallelism
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default=None, help="JSON file {axis: [values]}")
+    p.add_argument("--axis", action="append", default=[], metavar="AXIS=V1,V2",
+                   help=f"an axis of the grid (adds to or replaces --grid's); axes: {', '.join(S.AXES)}")
+    p.add_argument("--objects", default=OBJECTS, help="comma list of the object types scanned")
+    p.add_argument("--h5", nargs="+", required=True, help="step1 HDF5 files (or directories): fit inputs and task")
+    p.add_argument("--reference-tokenizers", required=True, help="step2 fit folder: the other object types' tokenizers")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--shard", default=None, help="K/N: this job's share of the configurations")
+    p.add_argument("--signal", default=SIGNAL)
+    p.add_argument("--background", default=BACKGROUND)
+    p.add_argument("--cap", default=CAP, help="step2_apply --cap of the task sequences")
+    p.add_argument("--fit-steps", type=int, default=FIT_STEPS, help="step2_fit --steps of every configuration")
+    p.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS, help="step4 --steps of the scratch classifier")
+    p.add_argument("--finetune-eval-every", type=int, default=FINETUNE_EVAL_EVERY)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--threads", type=int, default=THREADS, help="threads of each step (0: the usable CPUs)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: gather the finished configurations into the table and plots")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def step(name: str, main, argv: list) -> float:
+    """A step's main(argv) in this process, its chatter to stderr; the wall seconds. A step that
+    fails raises InputError naming it (its own error lines are already printed)."""
+    t0 = time.perf_counter()
+    try:
+        with redirect_stdout(sys.stderr):
+            code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    if code:
+        raise runtime.InputError(f"{name} exited with code {code}")
+    return time.perf_counter() - t0
+
+
+def fit_warmup(steps: int) -> int:
+    return min(step2_fit.WARMUP_STEPS, steps // 4)
+
+
+def encode_speed(tok_path: Path, eval_path: Path) -> float:
+    """Objects per second of the tokenizer's encode on its held-out sample (--threads threads; the
+    compiled code search warmed up first)."""
+    tok = load_tokenizer(tok_path)
+    with np.load(eval_path) as z:
+        feats = {k: z[f"orig/{k}"] for k in tok.features}
+    n = len(next(iter(feats.values())))
+    tok.encode({k: v[:64] for k, v in feats.items()})
+    t0 = time.perf_counter()
+    tok.encode(feats)
+    return n / (time.perf_counter() - t0)
+
+
+def run_config(cfg: dict, h5: list[str], task: list[dict], args) -> dict:
+    """Fit, tokenize the task, train the quick classifier; the configuration's row of the table."""
+    obj, d = cfg["object"], Path(args.out_dir) / "configs" / cfg["id"]
+    tok_dir = d / "tok"  # the reference tokenizers of the other types, and this configuration's fit
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for o in TOKENIZED_OBJECTS:
+        if o != obj:
+            for ext in (".pt", ".json"):
+                shutil.copy2(Path(args.reference_tokenizers) / f"{o}{ext}", tok_dir / f"{o}{ext}")
+    common_flags = ["--seed", args.seed, "--threads", args.threads]
+    fit_seconds = step("step2_fit", step2_fit.main, [
+        "--h5", *h5, "--out-dir", tok_dir, "--objects", obj, "--steps", args.fit_steps,
+        "--warmup-steps", fit_warmup(args.fit_steps), "--workers", 1, "--no-plots", "--overwrite",
+        *S.fit_flags(cfg["settings"]), *common_flags])
+    task_h5 = [info["path"] for info in task]
+    apply_seconds = step("step2_apply", step2_apply.main, [
+        "--h5", *task_h5, "--tokenizers", tok_dir, "--out-dir", d / "tokens", "--cap", args.cap,
+        "--device", "cpu", "--overwrite", *common_flags])
+    step("step4_finetune", step4_finetune.main, [
+        "--parquet", *(d / "tokens" / f"{Path(p).stem}.parquet" for p in task_h5), "--signal", args.signal,
+        "--background", args.background, "--arms", "scratch", "--steps", args.finetune_steps, "--eval-every",
+        args.finetune_eval_every, "--workers", 1, "--device", "cpu", "--out-dir", d / "finetune", "--no-plots",
+        "--overwrite", *common_flags])
+    n_events = sum(info["n_events"] for info in task)
+
+    sidecar = json.loads((tok_dir / f"{obj}.json").read_text())
+    row = {"config": cfg["id"], "object": obj, **{f"axis_{k}": json.dumps(v) if isinstance(v, list) else v
+                                                  for k, v in cfg["settings"].items()},
+           **S.quality_columns(sidecar), **S.auc_columns(json.loads((d / "finetune" / "metrics.json").read_text())),
+           "fit_seconds": fit_seconds, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
+           "encode_objects_per_s": encode_speed(tok_dir / f"{obj}.pt", tok_dir / f"{obj}.eval.npz"),
+           "apply_events_per_s": n_events / apply_seconds}
+    closure = next((p for p in (d / "closure.json", tok_dir / "closure.json") if p.exists()), None)
+    if closure:  # the decoded-physics closure of this tokenizer set, where the fit writes one
+        row.update(S.closure_columns(json.loads(closure.read_text())))
+    runtime.write_json(d / "result.json", row)  # last: the configuration is done
+    return row
+
+
+def collect(out: Path) -> pd.DataFrame:
+    """Every finished configuration under out/configs (whichever shard ran it), one row each."""
+    rows = [json.loads(p.read_text()) for p in sorted((out / "configs").glob("*/result.json"))]
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    runtime.set_threads(args.threads)
+    objects = [o.strip() for o in args.objects.split(",") if o.strip()]
+    bad = [o for o in objects if o not in TOKENIZED_OBJECTS]
+    if bad or not objects:
+        runtime.die(f"--objects: unknown object type(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TOKENIZED_OBJECTS)}")
+    if not args.grid and not args.axis:
+        runtime.die("no grid: give --grid FILE and/or --axis AXIS=V1,V2")
+    if min(args.fit_steps, args.finetune_steps, args.finetune_eval_every) < 1:
+        runtime.die("--fit-steps, --finetune-steps and --finetune-eval-every must be at least 1")
+    try:
+        grid = S.load_grid(args.grid, args.axis)
+        S.check_reference(args.reference_tokenizers, objects)
+        configs = runtime.select_shard(S.configurations(grid, objects), args.shard)
+    except ValueError as exc:
+        runtime.die(str(exc))
+    infos, errors = runtime.process_inputs(runtime.input_files(args.h5), describe_file)  # an unreadable file: one line
+    h5 = [info["path"] for info in infos]
+    processes = {p.strip() for p in f"{args.signal},{args.background}".split(",") if p.strip()}
+    task = [info for info in infos if str(info["meta"].get("process", "")) in processes]
+    if not task:
+        runtime.die(f"--h5: no readable HDF5 files of the task's processes ({', '.join(sorted(processes))})")
+    out = runtime.output_dir(args.out_dir)
+
+    def one(cfg: dict) -> None:
+        if (out / "configs" / cfg["id"] / "result.json").exists():
+            print(f"[scan] {cfg['id']}: done, skipping")
+            return
+        print(f"[scan] {cfg['id']}: {cfg['settings']}", flush=True)
+        row = run_config(cfg, h5, task, args)
+        print(f"[scan] {cfg['id']}: pT resolution {row['pt_resolution']:.4f}, AUC {row['auc']:.4f}, "
+              f"fit {row['fit_seconds']:.0f} s", flush=True)
+
+    if not args.table_only:
+        errors += runtime.process_inputs(configs, one, label=lambda cfg: cfg["id"])[1]  # a failure: one line, the rest go on
+    table = collect(out)
+    if len(table):
+        with runtime.atomic_output(out / "scan.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with runtime.atomic_output(out / "scan.parquet") as tmp:
+            table.to_parquet(tmp, index=False)
+        print(f"[scan] {len(table)} configuration(s) in {out / 'scan.csv'} and scan.parquet")
+        if not args.no_plots:
+            from plotting.plot_scan import plot_scan
+
+            plot_scan(table, out / "plots")
+    return runtime.exit_code(errors)
+
+
+if __name__ == "__main__":
+    runtime.bound_heap_growth()
+    sys.exit(main())
