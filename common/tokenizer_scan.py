@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import tokenizer_quality
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
 from common.tokenizer import MAX_LEVELS
 
@@ -188,19 +189,12 @@ def bits_per_object(levels: int, codebook_size: int) -> float:
     return levels * math.log2(codebook_size)
 
 
-WORST_BIN_MIN_OBJECTS = 50  # the worst pT bins are looked for among bins with this many held-out objects
-
-
 def worst_bins(pt: dict) -> tuple[dict, dict] | None:
     """The truth-pT bins of largest relative resolution and of largest |relative bias|: the fit's
-    own choice where its quality has one ('worst_bin'), else from its binned table (bins of
-    WORST_BIN_MIN_OBJECTS objects or more); None without bins."""
-    if pt.get("worst_bin"):
-        return pt["worst_bin"]["resolution"], pt["worst_bin"]["bias"]
-    bins = [b for b in pt.get("relative_binned", []) if b.get("n", 0) >= WORST_BIN_MIN_OBJECTS]
-    if not bins:
-        return None
-    return max(bins, key=lambda b: b["resolution"]), max(bins, key=lambda b: abs(b["bias"]))
+    own choice where its quality records one, else the same rule on its binned table; None
+    without bins."""
+    worst = pt.get("worst_bin") or tokenizer_quality.worst_bins(pt.get("relative_binned", []))
+    return (worst["resolution"], worst["bias"]) if worst else None
 
 
 def quality_columns(sidecar: dict) -> dict:
