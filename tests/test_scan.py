@@ -12,6 +12,7 @@ from finetune_fixtures import call_main, make_h5
 
 import step2_fit
 import step2_scan
+from common import tokenizer_quality
 from common import tokenizer_scan as S
 from common.token_parquet import read_vocab
 
@@ -118,7 +119,7 @@ def test_tiny_scan_shards_rerun_and_failure(sample, tmp_path, capsys):
         assert vocab["tokenizers"]["muons"]["sha256"] == own and vocab["tokenizers"]["jets"]["sha256"] == ref
         assert vocab["tokenizers"]["muons"]["codebook_size"] == r["codebook_size"]
         bins = json.loads((d / "tok" / "muons.json").read_text())["quality"]["features"]["pt"]["relative_binned"]
-        full = [b for b in bins if b["n"] >= S.WORST_BIN_MIN_OBJECTS]
+        full = [b for b in bins if b["n"] >= tokenizer_quality.WORST_BIN_MIN_OBJECTS]
         assert r["pt_worst_bin_resolution"] == max(b["resolution"] for b in full)
     capsys.readouterr()
 
