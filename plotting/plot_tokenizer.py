@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import LogNorm
+from matplotlib.colors import ListedColormap, LogNorm
 
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -124,6 +124,9 @@ def plot_correlation_and_resolution(orig, reco, side, out: Path) -> None:
     save_figure(fig, out / "pt_correlation_resolution.png", dpi=90)
 
 
+USED_DEAD = ListedColormap(["tab:red", "tab:blue"])
+
+
 def plot_codes(codes, side, out: Path) -> None:
     size = side["settings"]["codebook_size"]
     levels = codes.shape[1]
@@ -138,9 +141,11 @@ def plot_codes(codes, side, out: Path) -> None:
         ax.set_xlabel("code rank")
         ax.set_ylabel("frequency")
         ax = axes[1, l]
-        ax.bar(np.arange(size), counts > 0, width=1.0, color=np.where(counts > 0, "tab:blue", "tab:red"))
-        ax.set_yticks([0, 1], ["dead", "used"])
-        ax.set_xlabel("code index")
+        # one image strip, not one bar per code: 2048 bars x 4 levels took 24 s to draw per object
+        ax.imshow((counts > 0)[None, :], aspect="auto", cmap=USED_DEAD, vmin=0, vmax=1, interpolation="nearest",
+                  extent=(0, size, 0, 1))
+        ax.set_yticks([])
+        ax.set_xlabel("code index (blue used, red dead)")
     fig.suptitle(f"{side['object']}: sorted code frequency (top), used/dead codes (bottom), held-out")
     save_figure(fig, out / "codes.png", dpi=90)
     fig, ax = plt.subplots(figsize=(5, 3.5))
