@@ -16,7 +16,7 @@ PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"  # the labelled task's processes
 SIGNAL="${SIGNAL:-hzz4l}"
 BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
 PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz}"  # unlabelled corpus, beside the task's own events
-PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-2500}"  # events generated per corpus process
+PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-2000}"  # events generated per corpus process
 SEEDS="${SEEDS:-1}"                 # every classifier training is repeated with these seeds (1,2,3: the
                                     # seed spread of every figure, about 3x step4's time: README.md)
 RUN="${RUN:-runs/default}"          # output folder of this run
@@ -27,6 +27,8 @@ WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"  # processes of step0, step
 OVERWRITE="${OVERWRITE:-0}"
 TRACKS_IN_SEQUENCE="${TRACKS_IN_SEQUENCE:-10}"  # leading tracks per event in the token sequence
 LABEL_FRACTIONS="${LABEL_FRACTIONS:-0.01,0.1,1}"  # data-efficiency protocol
+FRACTION_ARMS="${FRACTION_ARMS:-scratch,finetune,frozen,counts_gbdt,standard_gbdt}"  # the arms also run below
+#                                   100% of the labels (add continuous: two more trainings per seed)
 TASKS="${TASKS:-binary}"            # binary and/or multiclass (the Higgs production modes; generates them too)
 CLASSES="${CLASSES:-ggF=hzz4l;VBF=vbfh4l;VH=whh4l,zhh4l;ttH=tthh4l}"  # the multiclass task's classes
 WEIGHTING="${WEIGHTING:-events}"    # events | xsec (cross-section x generator weight / sum of weights)
@@ -122,8 +124,8 @@ if [[ " $TASKS " == *" binary "* ]]; then
     run_step step4_finetune "$RUN/finetune/metrics.json" \
         python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
             --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
-            --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune" --seed "$SEED" --device "$DEVICE" \
-            --workers "$WORKERS" --weighting "$WEIGHTING"
+            --label-fractions "$LABEL_FRACTIONS" --fraction-arms "$FRACTION_ARMS" --out-dir "$RUN/finetune" \
+            --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" --weighting "$WEIGHTING"
     first_bkg="${BACKGROUND%%,*}"
     run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
         python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
@@ -140,8 +142,8 @@ if [[ " $TASKS " == *" multiclass "* ]]; then
     run_step step4_multiclass "$RUN/finetune_multiclass/metrics.json" \
         python step4_finetune.py --parquet "${class_parquet[@]}" --classes "$CLASSES" \
             --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
-            --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune_multiclass" --seed "$SEED" \
-            --device "$DEVICE" --workers "$WORKERS" --weighting "$WEIGHTING"
+            --label-fractions "$LABEL_FRACTIONS" --fraction-arms "$FRACTION_ARMS" \
+            --out-dir "$RUN/finetune_multiclass" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" --weighting "$WEIGHTING"
 fi
 
 # plots of the sample, then the report (always rebuilt: it is cheap)

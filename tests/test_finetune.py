@@ -178,10 +178,12 @@ def test_protocol_entries_that_cannot_be_computed_leave_the_rest(sample, tmp_pat
     write_sequences(tmp_path / "wz.parquet", [t], sample["vocab"], {})
     code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), tmp_path / "wz.parquet", "--signal", "hzz4l",
                          "--background", "zz4l", "--test-background", "wz", "--arms", "scratch,counts_gbdt",
-                         "--label-fractions", "0.0005,1", "--out-dir", tmp_path / "o", "--no-plots", *SMALL)
+                         "--label-fractions", "0.0005,1", "--fraction-arms", "scratch", "--out-dir", tmp_path / "o",
+                         "--no-plots", *SMALL)
     assert code == 0, err[-2000:]
     m = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert m["arms"]["scratch"]["auc"] > 0.6, "the main task is still measured"
+    assert [p["fraction"] for p in m["data_efficiency"]["counts_gbdt"]] == [1.0], "--fraction-arms: scratch only below 1"
     tiny = [p for p in m["data_efficiency"]["scratch"] if p["fraction"] == 0.0005][0]
     assert "not computable" in tiny["error"] and "no signal" in tiny["error"]
     assert "not computable" in m["generalisation"]["arms"]["scratch"]["wz"]["error"]
