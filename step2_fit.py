@@ -216,6 +216,10 @@ def fit_one(obj: str, objs: list[str], infos: list[dict], transforms: dict, args
                "provenance": runtime.provenance("step2_fit.py", args, [i["path"] for i in infos])}
     sha = tok.save(ckpt, sidecar)
     save_eval_sample(out_dir / f"{obj}.eval.npz", orig, reco, codes)
+    if not args.no_plots:  # here, so the plots of one type are drawn while the next types train
+        from plotting.plot_tokenizer import plot_object
+
+        plot_object(out_dir, obj)
     return {"object": obj, "sha256": sha, "goals": q["goals"], "settings": settings}
 
 
@@ -295,12 +299,13 @@ def main(argv=None) -> int:
         for r in results:
             if "goals" in r:
                 print(f"[fit] {r['object']}: codes={r['settings']['codebook_size']} levels={r['settings']['levels']} goals={r['goals']['pass']}")
-        if args.closure_events > 0 and any("sha256" in r for r in results):  # every tokenizer in out-dir, together
+        fitted = any("sha256" in r for r in results)
+        if args.closure_events > 0 and fitted:  # every tokenizer in out-dir, together
             errors += closure(args.out_dir, infos, args.closure_events)
-        if not args.no_plots and any("sha256" in r for r in results):
-            from plotting.plot_tokenizer import plot_dir
+        if not args.no_plots and fitted and (Path(args.out_dir) / "closure.json").exists():
+            from plotting.plot_tokenizer import plot_closure
 
-            plot_dir(args.out_dir, [r["object"] for r in results if "sha256" in r])
+            plot_closure(Path(args.out_dir))
     if args.world > 1:
         import torch.distributed as dist
 
