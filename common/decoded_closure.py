@@ -191,12 +191,14 @@ def closure_figures(orig: dict[str, np.ndarray], dec: dict[str, np.ndarray]) -> 
 def write_closure(tok_dir: str | Path, infos: list[dict], max_events: int = MAX_EVENTS) -> dict | None:
     """Measure the closure of the tokenizers in tok_dir on the held-out events of `infos`
     (object_stream.describe_file) and write closure.json (+ closure.npz, the per-event values the
-    plots read). None when tok_dir holds no tokenizer of the objects the quantities read."""
+    plots read). None when the tokenizers in tok_dir do not make up any of the quantities."""
     tok_dir = Path(tok_dir)
     toks = tokenizers_in(tok_dir)
     if not toks:
         return None
     orig, dec = heldout_quantities(toks, infos, max_events)
+    if not orig:  # e.g. electrons alone: no quantity is made of these objects only
+        return None
     out = {"n_events": int(len(next(iter(orig.values())))), "max_events": max_events,
            "tokenizers": {o: {"path": Path(t.path).name, "sha256": t.sha256} for o, t in toks.items()},
            **closure_figures(orig, dec), "inputs": [i["path"] for i in infos]}
