@@ -10,7 +10,7 @@
 # and names the step and its log.
 set -euo pipefail
 
-EVENTS="${EVENTS:-5000}"            # events generated per process of the labelled task
+EVENTS="${EVENTS:-4000}"            # events generated per process of the labelled task
 SEED="${SEED:-1}"
 PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"  # the labelled task's processes
 SIGNAL="${SIGNAL:-hzz4l}"
@@ -118,29 +118,21 @@ run_step step3_pretrain "$RUN/pretrain/metrics.json" \
     python step3_pretrain.py --parquet "${parquet[@]}" --tokenizers "$RUN/tok" --h5-dir "$RUN/h5" \
         --out-dir "$RUN/pretrain" --seed "$SEED" --device "$DEVICE"
 
-# 4. fine-tuning and baselines on the main task, with the data-efficiency protocol; beside it, the
-#    generalisation protocol (trained against the first background only, tested on all) on one
-#    thread, its output in its log only: it takes up the CPU that step4's last trainings leave idle
+# 4. fine-tuning and baselines on the main task, with the data-efficiency protocol;
+#    then the generalisation protocol: trained against the first background only, tested on all
 if [[ " $TASKS " == *" binary "* ]]; then
-    first_bkg="${BACKGROUND%%,*}"
-    echo "[run_all] step4_generalisation: running beside step4_finetune (log: $RUN/logs/step4_generalisation.log)"
-    run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
-        python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
-            --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt --seeds "$SEEDS" \
-            --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
-            --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE" --workers 1 --threads 1 \
-            --weighting "$WEIGHTING" > /dev/null 2>&1 &
-    generalisation=$!
     run_step step4_finetune "$RUN/finetune/metrics.json" \
         python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
             --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
             --label-fractions "$LABEL_FRACTIONS" --fraction-arms "$FRACTION_ARMS" --out-dir "$RUN/finetune" \
             --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" --weighting "$WEIGHTING"
-    if ! wait "$generalisation"; then
-        echo "[run_all] FAILED at step 'step4_generalisation'. See its log: $RUN/logs/step4_generalisation.log" >&2
-        exit 1
-    fi
-    echo "[run_all] step4_generalisation: finished"
+    first_bkg="${BACKGROUND%%,*}"
+    run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
+        python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
+            --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt --seeds "$SEEDS" \
+            --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
+            --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" \
+            --weighting "$WEIGHTING"
 fi
 
 # 4b. the multi-class task (TASKS=multiclass): the Higgs production modes, every arm, the same protocols
