@@ -9,6 +9,9 @@ HDF5 layout (format_version 1; the full contract, /metadata included, is docs/DE
 Per-object datasets are (n_events, max_objects), pT-sorted, zero padded, with
 `common/<object>/mask` (bool) and `common/<object>/n` (int32). Per-event objects (met, event)
 are (n_events,). `/metadata` holds attributes only (METADATA_KEYS and more).
+
+`Feature.group` is the HDF5 group (common / atlas / cms); `Feature.token_group` is the feature group
+of the hierarchical tokens (kinematics | id | isolation | substructure | btag | impact | quality).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class Feature:
     categories: tuple[int, ...] = ()  # category only: the legal values
     optional: bool = True  # non-kinematic: filled with NaN (MISSING_INT for integers) and listed in missing_features when absent
     doc: str = ""
+    token_group: str = "kinematics"  # the feature group (TOKEN_GROUPS) whose sub-token carries it in granularity "group"
 
     @property
     def dtype(self) -> str:
@@ -77,6 +81,11 @@ class ObjectType:
         return {k: tuple(v) for k, v in groups.items()}
 
 
+# Feature groups (sub-tokens): with step2 `--granularity group` each (object, group) gets a tokenizer of
+# its own and an object is one position holding one sub-token per group (docs/DESIGN.md, section 4).
+TOKEN_GROUPS = ("kinematics", "id", "isolation", "substructure", "btag", "impact", "quality")
+
+
 def _kin(with_charge: bool = False) -> tuple[Feature, ...]:
     kin = (
         Feature("pt", "common", "continuous", "GeV", True, optional=False, doc="transverse momentum"),
@@ -89,21 +98,21 @@ def _kin(with_charge: bool = False) -> tuple[Feature, ...]:
 
 
 def _iso(tokenize: bool = True) -> Feature:
-    return Feature("trk_iso03", "common", "continuous", "", tokenize,
+    return Feature("trk_iso03", "common", "continuous", "", tokenize, token_group="isolation",
                    doc="sum pT of tracks (dR<0.3, pT>0.5 GeV, |z0 sin theta|<3 mm) / object pT")
 
 
-def _flag(name: str, group: str = "atlas", tokenize: bool = False, doc: str = "") -> Feature:
-    return Feature(name, group, "flag", "", tokenize, categories=(0, 1), doc=doc)
+def _flag(name: str, group: str = "atlas", tokenize: bool = False, doc: str = "", token_group: str = "id") -> Feature:
+    return Feature(name, group, "flag", "", tokenize, categories=(0, 1), doc=doc, token_group=token_group)
 
 
 def _cont(name: str, group: str = "atlas", unit: str = "", tokenize: bool = False,
-          transform: str = "quantile", doc: str = "") -> Feature:
-    return Feature(name, group, "continuous", unit, tokenize, transform=transform, doc=doc)
+          transform: str = "quantile", doc: str = "", token_group: str = "isolation") -> Feature:
+    return Feature(name, group, "continuous", unit, tokenize, transform=transform, doc=doc, token_group=token_group)
 
 
 def _score(name: str, triplet: str, group: str = "atlas", tokenize: bool = True) -> Feature:
-    return Feature(name, group, "score", "", tokenize, score_group=triplet)
+    return Feature(name, group, "score", "", tokenize, score_group=triplet, token_group="btag")
 
 
 ELECTRONS = ObjectType("electrons", 4, False, _kin(True) + (
@@ -118,9 +127,9 @@ ELECTRONS = ObjectType("electrons", 4, False, _kin(True) + (
 
 MUONS = ObjectType("muons", 5, False, _kin(True) + (
     _iso(),
-    Feature("quality", "atlas", "category", "", True, categories=(0, 1, 2, 3),
+    Feature("quality", "atlas", "category", "", True, categories=(0, 1, 2, 3), token_group="id",
             doc="0 Tight, 1 Medium, 2 Loose, 3 VeryLoose (decoded from the packed quality bits)"),
-    Feature("muonType", "atlas", "category", "", True, categories=(0, 1, 2, 3, 4),
+    Feature("muonType", "atlas", "category", "", True, categories=(0, 1, 2, 3, 4), token_group="id",
             doc="0 Combined, 1 MuonStandAlone, 2 SegmentTagged, 3 CaloTagged, 4 SiliconAssociatedForward"),
     _flag("passIDCuts"),
     _cont("topoetcone20", unit="GeV"), _cont("ptvarcone30", unit="GeV"),
@@ -132,9 +141,9 @@ MUONS = ObjectType("muons", 5, False, _kin(True) + (
 TAUS = ObjectType("taus", 11, False, _kin(True) + (
     _flag("is_1prong", "common", tokenize=True, doc="one charged track"),
     Feature("NNDecayMode", "atlas", "category", "", True, categories=(0, 1, 2, 3, 4, 5),
-            doc="0 1p0n, 1 1p1n, 2 1pXn, 3 3p0n, 4 3pXn, 5 other"),
-    _cont("RNNJetScore", tokenize=True, doc="tau-vs-jet ID score in [0,1]"),
-    _cont("RNNEleScore", tokenize=True, doc="tau-vs-electron ID score in [0,1]"),
+            doc="0 1p0n, 1 1p1n, 2 1pXn, 3 3p0n, 4 3pXn, 5 other", token_group="id"),
+    _cont("RNNJetScore", tokenize=True, doc="tau-vs-jet ID score in [0,1]", token_group="id"),
+    _cont("RNNEleScore", tokenize=True, doc="tau-vs-electron ID score in [0,1]", token_group="id"),
     # CMS NanoAOD
     Feature("decayMode", "cms", "category", "", categories=(0, 1, 2, 10, 11)),
     _cont("rawDeepTau2018v2p5VSjet", "cms"),
@@ -153,13 +162,13 @@ PHOTONS = ObjectType("photons", 8, False, _kin(False) + (
 
 JETS = ObjectType("jets", 6, False, _kin(False) + (
     Feature("mass", "common", "continuous", "GeV", True, optional=False),
-    Feature("n_trk", "common", "continuous", "", True, transform="log_standard",
+    Feature("n_trk", "common", "continuous", "", True, transform="log_standard", token_group="substructure",
             doc="number of tracks with pT > 500 MeV"),
     _score("DL1d_pb", "DL1d"), _score("DL1d_pc", "DL1d"), _score("DL1d_pu", "DL1d"),
     _score("GN2_pb", "GN2"), _score("GN2_pc", "GN2"), _score("GN2_pu", "GN2"),
-    _cont("QG_nTracks", tokenize=True, transform="log_standard"),
-    _cont("QG_tracksWidth", tokenize=True),
-    _cont("QG_tracksC1", tokenize=True),
+    _cont("QG_nTracks", tokenize=True, transform="log_standard", token_group="substructure"),
+    _cont("QG_tracksWidth", tokenize=True, token_group="substructure"),
+    _cont("QG_tracksC1", tokenize=True, token_group="substructure"),
     # CMS NanoAOD
     _cont("btagDeepFlavB", "cms"), _cont("btagDeepFlavCvL", "cms"), _cont("qgl", "cms"),
     Feature("jetId", "cms", "category", "", categories=(0, 1, 2, 3, 4, 5, 6, 7)),
@@ -167,12 +176,14 @@ JETS = ObjectType("jets", 6, False, _kin(False) + (
 ))
 
 TRACKS = ObjectType("tracks", 9, False, _kin(False) + (
-    Feature("d0", "common", "continuous", "mm", True, optional=False, doc="transverse impact parameter"),
-    Feature("z0", "common", "continuous", "mm", True, optional=False,
+    Feature("d0", "common", "continuous", "mm", True, optional=False, doc="transverse impact parameter",
+            token_group="impact"),
+    Feature("z0", "common", "continuous", "mm", True, optional=False, token_group="impact",
             doc="longitudinal impact parameter w.r.t. the primary vertex"),
-    _cont("qOverP", unit="1/GeV", tokenize=True),
-    _cont("chiSquared", tokenize=True),
-    _cont("nDoF", tokenize=True, transform="standard", doc="standard only: a log transform hurts its reconstruction"),
+    _cont("qOverP", unit="1/GeV", tokenize=True, token_group="kinematics"),
+    _cont("chiSquared", tokenize=True, token_group="quality"),
+    _cont("nDoF", tokenize=True, transform="standard", token_group="quality",
+          doc="standard only: a log transform hurts its reconstruction"),
 ))
 
 MET = ObjectType("met", 7, True, (
@@ -218,6 +229,13 @@ METADATA_KEYS = (
 ISO_CONE = 0.3
 ISO_PT_FLOOR_GEV = 0.5
 ISO_Z0SINTHETA_CUT_MM = 3.0
+
+
+def token_groups(obj: str, features: tuple[Feature, ...] | None = None) -> dict[str, tuple[Feature, ...]]:
+    """{group: its tokenized features} of an object, groups in TOKEN_GROUPS order, empty groups left out."""
+    feats = OBJECTS[obj].token_features if features is None else features
+    return {g: tuple(f for f in feats if f.token_group == g) for g in TOKEN_GROUPS
+            if any(f.token_group == g for f in feats)}
 
 
 def features_for(obj: str, experiment: str) -> tuple[Feature, ...]:
