@@ -36,10 +36,11 @@ import torch
 from tqdm import tqdm
 
 from common import distributed as D
-from common import highlevel
+from common import highlevel, jet_constituents
 from common import training as T
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
+from common.jet_constituents import ConstituentReader
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
                             seed_everything, set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
@@ -212,8 +213,11 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
         b_labels = torch.from_numpy(labels).long().to(dist.device)[chosen]
         m_types = types[chosen].long()
         targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"])
+        cons = T.constituent_tensors(batch, dist.device)
+        if cons is not None:  # a masked jet is not predicted from its own constituents
+            cons = (cons[0], jet_constituents.hide(cons[1], types, chosen))
         with torch.set_grad_enabled(train), torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(ids, types, attn, chosen, b_labels)
+            out = model(ids, types, attn, chosen, b_labels, cons)
         loss = 0.0
         for name in args.objectives:
             if name == "tokens":
@@ -312,13 +316,20 @@ def main(argv=None) -> int:
                 cont = ContinuousFeatures(h5_files, vocab, args.tokenizers or recorded_tokenizers(paths[0]))
         except (OSError, ValueError, KeyError) as exc:
             die(f"--objective {args.objective} needs the step1 HDF5 files: {str(exc).splitlines()[0]}")
+    constituents = None
+    if args.constituents:
+        try:
+            constituents = ConstituentReader(h5_locations(paths, args.h5_dir), args.constituent_fallback)
+        except (OSError, ValueError, KeyError) as exc:
+            die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
 
     # Data: train and validation splits only; the test split is never read.
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS[split],  # noqa: E731
                                                    shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
                                                    rank=dist.rank, world=dist.world, features=cont, failed=failed,
-                                                   observables=h5_files if "event" in args.objectives else None)
+                                                   observables=h5_files if "event" in args.objectives else None,
+                                                   constituents=constituents)
     train_stream, val_stream = stream("train", True), stream("val", False)
     n_train, n_val = train_stream.count(), val_stream.count()
     for name, n in (("train", n_train), ("validation", n_val)):
@@ -381,8 +392,12 @@ def main(argv=None) -> int:
         if token_head:  # the most frequent code of each (type, level) in train
             ctx["mode"] = D.all_sum(torch.from_numpy(code_counts).to(dist.device), dist).argmax(-1)
         val_stats = new_stats(args.objectives, cfg, dist.device)
+        if backbone.constituents is not None:
+            backbone.constituents.reset()
         with torch.no_grad():
             run_epoch(model, val_stream, 0, val_steps, ctx, args, dist, val_stats, desc=f"epoch {epoch} val")
+        if backbone.constituents is not None:  # validation jets; masked ones count as without constituents
+            usage = {**backbone.constituents.summary(), "methods": constituents.methods, "files_without": constituents.missing}
         train_summary, val_summary = summarise(train_stats, vocab, dist), summarise(val_stats, vocab, dist)
         n_ev = int(D.all_sum(torch.tensor([n_ev], dtype=torch.float64, device=dist.device), dist).item())
         history.append(history_row(epoch, sched.last_epoch, sched.get_last_lr()[0], train_summary, val_summary, seconds, n_ev))
@@ -409,7 +424,8 @@ def main(argv=None) -> int:
                    "val": val_summary, "context_gain": context_gain(val_summary, args.objectives[0]) if val_summary else None,
                    "target_scalers": {o: s.state() for o, s in scalers.items()},
                    "n_events": {"train": n_train, "val": n_val}, "epochs": args.epochs, "steps_per_epoch": steps,
-                   "world_size": dist.world, "history": history, "input_errors": errors, "provenance": prov}
+                   "world_size": dist.world, "history": history, "input_errors": errors, "provenance": prov,
+                   "constituents": usage if backbone.constituents is not None and val_summary else None}
         write_json(out / "metrics.json", metrics)
         save_module(out / "backbone.pt", backbone, backbone_sidecar(cfg, vocab, provenance=prov, objectives=args.objectives,
                                                                      representation=REPRESENTATION))

@@ -60,6 +60,7 @@ from common.classifier_task import (WEIGHTINGS, binary_task, csv_list, multiclas
                                     xsec_scale)
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
+from common.jet_constituents import ConstituentReader
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
                             set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
@@ -179,7 +180,8 @@ def task_members(task) -> dict:
 # --- network arms -----------------------------------------------------------------------------------
 
 def inputs(batch, device, feats=None):
-    return [*T.to_device(batch, device), torch.from_numpy(feats(batch)).to(device) if feats else None]
+    return [*T.to_device(batch, device), torch.from_numpy(feats(batch)).to(device) if feats else None,
+            T.constituent_tensors(batch, device)]
 
 
 @torch.no_grad()
@@ -266,6 +268,8 @@ def train_network(arm, ctx, fraction, seed, desc=""):
             if waited >= args.patience:
                 break
     model.load_state_dict(best)
+    if model.backbone.constituents is not None:
+        model.backbone.constituents.reset()  # the usage reported is the test split's
     return score(model, streams["test"], dist.device, amp, feats, f"{arm} test", bars), history, model
 
 
@@ -275,7 +279,7 @@ def embeddings(model: EventClassifier, stream, device) -> dict[str, np.ndarray]:
     model.eval()
     out = {"x": [], "process": [], "weight": []}
     for batch in stream.batches(0):
-        out["x"].append(model.embed(*T.to_device(batch, device)).float().cpu().numpy())
+        out["x"].append(model.embed(*inputs(batch, device)).float().cpu().numpy())
         out["process"].append(batch["process"])
         out["weight"].append(batch["weight"])
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -446,6 +450,8 @@ def prepare(args, dist) -> dict:
         except ValueError as exc:
             die(str(exc), EXIT_SOME_FAILED)
         cfg = ModelConfig(**{**sidecar["config"], "continuous_dims": {}})  # scratch: the backbone's architecture
+        if args.constituents and not cfg.constituent_dim:
+            die(f"{args.init}: --constituents, but the backbone has no constituent encoder (pretrain it with --constituents)")
     if not paths:
         for line in errors:
             print(line, file=sys.stderr)
@@ -463,10 +469,17 @@ def prepare(args, dist) -> dict:
             die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
     labelled, test_bkg = task.labelled, task.test_background
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
+    constituents = None
+    if cfg.constituent_dim:
+        try:
+            constituents = ConstituentReader(h5_locations(paths, args.h5_dir), args.constituent_fallback)
+        except (OSError, ValueError, KeyError) as exc:
+            die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
     make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
-        rank=dist.rank if shard else 0, world=dist.world if shard else 1, features=features, failed=failed)
+        rank=dist.rank if shard else 0, world=dist.world if shard else 1, features=features, failed=failed,
+        constituents=constituents)
     split_totals = {}
     for split, procs in (("train", labelled), ("val", labelled), ("test", labelled + test_bkg)):
         split_totals[split] = make(split, procs, False).totals()
@@ -505,8 +518,10 @@ def run_job(ctx, arm, fraction, seed, save_path=None) -> dict:
     if save_path and model is not None:
         save_module(save_path, model, {"arm": arm, "config": asdict(model.backbone.cfg), "pooling": ctx["args"].pooling,
                                        "history": history, **task_members(ctx["task"])})
+    usage = getattr(getattr(model, "backbone", None), "constituents", None)
     return {"scores": s, "history": history, "seconds": round(time.perf_counter() - t0, 2),
-            "failed": dict(ctx["failed"])}  # unreadable files met in a worker
+            "failed": dict(ctx["failed"]),  # unreadable files met in a worker
+            **({"constituents": usage.summary()} if usage is not None else {})}
 
 
 _WORKER_CTX = {}
@@ -596,7 +611,8 @@ def main(argv=None) -> int:
                     continue
                 s = r["scores"]
                 main_m, gen_m = evaluate(s, task, seed, args.bootstrap)
-                entry.append({"seed": seed, **main_m, "train_seconds": r["seconds"]})
+                entry.append({"seed": seed, **main_m, "train_seconds": r["seconds"],
+                              **({"constituents": r["constituents"]} if "constituents" in r else {})})
                 scores.setdefault(fraction, {}).setdefault(arm, {})[seed] = s
                 if fraction >= 1:
                     generalisation.setdefault(arm, {})[seed] = gen_m

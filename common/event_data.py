@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from common import highlevel
+from common import highlevel, jet_constituents
 from common.runtime import InputError
 from common.schema import MASK, PAD
 from common.token_parquet import (REQUIRED_COLUMNS, _splitmix64, batch_to_numpy, check_columns, iter_batches,
@@ -78,6 +78,7 @@ class SequenceStream:
     features: object = None  # a ContinuousFeatures: each event's normalised features ride along as column "features"
     failed: dict = field(default_factory=dict)  # file -> the error that stopped its reading (the other files go on)
     observables: dict | None = None  # source_file -> HDF5 path: each event's high-level observables ride along
+    constituents: object = None  # a jet_constituents.ConstituentReader: each event's jet constituents ride along
 
     def _keep(self, batch: pa.RecordBatch) -> np.ndarray:
         idx = batch.column("event_index").to_numpy(zero_copy_only=False)
@@ -107,6 +108,8 @@ class SequenceStream:
                     table = table.append_column("features", self.features.column(table, self.levels))
                 if self.observables is not None and "input_ids" in columns:
                     table = table.append_column("observables", observables_column(table, self.observables))
+                if self.constituents is not None and "input_ids" in columns:
+                    table = table.append_column("constituents", self.constituents.column(table))
                 yield table
 
     def totals(self) -> dict[str, float]:
@@ -158,7 +161,11 @@ class SequenceStream:
                     return
                 if i % self.world == self.rank:
                     taken += 1
-                    yield batch_to_numpy(table.slice(lo, self.batch_size), self.levels)
+                    part = table.slice(lo, self.batch_size)
+                    batch = batch_to_numpy(part, self.levels)
+                    if self.constituents is not None:
+                        batch["constituents"], batch["constituent_mask"] = jet_constituents.dense(part.column("constituents"))
+                    yield batch
                 i += 1
 
 

@@ -10,6 +10,7 @@ import torch
 
 # The run_all model: small and quick on 2 CPU cores. Steps 3 and 4 take these as flag defaults.
 D_MODEL, N_HEADS, N_LAYERS, D_FF, DROPOUT = 64, 4, 2, 256, 0.1
+CONSTITUENT_DIM = 32  # width of the jet-constituent encoder (--constituents)
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 1.0
@@ -23,10 +24,23 @@ def add_model_args(p) -> None:
     p.add_argument("--n-layers", type=int, default=N_LAYERS)
     p.add_argument("--d-ff", type=int, default=D_FF)
     p.add_argument("--dropout", type=float, default=DROPOUT)
+    p.add_argument("--constituents", action="store_true",
+                   help="enrich each jet with its constituents (common/jet_constituents in the HDF5, step1)")
+    p.add_argument("--constituent-dim", type=int, default=CONSTITUENT_DIM)
+    p.add_argument("--no-constituent-fallback", dest="constituent_fallback", action="store_false",
+                   help="fail on HDF5 files without constituents instead of using the jets alone")
 
 
 def model_sizes(args) -> dict:
-    return {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "dropout")}
+    sizes = {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "dropout")}
+    return {**sizes, "constituent_dim": args.constituent_dim if args.constituents else 0}
+
+
+def constituent_tensors(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch's jet constituents (SequenceStream.constituents) on the device, None when absent."""
+    if "constituents" not in batch:
+        return None
+    return torch.from_numpy(batch["constituents"]).to(device), torch.from_numpy(batch["constituent_mask"]).to(device)
 
 
 def add_runtime_args(p, device: str = "auto") -> None:

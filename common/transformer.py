@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.jet_constituents import ConstituentEncoder
 from common.runtime import atomic_output, write_json
 from common.schema import PAD, SPECIAL_TYPE_ID
 
@@ -48,6 +49,7 @@ class ModelConfig:
     dropout: float = 0.1
     continuous_dims: dict[str, int] = field(default_factory=dict)  # type id -> input width
     code_dim: int = 0  # > 0: each code's tokenizer codebook vector enters its embedding too
+    constituent_dim: int = 0  # > 0: jets are enriched by a constituent encoder of this width
 
     @classmethod
     def from_vocab(cls, vocab: dict, **sizes) -> "ModelConfig":
@@ -71,13 +73,14 @@ class EventTransformer(nn.Module):
             # object's codebook vectors (its quantised latent) does. Filled by set_code_vectors.
             self.register_buffer("code_vectors", torch.zeros(cfg.vocab_size, cfg.code_dim))
             self.code_proj = nn.Parameter(torch.randn(cfg.n_types, cfg.code_dim, d) * cfg.code_dim ** -0.5)
+        self.constituents = ConstituentEncoder(d, cfg.constituent_dim) if cfg.constituent_dim else None
         self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         block = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(block, cfg.n_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
 
-    def embed(self, input_ids, token_type_ids, features=None):
+    def embed(self, input_ids, token_type_ids, features=None, constituents=None):
         x = self.code_emb(input_ids).sum(dim=-2)  # combine the Q levels of each position
         if self.cfg.code_dim:  # [MASK] and PAD have zero vectors: a masked object leaks nothing
             latent = self.code_vectors[input_ids].sum(dim=-2)
@@ -87,16 +90,18 @@ class EventTransformer(nn.Module):
                 sel = token_type_ids == int(t)
                 if sel.any():
                     x = x.masked_scatter(sel.unsqueeze(-1), proj(features[sel][:, : proj.in_features]).to(x.dtype))
+        if self.constituents is not None and constituents is not None:
+            x = self.constituents(x, token_type_ids, *constituents)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.drop(self.norm(x + self.type_emb(token_type_ids.long()) + self.pos_emb(pos)[None]))
 
     def set_code_vectors(self, table: np.ndarray) -> None:
         self.code_vectors.copy_(torch.as_tensor(table, dtype=self.code_vectors.dtype))
 
-    def forward(self, input_ids, token_type_ids, attention_mask, features=None):
+    def forward(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None):
         if input_ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max_length {self.cfg.max_length}")
-        x = self.embed(input_ids.long(), token_type_ids.long(), features)
+        x = self.embed(input_ids.long(), token_type_ids.long(), features, constituents)
         return self.encoder(x, src_key_padding_mask=attention_mask == 0)
 
 
@@ -191,11 +196,11 @@ class PretrainModel(nn.Module):
         self.backbone, self.token_head, self.event_head, self.pooling = backbone, token_head, event_head, pooling
         self.regression_heads = nn.ModuleDict(regression_heads or {})
 
-    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None):
+    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None, constituents=None):
         """-> {objective: output}: for the M chosen positions (row-major) 'tokens' gives (loss (M,Q),
         correct (M,Q)) and an object regression its prediction (M, dim); 'event' predicts (B, dim)
         from the event representation that fine-tuning reads."""
-        states = self.backbone(input_ids, token_type_ids, attention_mask)
+        states = self.backbone(input_ids, token_type_ids, attention_mask, constituents=constituents)
         hidden = states[chosen]
         out = {name: head(hidden) for name, head in self.regression_heads.items()}
         if self.token_head is not None:
@@ -236,12 +241,12 @@ class EventClassifier(nn.Module):
         self.backbone, self.pooling = backbone, pooling
         self.head = ClassifierHead(backbone.cfg.d_model, n_classes, backbone.cfg.dropout)
 
-    def embed(self, input_ids, token_type_ids, attention_mask, features=None):
-        return pool(self.backbone(input_ids, token_type_ids, attention_mask, features), token_type_ids,
+    def embed(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None):
+        return pool(self.backbone(input_ids, token_type_ids, attention_mask, features, constituents), token_type_ids,
                     attention_mask, self.pooling)
 
-    def forward(self, input_ids, token_type_ids, attention_mask, features=None):
-        return self.head(self.embed(input_ids, token_type_ids, attention_mask, features))
+    def forward(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None):
+        return self.head(self.embed(input_ids, token_type_ids, attention_mask, features, constituents))
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
