@@ -32,6 +32,9 @@ FRACTION_ARMS="${FRACTION_ARMS:-scratch,finetune,frozen,counts_gbdt,standard_gbd
 TASKS="${TASKS:-binary}"            # binary and/or multiclass (the Higgs production modes; generates them too)
 CLASSES="${CLASSES:-ggF=hzz4l;VBF=vbfh4l;VH=whh4l,zhh4l;ttH=tthh4l}"  # the multiclass task's classes
 WEIGHTING="${WEIGHTING:-events}"    # events | xsec (cross-section x generator weight / sum of weights)
+VARIANTS="${VARIANTS:-flat}"        # model variants judged side by side on the binary task: flat group
+                                    # constituent group+constituent (each its own pretraining: README.md)
+VARIANT_ARMS="${VARIANT_ARMS:-scratch,finetune}"  # the step4 arms of the variants beyond flat
 
 cd "$(dirname "$0")"
 source ./env.sh
@@ -45,6 +48,12 @@ class_processes=()  # the multiclass task's processes (generated at EVENTS each,
 [[ " $TASKS " == *" multiclass "* ]] && class_processes=($(tr ';,' '  ' <<< "$CLASSES" | tr ' ' '\n' | sed 's/.*=//'))
 task_processes="$PROCESSES"
 for p in "${class_processes[@]}"; do [[ " $task_processes " == *" $p "* ]] || task_processes+=" $p"; done
+for v in $VARIANTS; do
+    if [[ ! " flat group constituent group+constituent " == *" $v "* ]]; then
+        echo "[run_all] error: unknown variant '$v' in VARIANTS (known: flat group constituent group+constituent)" >&2
+        exit 2
+    fi
+done
 known="$(python step0_generate.py --list-processes | cut -d' ' -f1)"
 for p in $task_processes $PRETRAIN_PROCESSES; do
     if ! grep -qx "$p" <<< "$known"; then
@@ -134,6 +143,33 @@ if [[ " $TASKS " == *" binary "* ]]; then
             --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" \
             --weighting "$WEIGHTING"
 fi
+
+# 4a. the model variants (VARIANTS): feature-group sub-tokens and/or jet constituents, each pretrained on the same
+#     corpus and fine-tuned on the same task, seeds and label fractions as the flat model (finetune/ above)
+for v in $VARIANTS; do
+    [ "$v" = flat ] && continue
+    name="${v/+/_}" tok="$RUN/tok" tokens="$RUN/tokens" model=()
+    [[ "$v" == group* ]] && tok="$RUN/tok_group" tokens="$RUN/tokens_group"
+    [[ "$v" == *constituent ]] && model=(--constituents)
+    vparquet=() vtask=()
+    for p in "${all_processes[@]}"; do vparquet+=("$tokens/$p.parquet"); done
+    for p in $PROCESSES; do vtask+=("$tokens/$p.parquet"); done
+    if [[ "$v" == group* ]]; then
+        run_step step2_fit_group "$tok/met.kinematics.json" \
+            python step2_tokenize.py fit --granularity group --h5 "${h5[@]}" --out-dir "$tok" --seed "$SEED" --workers "$WORKERS"
+        run_step step2_apply_group "$(first_missing "${vparquet[@]}")" \
+            python step2_tokenize.py apply --h5 "${h5[@]}" --tokenizers "$tok" --out-dir "$tokens" \
+                --cap "tracks=$TRACKS_IN_SEQUENCE" --seed "$SEED" "${overwrite[@]}"
+    fi
+    run_step "step3_$name" "$RUN/pretrain_$name/metrics.json" \
+        python step3_pretrain.py --parquet "${vparquet[@]}" --tokenizers "$tok" --h5-dir "$RUN/h5" \
+            --out-dir "$RUN/pretrain_$name" --seed "$SEED" --device "$DEVICE" "${model[@]}"
+    run_step "step4_$name" "$RUN/finetune_$name/metrics.json" \
+        python step4_finetune.py --parquet "${vtask[@]}" --signal "$SIGNAL" \
+            --background "$BACKGROUND" --arms "$VARIANT_ARMS" --init "$RUN/pretrain_$name/backbone.pt" --h5-dir "$RUN/h5" \
+            --tokenizers "$tok" --seeds "$SEEDS" --label-fractions "$LABEL_FRACTIONS" --out-dir "$RUN/finetune_$name" \
+            --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" --weighting "$WEIGHTING" "${model[@]}"
+done
 
 # 4b. the multi-class task (TASKS=multiclass): the Higgs production modes, every arm, the same protocols
 if [[ " $TASKS " == *" multiclass "* ]]; then

@@ -671,6 +671,45 @@ def classifier_block(run_dir: Path, d: Path) -> str:
     return "".join(parts)
 
 
+# --- model variants (run_all VARIANTS) -------------------------------------------------------------------
+
+VARIANT_SUFFIX = {"flat": "", "group": "_group", "constituent": "_constituent", "group+constituent": "_group_constituent"}
+
+
+def variant_dirs(run_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """{variant: (its step3 folder, its step4 folder)} of the variants this run has."""
+    return {v: (run_dir / f"pretrain{sfx}", run_dir / f"finetune{sfx}") for v, sfx in VARIANT_SUFFIX.items()
+            if (run_dir / f"finetune{sfx}" / "metrics.json").exists()}
+
+
+def section_variants(run_dir: Path) -> str:
+    """The variants side by side: test AUC per label fraction (mean ± spread of seeds, first seed's interval),
+    pretraining seconds per epoch, seconds per fine-tuning, and how much the constituents are used."""
+    rows, fractions = [], set()
+    found = {v: (load_json(pre / "metrics.json"), load_json(ft / "metrics.json")) for v, (pre, ft) in variant_dirs(run_dir).items()}
+    for _, ft in found.values():
+        fractions |= {p["fraction"] for pts in ft["data_efficiency"].values() for p in pts}
+    fractions = sorted(fractions)
+    for v, (pre, ft) in found.items():
+        epoch_s = np.mean([h["seconds"] for h in pre["history"]]) if pre and pre.get("history") else None
+        for arm in ("finetune", "scratch"):
+            if arm not in ft["data_efficiency"]:
+                continue
+            pts = {p["fraction"]: p for p in ft["data_efficiency"][arm]}
+            cells = [f"{efficiency_cell(pts[f])} [{pts[f]['auc_ci95'][0]:.3f}, {pts[f]['auc_ci95'][1]:.3f}]"
+                     if f in pts and "auc" in pts[f] else "" for f in fractions]
+            per_seed = [m for m in ft["arms"].get(arm, {}).get("per_seed", []) if "train_seconds" in m]
+            use = ft["arms"].get(arm, {}).get("constituents")
+            rows.append([v, arm, *cells, fmt(epoch_s), fmt(np.mean([m["train_seconds"] for m in per_seed]) if per_seed else None),
+                         f"gate {use['mean_gate']:.2f}, {use['fraction_without_constituents']:.0%} of jets without"
+                         if use else ""])
+    return ("<p>Each variant is pretrained on the same corpus and fine-tuned on the same task, test events and seeds "
+            "(run_all <code>VARIANTS</code>); cells: test AUC mean ± spread over seeds [95% interval of the first seed]. "
+            "A difference is only a difference outside the intervals.</p>"
+            + table(["variant", "arm"] + [f"AUC at {fmt(f)} of the labels" for f in fractions]
+                    + ["step3 s / epoch", "step4 s / training (100%)", "constituents (test)"], rows))
+
+
 # --- the one-screen summary -------------------------------------------------------------------------
 
 def section_summary(run_dir: Path) -> str:
@@ -762,6 +801,7 @@ SECTIONS = (("summary", "Summary"), ("sample", "The sample"), ("conversion", "Th
             ("pretraining", "Pretraining (step3)"), ("classifier", "Classifier (step4)"),
             ("provenance", "Settings and code version"))
 SCAN_SECTION = ("scan", "Tokenizer scan (step2_scan)")  # shown when the run has a scan/ folder
+VARIANTS_SECTION = ("variants", "Model variants: flat, group, constituent")  # shown when run_all ran VARIANTS
 
 
 def guarded(build, title: str) -> str:
@@ -789,10 +829,13 @@ def build_report(run_dir: Path, sample_dir: Path | None, args=None) -> str:
         "classifier": lambda: section_classifier(run_dir),
         "provenance": lambda: section_provenance(run_dir, h5s, generated),
         "scan": lambda: section_scan(run_dir),
+        "variants": lambda: section_variants(run_dir),
     }
     scan = (SCAN_SECTION,) if (run_dir / "scan").is_dir() else ()
+    variants = (VARIANTS_SECTION,) if len(variant_dirs(run_dir)) > 1 else ()
     at = [k for k, _ in SECTIONS].index("tokenizers") + 1
-    sections = SECTIONS[:at] + scan + SECTIONS[at:]
+    after = [k for k, _ in SECTIONS].index("classifier") + 1
+    sections = SECTIONS[:at] + scan + SECTIONS[at:after] + variants + SECTIONS[after:]
     prov = provenance("plotting/report.py", args, [run_dir])
     nav = "".join(f'<a href="#{key}">{esc(title)}</a>' for key, title in sections)
     body = "".join(f'<section id="{key}"><h2>{esc(title)}</h2>{guarded(bodies[key], title)}</section>'

@@ -26,6 +26,7 @@ from finetune_fixtures import call_main, make_sample  # noqa: E402
 
 import step3_pretrain  # noqa: E402
 import step4_finetune  # noqa: E402
+from plotting import report  # noqa: E402
 
 from common import jet_constituents as JC  # noqa: E402
 from common.continuous_inputs import h5_locations  # noqa: E402
@@ -106,7 +107,7 @@ def test_constituents_carry_what_the_tokens_miss(sample, tmp_path, capsys):
     """hzz4l vs zz4l: the constituent model reads the displaced tracks, the flat model cannot."""
     parquet = [str(p) for p in sample["parquet"].values()]
     aucs = {}
-    for name, extra in (("flat", []), ("constituents", ["--constituents"])):
+    for name, extra in (("finetune", []), ("finetune_constituent", ["--constituents"])):  # run_all's folder names
         code = call_main(step4_finetune.main, "--parquet", *parquet, "--signal", "hzz4l", "--background", "zz4l",
                          "--arms", "scratch", "--steps", "250", "--lr", "3e-3", "--out-dir", tmp_path / name, *SMALL, *extra)
         assert code == 0, capsys.readouterr().err
@@ -114,7 +115,10 @@ def test_constituents_carry_what_the_tokens_miss(sample, tmp_path, capsys):
         aucs[name] = m["arms"]["scratch"]["auc"]
     usage = m["arms"]["scratch"]["constituents"]
     assert 0 < usage["mean_gate"] < 1 and usage["fraction_without_constituents"] < 0.2, usage
-    assert aucs["constituents"] > aucs["flat"] + 0.05, aucs
+    assert aucs["finetune_constituent"] > aucs["finetune"] + 0.05, aucs
+    html = report.build_report(tmp_path, None)  # the variants side by side
+    section = html[html.index('id="variants"'):]
+    assert f"{aucs['finetune_constituent']:.3f}" in section and "of jets without" in section
 
 
 def test_pretraining_with_constituents_then_finetune_and_bad_inputs(sample, tmp_path, capsys):
