@@ -3,7 +3,9 @@
 Leptons are the electrons and muons of /common merged and pT-ordered. The four leading
 leptons form the 4l candidate; Z1 is the same-flavour opposite-sign (SFOS) pair closest to
 the Z mass and Z2 the other pair of the same pairing (the standard H->4l pairing). b-jets
-are common.physics.is_bjet (the one b-jet definition). Every function is vectorised over
+are common.physics.is_bjet (the one b-jet definition). The production-mode variables: the two
+leading jets of any |eta| (VBF tagging jets are forward) give m_jj and |delta eta_jj| when both have
+pT > VBF_JET_PT_MIN; leptons beyond the four of the candidate (from a W or Z of VH) are counted. Every function is vectorised over
 events; events without a valid candidate get NaN (gradient boosting handles it).
 """
 from __future__ import annotations
@@ -20,14 +22,16 @@ from common.schema import OBJECTS, dataset_path
 
 N_LEPTONS = 4
 JET_PT_MIN = 25.0  # GeV, jets counted
+VBF_JET_PT_MIN = 30.0  # GeV: the two tagging jets of m_jj and delta eta_jj
 
-NAMES = ("n_electrons", "n_muons", "n_leptons", "lep1_pt", "lep2_pt", "lep3_pt", "lep4_pt",
-         "m4l", "pt4l", "mZ1", "mZ2", "met", "met_sumet", "n_jets", "n_bjets", "ht", "jet1_pt")
+NAMES = ("n_electrons", "n_muons", "n_leptons", "n_extra_leptons", "lep1_pt", "lep2_pt", "lep3_pt", "lep4_pt",
+         "m4l", "pt4l", "mZ1", "mZ2", "met", "met_sumet", "n_jets", "n_bjets", "ht", "jet1_pt", "jet2_pt",
+         "m_jj", "deta_jj")
 
 
 def _keys(f: h5py.File) -> list[str]:
     keys = [f"common/{o}/{v}" for o in LEPTON_MASS for v in ("pt", "eta", "phi", "charge", "mask")]
-    keys += ["common/jets/pt", "common/jets/eta", "common/jets/mask", "common/met/pt", "common/met/sumet"]
+    keys += [f"common/jets/{v}" for v in ("pt", "eta", "phi", "mass", "mask")] + ["common/met/pt", "common/met/sumet"]
     keys += [k for k in BTAG_KEYS if k in f]
     return keys
 
@@ -69,15 +73,29 @@ def compute(c: dict[str, np.ndarray]) -> np.ndarray:
     else:
         n_b = np.full(len(jm), np.nan)
     jpt = np.where(jm, c["common/jets/pt"], 0.0)
+    n_all = c["common/electrons/mask"].sum(1) + c["common/muons/mask"].sum(1)
     cols = {
         "n_electrons": c["common/electrons/mask"].sum(1), "n_muons": c["common/muons/mask"].sum(1),
-        "n_leptons": n_lep,
+        "n_leptons": n_lep, "n_extra_leptons": np.maximum(n_all - N_LEPTONS, 0),
         **{f"lep{i + 1}_pt": np.where(fl[:, i] >= 0, pt[:, i], np.nan) for i in range(N_LEPTONS)},
         "m4l": np.where(has4, invariant_mass(four), np.nan), "pt4l": np.where(has4, np.hypot(four[:, 1], four[:, 2]), np.nan),
         "mZ1": z1, "mZ2": z2, "met": c["common/met/pt"], "met_sumet": c["common/met/sumet"],
         "n_jets": jm.sum(1), "n_bjets": n_b, "ht": jpt.sum(1), "jet1_pt": jpt.max(1, initial=0.0),
+        **dijet(c),
     }
     return np.stack([np.asarray(cols[k], dtype=np.float32) for k in NAMES], axis=1)
+
+
+def dijet(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """jet2_pt, m_jj and |delta eta_jj| of the two leading jets of any |eta| (NaN where undefined)."""
+    jm, jpt, eta = c["common/jets/mask"].astype(bool), c["common/jets/pt"], c["common/jets/eta"]
+    if jm.shape[1] < 2:
+        nan = np.full(len(jm), np.nan)
+        return {"jet2_pt": nan, "m_jj": nan, "deta_jj": nan}
+    two = jm[:, 1] & (jpt[:, 1] > VBF_JET_PT_MIN)
+    j = p4(jpt[:, :2].astype(np.float64), eta[:, :2], c["common/jets/phi"][:, :2], c["common/jets/mass"][:, :2])
+    return {"jet2_pt": np.where(jm[:, 1], jpt[:, 1], np.nan), "m_jj": np.where(two, invariant_mass(j[:, 0] + j[:, 1]), np.nan),
+            "deta_jj": np.where(two, np.abs(eta[:, 0] - eta[:, 1]), np.nan)}
 
 
 def for_rows(path: str | os.PathLike, rows: Sequence[int], step: int = 65536) -> np.ndarray:

@@ -18,12 +18,11 @@ LEPTON_PT_MIN = {"electrons": 7.0, "muons": 5.0}  # GeV, as in the H->4l selecti
 LEPTON_ISO_MAX = 0.15  # trk_iso03 (track pT sum in dR < 0.3 / pT)
 MUON_LOOSE_QUALITY = 2  # xAOD quality 0 Tight .. 3 VeryLoose: Loose or better
 JET_ELECTRON_OR_DR = 0.2  # a jet this close to an isolated electron is that electron (overlap removal)
-VBF_JET_PT_MIN = 30.0  # GeV: the two tagging jets
 H4L_MZ1_WINDOW, H4L_MZ2_WINDOW = (50.0, 106.0), (12.0, 115.0)  # GeV, the standard H->4l selection
 MAX_LEPTONS, MAX_JETS = 6, 15
 STEP = 20000  # events per chunk
 
-NAMES = highlevel.NAMES + ("m4l_h4l", "mt_w", "m_ll_z", "jet2_pt", "m_jj", "deta_jj")
+NAMES = highlevel.NAMES + ("m4l_h4l", "mt_w", "m_ll_z")
 
 
 def isolated_leptons(c: dict, obj: str) -> np.ndarray:
@@ -79,13 +78,6 @@ def chunk_observables(c: dict) -> dict[str, np.ndarray]:
     mt = physics.transverse_mass(pt[:, 0], lead_phi, p["common/met/pt"], p["common/met/phi"])
     cols["mt_w"] = np.where(cols["n_leptons"] == 1, mt, np.nan)
     cols["m_ll_z"] = sfos_mass_closest_to_z(lep, flavour, charge)
-    # jets: the two leading ones of any |eta| (VBF tags are forward)
-    jm, jpt = p["common/jets/mask"], p["common/jets/pt"]
-    cols["jet2_pt"] = np.where(jm[:, 1], jpt[:, 1], np.nan)
-    two = jm[:, 1] & (jpt[:, 1] > VBF_JET_PT_MIN)
-    j = physics.p4(jpt[:, :2], p["common/jets/eta"][:, :2], p["common/jets/phi"][:, :2], p["common/jets/mass"][:, :2])
-    cols["m_jj"] = np.where(two, physics.invariant_mass(j[:, 0] + j[:, 1]), np.nan)
-    cols["deta_jj"] = np.where(two, np.abs(p["common/jets/eta"][:, 0] - p["common/jets/eta"][:, 1]), np.nan)
     return cols
 
 

@@ -51,7 +51,9 @@ def test_z_candidates_standard_pairing():
     c["common/electrons/pt"][:, :2], c["common/electrons/phi"][:, :2], c["common/electrons/charge"][:, :2] = 15.0, [1, 1 + np.pi], [-1, 1]
     c["common/muons/mask"][:, :2] = c["common/electrons/mask"][:, :2] = True
     c["common/electrons/charge"][1, 1] = -1  # second event: the e pair is same-sign, no valid pairing
-    c.update({"common/jets/pt": np.array([[60, 30, 10], [0, 0, 0]], np.float32), "common/jets/eta": np.zeros((n, 3), np.float32), "common/jets/mask": np.array([[1, 1, 1], [0, 0, 0]], bool),
+    c.update({"common/jets/pt": np.array([[60, 40, 10], [0, 0, 0]], np.float32), "common/jets/mask": np.array([[1, 1, 1], [0, 0, 0]], bool),
+              "common/jets/eta": np.array([[0, 1, 0], [0, 0, 0]], np.float32), "common/jets/phi": np.array([[0, np.pi, 0], [0, 0, 0]], np.float32),
+              "common/jets/mass": np.zeros((n, 3), np.float32),
               "common/met/pt": np.ones(n, np.float32), "common/met/sumet": np.ones(n, np.float32),
               "atlas/jets/GN2_pb": np.array([[0.9, 0.01, 0.9], [0, 0, 0]], np.float32),
               "atlas/jets/GN2_pc": np.full((n, 3), 0.05, np.float32), "atlas/jets/GN2_pu": np.full((n, 3), 0.05, np.float32)})
@@ -60,6 +62,9 @@ def test_z_candidates_standard_pairing():
     assert np.isnan(x["mZ1"][1]) and x["n_leptons"][1] == 4
     assert x["m4l"][0] == pytest.approx(91.19 + 30.0, abs=0.1) and x["lep1_pt"][0] == pytest.approx(45.594, abs=1e-3)
     assert x["n_jets"][0] == 2 and x["n_bjets"][0] == 1, "jets above 25 GeV; the 10 GeV b-jet is not counted"
+    # the production-mode variables: the two leading jets back to back, 1 apart in eta; no lepton beyond the four
+    assert x["m_jj"][0] == pytest.approx(np.sqrt(2 * 60 * 40 * (np.cosh(1) + 1)), rel=1e-4) and x["deta_jj"][0] == pytest.approx(1)
+    assert np.isnan(x["m_jj"][1]) and x["jet2_pt"][0] == 40 and x["n_extra_leptons"][0] == 0
 
 
 def test_binary_metrics():
