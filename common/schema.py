@@ -10,6 +10,12 @@ Per-object datasets are (n_events, max_objects), pT-sorted, zero padded, with
 `common/<object>/mask` (bool) and `common/<object>/n` (int32). Per-event objects (met, event)
 are (n_events,). `/metadata` holds attributes only (METADATA_KEYS and more).
 
+Jet constituents (JET_CONSTITUENTS, not a sequence object): `dataset_path("jet_constituents", f)`, shape
+(n_events, max_jets, MAX_CONSTITUENTS) with max_jets the file's jets max_objects; slot [e, k, :] belongs to
+the k-th stored jet of row e (common/jets/*), constituents pT-descending, zero padded;
+`common/jet_constituents/mask` (bool, same shape) and `common/jet_constituents/n` (int16, (n_events, max_jets)).
+/metadata `jet_constituents` records where they come from (CONSTITUENT_METHODS; docs/DESIGN.md section 2).
+
 `Feature.group` is the HDF5 group (common / atlas / cms); `Feature.token_group` is the feature group
 of the hierarchical tokens (kinematics | id | isolation | substructure | btag | impact | quality).
 """
@@ -175,6 +181,20 @@ JETS = ObjectType("jets", 6, False, _kin(False) + (
     Feature("hadronFlavour", "cms", "category", "", categories=(0, 4, 5)),
 ))
 
+# Track hit summaries (xAOD::TrackParticle summary values, PHYSLITE names): optional; the pixel, SCT and
+# innermost-layer hit counts are tokenized, the rest are stored only.
+HIT_SUMMARIES = tuple(
+    _cont(name, tokenize=name in ("numberOfPixelHits", "numberOfSCTHits", "numberOfInnermostPixelLayerHits"),
+          transform="standard", token_group="quality", doc=doc)
+    for name, doc in (
+        ("numberOfPixelHits", "pixel hits"), ("numberOfSCTHits", "SCT strip hits (one per side of a module)"),
+        ("numberOfTRTHits", "TRT straw hits (0 beyond |eta| 2.0)"),
+        ("numberOfPixelHoles", "pixel layers crossed without a hit"), ("numberOfSCTHoles", "SCT holes"),
+        ("numberOfPixelSharedHits", "pixel hits shared with another track"),
+        ("numberOfSCTSharedHits", "SCT hits shared with another track"),
+        ("numberOfInnermostPixelLayerHits", "hits on the innermost pixel layer (IBL in Run 2 and 3)"),
+    ))
+
 TRACKS = ObjectType("tracks", 9, False, _kin(False) + (
     Feature("d0", "common", "continuous", "mm", True, optional=False, doc="transverse impact parameter",
             token_group="impact"),
@@ -184,7 +204,7 @@ TRACKS = ObjectType("tracks", 9, False, _kin(False) + (
     _cont("chiSquared", tokenize=True, token_group="quality"),
     _cont("nDoF", tokenize=True, transform="standard", token_group="quality",
           doc="standard only: a log transform hurts its reconstruction"),
-))
+) + HIT_SUMMARIES)
 
 MET = ObjectType("met", 7, True, (
     Feature("pt", "common", "continuous", "GeV", True, optional=False),
@@ -204,6 +224,18 @@ EVENT = ObjectType("event", 10, True, (
     Feature("mcChannelNumber", "atlas", "id"),
     Feature("event", "cms", "id"), Feature("run", "cms", "id"), Feature("luminosityBlock", "cms", "id"),
 ))
+
+# Constituents of each stored jet: tracks (ATLAS ghost links or ΔR) or PF candidates (CMS PFNano).
+MAX_CONSTITUENTS = 50  # per jet, the leading ones in pT
+CONSTITUENT_METHODS = ("ghost_track_links", "pfnano_association", "delta_r")
+CONSTITUENT_DELTA_R = 0.4  # the delta_r method: a track goes to the nearest jet axis within this
+JET_CONSTITUENTS = ObjectType("jet_constituents", 12, False, _kin(False) + (
+    Feature("charge", "common", "category", "e", True, categories=(-1, 0, 1), doc="0: a neutral PF candidate"),
+    Feature("d0", "common", "continuous", "mm", True, doc="transverse impact parameter; NaN for a neutral candidate",
+            token_group="impact"),
+    Feature("z0", "common", "continuous", "mm", True, token_group="impact",
+            doc="longitudinal impact parameter w.r.t. the primary vertex; NaN for a neutral candidate"),
+) + HIT_SUMMARIES)
 
 # Sequence order (docs/DESIGN.md): [CLS] [EVENT] e.. [SEP] mu.. [SEP] tau.. [SEP] gamma.. [SEP] jet.. [SEP] track.. [SEP] [MET]
 OBJECTS: dict[str, ObjectType] = {o.name: o for o in (ELECTRONS, MUONS, TAUS, PHOTONS, JETS, TRACKS, MET, EVENT)}
@@ -239,8 +271,10 @@ def token_groups(obj: str, features: tuple[Feature, ...] | None = None) -> dict[
 
 
 def features_for(obj: str, experiment: str) -> tuple[Feature, ...]:
-    """The features an HDF5 file of this experiment holds for `obj`: common + its own group."""
-    return tuple(f for f in OBJECTS[obj].features if f.group in ("common", experiment))
+    """The features an HDF5 file of this experiment holds for `obj` (an object or jet_constituents):
+    common + its own group."""
+    types = {**OBJECTS, JET_CONSTITUENTS.name: JET_CONSTITUENTS}
+    return tuple(f for f in types[obj].features if f.group in ("common", experiment))
 
 
 def dataset_path(obj: str, feature: Feature) -> str:
