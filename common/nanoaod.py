@@ -243,7 +243,6 @@ class NanoAODReader(ColumnReader):
         z0 = dz - (dx * np.cos(phi) + dy * np.sin(phi)) * np.sinh(eta)
         return physics.jagged(off, d0 * SCALE["mm"]), physics.jagged(off, z0 * SCALE["mm"])
 
-
     def _track_constituents(self, out) -> dict:
         """The delta_r association of the file's tracks (IsoTrack or ScoutingTrack: no charge stored, MISSING_INT)."""
         j_off, j_pt = physics.flat(out["common/jets/pt"])

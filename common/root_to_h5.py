@@ -21,8 +21,8 @@ from tqdm import tqdm
 from common import jet_constituents, nanoaod, physics, physlite
 from common.h5io import H5EventWriter
 from common.runtime import InputError, remove_stale_temps
-from common.schema import (ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS, MISSING_INT,
-                           features_for)
+from common.schema import (CONSTITUENT_DELTA_R, ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS,
+                           MISSING_INT, features_for)
 
 READERS = {"atlas": (physlite.TREES, physlite.PhysliteReader), "cms": (nanoaod.TREES, nanoaod.NanoAODReader)}
 
@@ -97,7 +97,7 @@ def convert_file(path: str, settings: dict) -> str:
                                                 settings["constituents"])
     if settings["constituents"] == "auto" and reader.constituents == "delta_r":
         print(f"note: {path}: no jet-constituent association in this file, tracks within dR < "
-              f"{jet_constituents.CONSTITUENT_DELTA_R} of the jet axis are used", file=sys.stderr)
+              f"{CONSTITUENT_DELTA_R} of the jet axis are used", file=sys.stderr)
     absent = [m.removesuffix(": all") for m in reader.missing if m.endswith(": all")]
     if absent:
         notes = "".join(f"; {note}" for note in reader.notes)

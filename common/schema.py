@@ -254,7 +254,7 @@ EXPERIMENT_ID = {"atlas": 0, "cms": 1}
 METADATA_KEYS = (
     "experiment", "format_version", "input_file", "n_events", "git_hash", "pt_cuts", "max_objects",
     "common_iso_cone", "common_iso_pt_floor_gev", "common_iso_z0sintheta_cut_mm", "process", "dsid",
-    "cross_section_pb", "sum_weights", "missing_features", "met_definition", "input_tree",
+    "cross_section_pb", "sum_weights", "missing_features", "met_definition", "input_tree", "jet_constituents",
 )
 
 # trk_iso03 definition (recorded in /metadata), shared by the converter and the detector simulation.
