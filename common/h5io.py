@@ -127,9 +127,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def object_datasets(obj: str, experiment: str) -> list[str]:
-    """Every dataset path step1 writes for `obj` in a file of `experiment`."""
+    """Every dataset path step1 writes for `obj` (an object or jet_constituents) in a file of `experiment`."""
     keys = [dataset_path(obj, f) for f in features_for(obj, experiment)]
-    if not OBJECTS[obj].per_event:
+    if obj not in OBJECTS or not OBJECTS[obj].per_event:
         keys += [f"common/{obj}/mask", f"common/{obj}/n"]
     return keys
 
