@@ -21,10 +21,10 @@ import numpy as np
 
 from common import physics
 from common.runtime import InputError
-from common.schema import CONSTITUENT_DELTA_R, MAX_CONSTITUENTS, dataset_path
+from common.schema import CONSTITUENT_DELTA_R, CONSTITUENT_METHODS, MAX_CONSTITUENTS, dataset_path
 
 MODES = ("auto", "links", "pfnano", "delta_r", "none")
-METHOD = {"links": "ghost_track_links", "pfnano": "pfnano_association", "delta_r": "delta_r"}
+METHOD = dict(zip(("links", "pfnano", "delta_r"), CONSTITUENT_METHODS))  # mode -> /metadata method
 NEEDS = {"links": "AnalysisJetsAuxDyn.GhostTrack links (ATLAS PHYSLITE)",
          "pfnano": "Jet + JetPFCands_jetIdx/JetPFCands_pFCandsIdx + PFCands_pt/eta/phi (CMS PFNano)"}
 
