@@ -229,7 +229,10 @@ def link_columns(base: str, keys: set[str], kind: str) -> tuple[str | None, str 
 def link_index(index_array, key_array=None):
     """Index part of an ElementLink column (records or plain ints); -1 where the link is invalid (key 0)."""
     idx = _member(index_array, "m_persIndex")
-    key = _member(key_array if key_array is not None else index_array, "m_persKey")
+    if key_array is None:  # records carry their key; a plain split index column has none
+        key = _member(index_array, "m_persKey")
+    else:  # a split key column (B/B.m_persKey, B_m_persKey) or records
+        key = _member(key_array, "m_persKey") if ak.fields(key_array) else key_array
     idx = ak.values_astype(idx, np.int64)
     return idx if key is None else ak.where(key != 0, idx, -1)
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 import step0_generate  # noqa: E402
 import step1_convert  # noqa: E402
 from common.h5io import read_metadata  # noqa: E402
+from common.physlite import link_index  # noqa: E402
 from common.schema import HIT_SUMMARIES, MAX_CONSTITUENTS, OBJECTS  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
@@ -94,6 +95,14 @@ def test_physlite_constituents_are_the_valid_ghost_track_links(converted, which,
     assert meta["method"] == "ghost_track_links" and meta["max_constituents"] == MAX_CONSTITUENTS
     assert meta["links_total"] == int(ak.sum(ak.num(links, axis=2))) and meta["links_valid"] == int(ak.sum(valid))
     assert 0.1 < meta["valid_fraction"] < 0.3  # PHYSLITE thins its tracks, keeps the links
+
+
+def test_a_null_key_invalidates_a_link_in_every_spelling():
+    """Records (a real file's GhostTrack), a split key column (B/B.m_persKey, step0's B_m_persKey)."""
+    index, key = ak.Array([[0, 3], [1]]), ak.Array([[0, 490246363], [490246363]])
+    expected = [[-1, 3], [1]]
+    assert link_index(ak.zip({"m_persKey": key, "m_persIndex": index})).tolist() == expected
+    assert link_index(index, key).tolist() == expected
 
 
 def test_pfnano_constituents_are_the_associated_pf_candidates(converted):
