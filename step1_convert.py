@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.jet_constituents import MODES as CONSTITUENT_MODES
 from common.root_to_h5 import convert_file
 from common.runtime import (die, exit_code, input_files, output_dir, parse_shard, per_object, process_inputs,
                             provenance, select_shard)
@@ -28,6 +29,7 @@ PT_CUTS = {"electrons": 7.0, "muons": 5.0, "taus": 20.0, "photons": 10.0, "jets"
 MAX_OBJECTS = {"electrons": 6, "muons": 6, "taus": 4, "photons": 6, "jets": 15, "tracks": 30}
 OUT_DIR = "data/h5"
 EXPERIMENT = "auto"
+CONSTITUENTS = "auto"  # links (PHYSLITE GhostTrack), else pfnano (PFNano JetPFCands), else delta_r
 STEP = 20000  # events per chunk
 WORKERS = 1
 SEED = 0
@@ -42,6 +44,9 @@ def parse_args(argv=None):
                    help="auto: CollectionTree/EventData -> ATLAS PHYSLITE, Events -> CMS NanoAOD")
     p.add_argument("--pt-cuts", default="", help=f"per-object pT cuts in GeV, e.g. jets=25,tracks=1 (defaults {PT_CUTS})")
     p.add_argument("--max-objects", default="", help=f"per-object maximum stored, e.g. jets=10 (defaults {MAX_OBJECTS})")
+    p.add_argument("--constituents", choices=CONSTITUENT_MODES, default=CONSTITUENTS,
+                   help="jet constituents (common/jet_constituents/*): auto = links, else pfnano, else delta_r; "
+                        "a named source the file lacks fails that file")
     p.add_argument("--step", type=int, default=STEP, help="events per chunk (memory ~ step)")
     p.add_argument("--workers", type=int, default=WORKERS, help="files converted in parallel")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
         stems[Path(p).stem] = p
     output_dir(args.out_dir)
     settings = dict(out_dir=args.out_dir, experiment=args.experiment, pt_cuts=pt_cuts, max_objects=max_objects,
-                    step=args.step, overwrite=args.overwrite, seed=args.seed, process=args.process, dsid=args.dsid,
+                    step=args.step, overwrite=args.overwrite, constituents=args.constituents, seed=args.seed, process=args.process, dsid=args.dsid,
                     cross_section=args.cross_section, provenance=provenance("step1_convert.py", args, inputs))
     _, errors = process_inputs(inputs, functools.partial(convert_file, settings=settings), workers=args.workers)
     return exit_code(errors)

@@ -13,6 +13,8 @@ that documents them.
 | pile-up tracks | Poisson(7) charged tracks per pile-up vertex, pT = 0.5 GeV + Exp(0.7 GeV), uniform in |eta| < 2.5 | PU_TRACKS_PER_VERTEX, PU_TRACK_PT_SLOPE_GEV |
 | vertices | the hard-scatter vertex (type 1), pile-up vertices with >= 2 tracks (type 3, z smeared by 0.1 mm), a dummy (type 0) | VERTEX_Z_RES_MM |
 | tracks | charged final-state particles, pT > 0.5 GeV, |eta| < 2.5, produced within r < 300 mm; efficiency 0.91 (|eta|<1.5) / 0.85; sigma(pT)/pT = 0.01 (+) 0.0005 pT; sigma(d0) = 0.010 (+) 0.080/pT mm; sigma(z0) = 0.030 (+) 0.120/pT mm; nDoF ~ round N(38, 6); chi2 ~ nDoF * Gamma(8)/8 | TRACK_* |
+| hit summaries | pixel layers at r = 33 (IBL), 50.5, 88.5, 122.5 mm, crossed when produced inside them: one hit per crossed layer with efficiency 0.995, a crossed layer without a hit is a hole, plus Poisson(0.3) module-overlap hits (|eta| > 1.7 endcap: Poisson(0.6)); innermost-layer hit = the IBL hit; SCT: 8 crossed sides, the same efficiency, holes and overlaps Poisson(0.6); TRT: Poisson of a mean vs |eta| (34 barrel, 22 in the barrel-endcap transition 0.7-1.1, 30 endcap, 0 beyond 2.0); shared hits: each hit shared with probability 0.02 (pixel) / 0.01 (SCT), x4 for a track in a jet core (dR < 0.05 of another track of the same jet) | HITS_* |
+| ghost tracks | the tracks of each jet (AnalysisJetsAuxDyn.GhostTrack): a track whose particle the jet clustered; a track with none (pile-up, muons: not jet inputs) goes to the nearest jet axis within dR < 0.4 (JET_R) | - |
 | track thinning | written tracks: |z0 - z_PV| sin(theta) < 10 mm (keeps all hard-scatter tracks and the pile-up tracks near the vertex, as a derivation does) | TRACK_KEEP_DZ_SINTHETA_MM |
 | electrons | final-state e, pT > 4.5 GeV, |eta| < 2.47 outside 1.37-1.52; efficiency 0.96 * (1 - exp(-(pT-4.5)/8)); sigma(E)/E = 0.10/sqrt(E) (+) 0.007 (+) 0.25/E; photons within dR < 0.05 are added back (cluster dressing) | ELECTRON_* |
 | muons | final-state mu, pT > 3 GeV, |eta| < 2.7; efficiency 0.97 (|eta| < 0.1: 0.70); sigma(pT)/pT = 0.015 (+) 0.0001 pT, x1.4 for |eta| > 1.05 | MUON_* |
@@ -50,6 +52,11 @@ TRACK_D0_RES_MM, TRACK_D0_RES_MSC_MM = 0.010, 0.080  # sigma(d0) = a (+) b/pT
 TRACK_Z0_RES_MM, TRACK_Z0_RES_MSC_MM = 0.030, 0.120
 TRACK_NDOF_MEAN, TRACK_NDOF_SIGMA = 38.0, 6.0
 TRACK_KEEP_DZ_SINTHETA_MM = 10.0
+HITS_PIXEL_RADII_MM = (33.0, 50.5, 88.5, 122.5)  # IBL first: its hit is numberOfInnermostPixelLayerHits
+HITS_SCT_SIDES, HITS_EFF = 8, 0.995
+HITS_PIXEL_OVERLAP, HITS_PIXEL_OVERLAP_ENDCAP, HITS_PIXEL_ENDCAP_ETA, HITS_SCT_OVERLAP = 0.3, 0.6, 1.7, 0.6
+HITS_TRT_ETA, HITS_TRT_MEAN = (0.0, 0.7, 0.8, 1.0, 1.1, 1.8, 2.0), (34.0, 33.0, 22.0, 22.0, 30.0, 30.0, 0.0)
+HITS_SHARED_PIXEL, HITS_SHARED_SCT, HITS_SHARED_CORE_FACTOR, HITS_CORE_DR = 0.02, 0.01, 4.0, 0.05
 # --- electrons, muons, photons --------------------------------------------------------------
 ELECTRON_PT_MIN_GEV, ELECTRON_ETA_MAX = 4.5, 2.47
 ELECTRON_EFF_PLATEAU, ELECTRON_EFF_TURNON_GEV = 0.96, 8.0
@@ -91,6 +98,7 @@ MET_SOFT_STOCH, MET_SOFT_PER_MU_GEV = 0.5, 0.15
 
 NEUTRINOS = (12, 14, 16)
 BTAG_PERS_KEY = 582299515  # m_persKey of the BTagging container link, as in the real file
+TRACK_PERS_KEY = 490246363  # m_persKey of the InDetTrackParticles links (GhostTrack), as in the real files
 
 
 # ============================================================================================
@@ -236,7 +244,8 @@ def simulate(prt: ak.Array, charge_of, rng: np.random.Generator) -> dict:
     electrons = reconstruct_electrons(p, final, anc, rng)
     muons = reconstruct_muons(p, final, anc, rng)
     photons = reconstruct_photons(p, final, anc, rng)
-    jets, in_jet = reconstruct_jets(prt, p, calo, ev, anc, rng)
+    jets, jet_of_particle = reconstruct_jets(prt, p, calo, ev, anc, rng)
+    in_jet = jet_of_particle >= 0
     taus = reconstruct_taus(p, final, anc, jets, rng)
 
     calo_iso = take(p, calo & (p["pt"] > ISO_CALO_PT_MIN_GEV))
@@ -247,6 +256,8 @@ def simulate(prt: ak.Array, charge_of, rng: np.random.Generator) -> dict:
 
     out.update(tracks=tracks, electrons=electrons, muons=muons, photons=photons, jets=jets, taus=taus)
     out["met"] = soft_term(p, calo, in_jet, electrons, photons, ev, rng)
+    tracks["ghost_jet"] = ghost_jets(tracks, jets, jet_of_particle, n_ev)
+    add_hit_summaries(tracks, rng)  # last: the draws above stay those of a sample without hit summaries
     return out
 
 
@@ -271,7 +282,7 @@ def reconstruct_tracks(p, final, ev, rng) -> dict:
     sel &= rng.random(len(sel)) < eff
     idx = np.flatnonzero(sel)
     t = {"event": p["event"][idx], "truth": idx, "pt": p["pt"][idx], "eta": p["eta"][idx],
-         "phi": p["phi"][idx], "charge": p["charge"][idx]}
+         "phi": p["phi"][idx], "charge": p["charge"][idx], "rprod": rprod[idx]}
     # impact parameters of the straight-line extrapolation from the production point
     x, y = p["vx"][idx], p["vy"][idx]
     t["d0_true"] = -x * np.sin(t["phi"]) + y * np.cos(t["phi"])
@@ -286,7 +297,8 @@ def reconstruct_tracks(p, final, ev, rng) -> dict:
             "eta": rng.uniform(-TRACK_ETA_MAX, TRACK_ETA_MAX, n_pu_trk),
             "phi": rng.uniform(-np.pi, np.pi, n_pu_trk),
             "charge": rng.choice([-1.0, 1.0], n_pu_trk),
-            "d0_true": np.zeros(n_pu_trk), "z0_true": pu["z"][vtx], "hard_scatter": np.zeros(n_pu_trk, bool)}
+            "d0_true": np.zeros(n_pu_trk), "z0_true": pu["z"][vtx], "hard_scatter": np.zeros(n_pu_trk, bool),
+            "rprod": np.zeros(n_pu_trk)}
     t = sort_by_pt({k: np.concatenate([t[k], pu_t[k]]) for k in t})
 
     n = len(t["pt"])
@@ -452,9 +464,61 @@ def reconstruct_jets(prt, p, calo, ev, anc, rng):
     add_btag(j, rng)
     add_qg(p, j, c_jet, c_glob)
     keep = (j["pt"] > JET_PT_MIN_GEV) & (np.abs(j["eta"]) < JET_ETA_MAX)
-    in_jet = np.zeros(len(p["id"]), bool)
-    in_jet[c_glob[keep[c_jet]]] = True
-    return sort_by_pt(take(j, keep)), in_jet
+    j["clustered"] = np.arange(n)
+    jets = sort_by_pt(take(j, keep))
+    position = np.full(n, -1)
+    position[jets["clustered"]] = np.arange(len(jets["clustered"]))
+    jet_of_particle = np.full(len(p["id"]), -1)  # the kept jet (index into jets) that clustered each particle
+    jet_of_particle[c_glob] = position[c_jet]
+    return jets, jet_of_particle
+
+
+def ghost_jets(tracks, jets, jet_of_particle, n_ev) -> np.ndarray:
+    """The jet (index into jets, -1 none) each written track is a ghost of: the jet that clustered its
+    particle, else (pile-up tracks, muons) the nearest jet axis within JET_R."""
+    ghost = np.where(tracks["truth"] >= 0, jet_of_particle[np.maximum(tracks["truth"], 0)], -1)
+    rest = np.flatnonzero(ghost < 0)
+    it, ij = pairs(tracks["event"][rest], jets["event"], n_ev)
+    dr = delta_r(tracks["eta"][rest[it]], tracks["phi"][rest[it]], jets["eta"][ij], jets["phi"][ij])
+    close = dr < JET_R
+    it, ij, dr = it[close], ij[close], dr[close]
+    order = np.lexsort((dr, it))  # per track, the nearest jet first
+    first = order[np.r_[True, it[order][1:] != it[order][:-1]]] if len(order) else order
+    ghost[rest[it[first]]] = ij[first]
+    return ghost
+
+
+def add_hit_summaries(t, rng) -> None:
+    """The xAOD track summary values (HITS_* in the table above), uint8 like a real file's."""
+    n = len(t["pt"])
+    aeta = np.abs(t["eta"])
+    crossed = t["rprod"][:, None] < np.asarray(HITS_PIXEL_RADII_MM)[None, :]  # (tracks, layers)
+    hit = crossed & (rng.random(crossed.shape) < HITS_EFF)
+    overlap = rng.poisson(np.where(aeta > HITS_PIXEL_ENDCAP_ETA, HITS_PIXEL_OVERLAP_ENDCAP, HITS_PIXEL_OVERLAP), n)
+    pixel = hit.sum(axis=1) + overlap * crossed.any(axis=1)
+    sct_hit = rng.binomial(HITS_SCT_SIDES, HITS_EFF, n)
+    sct = sct_hit + rng.poisson(HITS_SCT_OVERLAP, n)
+    core = _in_jet_core(t)
+    shared = lambda hits, p: rng.binomial(hits, np.where(core, p * HITS_SHARED_CORE_FACTOR, p))  # noqa: E731
+    values = {"numberOfPixelHits": pixel, "numberOfInnermostPixelLayerHits": hit[:, 0],
+              "numberOfPixelHoles": (crossed & ~hit).sum(axis=1), "numberOfSCTHits": sct,
+              "numberOfSCTHoles": HITS_SCT_SIDES - sct_hit,
+              "numberOfTRTHits": rng.poisson(np.interp(aeta, HITS_TRT_ETA, HITS_TRT_MEAN)),
+              "numberOfPixelSharedHits": shared(pixel, HITS_SHARED_PIXEL), "numberOfSCTSharedHits": shared(sct, HITS_SHARED_SCT)}
+    t.update({k: np.asarray(v).astype(np.uint8) for k, v in values.items()})
+
+
+def _in_jet_core(t) -> np.ndarray:
+    """Tracks within HITS_CORE_DR of another track of the same ghost jet (dense cores share clusters)."""
+    in_jet = np.flatnonzero(t["ghost_jet"] >= 0)
+    order = in_jet[np.argsort(t["ghost_jet"][in_jet], kind="stable")]
+    ia, ib = pairs(t["ghost_jet"][order], t["ghost_jet"][order], int(t["ghost_jet"].max(initial=-1)) + 1)
+    other = ia != ib
+    ia, ib = order[ia[other]], order[ib[other]]
+    close = delta_r(t["eta"][ia], t["phi"][ia], t["eta"][ib], t["phi"][ib]) < HITS_CORE_DR
+    core = np.zeros(len(t["pt"]), bool)
+    core[ia[close]] = True
+    return core
 
 
 def flavour_labels(p, anc, j) -> np.ndarray:

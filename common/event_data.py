@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from common import highlevel, jet_constituents
+from common import constituent_model, highlevel
 from common.runtime import InputError
 from common.schema import MASK, PAD
 from common.token_parquet import (REQUIRED_COLUMNS, _splitmix64, batch_to_numpy, check_columns, iter_batches,
@@ -78,7 +78,7 @@ class SequenceStream:
     features: object = None  # a ContinuousFeatures: each event's normalised features ride along as column "features"
     failed: dict = field(default_factory=dict)  # file -> the error that stopped its reading (the other files go on)
     observables: dict | None = None  # source_file -> HDF5 path: each event's high-level observables ride along
-    constituents: object = None  # a jet_constituents.ConstituentReader: each event's jet constituents ride along
+    constituents: object = None  # a constituent_model.ConstituentReader: each event's jet constituents ride along
 
     def _keep(self, batch: pa.RecordBatch) -> np.ndarray:
         idx = batch.column("event_index").to_numpy(zero_copy_only=False)
@@ -164,7 +164,7 @@ class SequenceStream:
                     part = table.slice(lo, self.batch_size)
                     batch = batch_to_numpy(part, self.levels)
                     if self.constituents is not None:
-                        batch["constituents"], batch["constituent_mask"] = jet_constituents.dense(part.column("constituents"))
+                        batch["constituents"], batch["constituent_mask"] = constituent_model.dense(part.column("constituents"))
                     yield batch
                 i += 1
 

@@ -1,198 +1,112 @@
-"""Jet constituents for the event model: read from the step1 HDF5, encoded per jet, added to the jet.
+"""Jet constituents: which tracks or PF candidates belong to which jet, and their padded HDF5 layout
+(common/schema.py JET_CONSTITUENTS; docs/DESIGN.md section 2).
 
-step1 stores up to MAX_CONSTITUENTS constituents per stored jet (`common/jet_constituents/*`,
-shape (events, jets, constituents), docs/DESIGN.md section 2). Here they become model inputs:
+A reader (common/physlite.py, common/nanoaod.py) turns a chunk into a constituent table:
+{"jet": flat index of the jet among the chunk's jets as read (before the converter's cut), feature: flat
+values in schema units}, one entry per (jet, constituent). `place` keeps the constituents of the stored
+jets, the leading MAX_CONSTITUENTS of each in pT; `dense` writes them as (events, max_jets,
+MAX_CONSTITUENTS) arrays for a range of events, so the converter appends them block by block.
 
-- `ConstituentReader.column(table)` attaches to a token table, in file order, each event's
-  constituents as one list of rows [jet slot, inputs...] (only real constituents, so a shuffle
-  buffer stays small); `dense` pads a batch of them to (B, jets, constituents, inputs).
-- `ConstituentEncoder` (the slides' jet-constituent block): per jet, constituents -> linear
-  projection -> one transformer layer -> attention pooling -> one vector, which enters the
-  jet's embedding through a gated residual `jet + sigmoid(W [jet; const]) * const`. A jet
-  without constituents (none stored, beyond the stored jets, or hidden because it is masked in
-  pretraining) keeps its object-only embedding. The mean gate and the fraction of jets without
-  constituents are kept in `stats`, so a user sees how much the constituents are used.
-
-The k-th jet position of a sequence is the k-th stored jet of its HDF5 row (the same alignment
-as common/continuous_inputs.py).
+Sources (`--constituents` of step1; under `auto` the first the file allows):
+  links   -> ghost_track_links: the valid AnalysisJetsAuxDyn.GhostTrack ElementLinks into the file's
+             InDetTrackParticles (key 0, or an index past the stored tracks, is invalid: PHYSLITE thins
+             its tracks and keeps the links)
+  pfnano  -> pfnano_association: CMS PFNano's JetPFCands_jetIdx / JetPFCands_pFCandsIdx into PFCands
+  delta_r -> delta_r: every track of the file (before the converter's track cut) goes to the nearest
+             jet axis within CONSTITUENT_DELTA_R, among the jets above the converter's jet pT cut
 """
 from __future__ import annotations
 
-import h5py
 import numpy as np
-import pyarrow as pa
-import torch
-from torch import nn
 
-from common.schema import JET_CONSTITUENTS, OBJECTS, dataset_path
+from common import physics
+from common.runtime import InputError
+from common.schema import CONSTITUENT_DELTA_R, CONSTITUENT_METHODS, MAX_CONSTITUENTS, dataset_path
 
-GROUP = "common/jet_constituents"
-JET_TYPE = OBJECTS["jets"].type_id
-# Model inputs per constituent, computed from the stored features (fixed scales, nothing fitted):
-# log pT, log(pT / pT_jet), delta eta, delta phi, delta R to the jet axis, charge, asinh(d0 / D0_SCALE),
-# asinh(z0 / Z0_SCALE), then every further stored feature (hit counts) / HITS_SCALE; NaN -> 0.
-KINEMATIC_INPUTS = ("log_pt", "log_pt_rel", "deta", "dphi", "dr", "charge", "d0", "z0")
-D0_SCALE, Z0_SCALE, HITS_SCALE = 0.05, 0.5, 10.0  # mm, mm, hits
-BASE_FEATURES = ("pt", "eta", "phi", "charge", "d0", "z0")
-EXTRA_FEATURES = tuple(f.name for f in JET_CONSTITUENTS.features if f.tokenize and f.name not in BASE_FEATURES)
-N_INPUTS = len(KINEMATIC_INPUTS) + len(EXTRA_FEATURES)
+MODES = ("auto", "links", "pfnano", "delta_r", "none")
+METHOD = dict(zip(("links", "pfnano", "delta_r"), CONSTITUENT_METHODS))  # mode -> /metadata method
+NEEDS = {"links": "AnalysisJetsAuxDyn.GhostTrack links (ATLAS PHYSLITE)",
+         "pfnano": "Jet + JetPFCands_jetIdx/JetPFCands_pFCandsIdx + PFCands_pt/eta/phi (CMS PFNano)"}
 
 
-def has_constituents(h5_path: str) -> bool:
-    with h5py.File(h5_path, "r") as f:
-        return f"{GROUP}/mask" in f
+def choose(requested: str, available: tuple[str, ...]) -> str | None:
+    """The mode used for a file ('links', 'pfnano', 'delta_r'; None for none). `available`: the modes the
+    file allows, preferred first (delta_r last, always); a requested mode it does not allow is an InputError."""
+    if requested == "none":
+        return None
+    if requested == "auto":
+        return available[0]
+    if requested not in available:
+        raise InputError(f"--constituents {requested}: the file has no {NEEDS[requested]}")
+    return requested
 
 
-def constituent_inputs(c: dict[str, np.ndarray], jet_pt, jet_eta, jet_phi) -> np.ndarray:
-    """(..., N_INPUTS) float32 model inputs of constituents `c` (feature -> array (...)) of jets
-    with the given axes (arrays broadcastable to the constituents)."""
-    pt = np.maximum(c["pt"], 1e-3)
-    deta = c["eta"] - jet_eta
-    dphi = np.mod(c["phi"] - jet_phi + np.pi, 2 * np.pi) - np.pi
-    cols = [np.log(pt), np.log(pt / np.maximum(jet_pt, 1e-3)), deta, dphi, np.hypot(deta, dphi), c["charge"],
-            np.arcsinh(c["d0"] / D0_SCALE), np.arcsinh(c["z0"] / Z0_SCALE)]
-    cols += [c[n] / HITS_SCALE for n in EXTRA_FEATURES]
-    return np.nan_to_num(np.stack(cols, -1).astype(np.float32))
+def metadata(mode: str | None, links_total: int, links_valid: int) -> dict | None:
+    """The /metadata `jet_constituents` record of a file."""
+    if mode is None:
+        return None
+    meta = {"method": METHOD[mode], "max_constituents": MAX_CONSTITUENTS}
+    if mode == "delta_r":
+        meta["delta_r"] = CONSTITUENT_DELTA_R
+    if mode == "links":
+        meta.update(links_total=links_total, links_valid=links_valid,
+                    valid_fraction=links_valid / links_total if links_total else float("nan"))
+    return meta
 
 
-def _read(f: h5py.File, key: str, lo: int, hi: int, take: np.ndarray, shape) -> np.ndarray:
-    """Rows `take` of rows [lo, hi) of a dataset; NaN when the file lacks it (hit counts of PF candidates)."""
-    return f[key][lo:hi][take].astype(np.float32) if key in f else np.full(shape, np.nan, np.float32)
+def from_links(jet_offsets, links_per_jet, link_index, pool_offsets):
+    """(jet, pool entry, links, valid links): every link of every jet; link_index is the index into the
+    jet's event's pool (-1 for a null link), pool_offsets the pool's event offsets."""
+    jet = np.repeat(np.arange(len(links_per_jet)), links_per_jet)
+    event = physics.event_index(jet_offsets)[jet]
+    ok = (link_index >= 0) & (link_index < np.diff(pool_offsets)[event])
+    return jet[ok], pool_offsets[event[ok]] + link_index[ok], len(link_index), int(ok.sum())
 
 
-class ConstituentReader:
-    """Each event's constituents as model inputs, read from the HDF5 rows of a token table."""
-
-    def __init__(self, h5_files: dict[str, str], fallback: bool = True):
-        self.h5_files = h5_files  # source_file name -> HDF5 path
-        self.missing = sorted(n for n, p in h5_files.items() if not has_constituents(p))
-        if self.missing and not fallback:
-            raise ValueError(f"{h5_files[self.missing[0]]}: no jet constituents in this HDF5 (step1 --constituents); "
-                             "the constituent model needs them, or allow the object-only fallback")
-        self.methods = {}
-        for name, path in h5_files.items():
-            if name not in self.missing:
-                from common.h5io import read_metadata
-                self.methods[name] = read_metadata(path).get("jet_constituents", {}).get("method", "unknown")
-
-    def _rows(self, path: str, rows: np.ndarray) -> np.ndarray:
-        """(n constituents, 1 + N_INPUTS) for the given HDF5 rows, sorted by event then jet; the first
-        column is the event's position in `rows` * 1000 + the jet slot."""
-        order = np.argsort(rows)
-        with h5py.File(path, "r") as f:
-            lo, hi = int(rows.min()), int(rows.max()) + 1  # one contiguous read, then pick the rows
-            take = rows[order] - lo
-            mask = f[f"{GROUP}/mask"][lo:hi][take]
-            feats = {n: _read(f, dataset_path("jet_constituents", JET_CONSTITUENTS.feature(n)), lo, hi, take, mask.shape)
-                     for n in BASE_FEATURES + EXTRA_FEATURES}
-            jets = {n: f[f"common/jets/{n}"][lo:hi][take][:, : mask.shape[1], None] for n in ("pt", "eta", "phi")}
-        x = constituent_inputs(feats, jets["pt"], jets["eta"], jets["phi"])
-        ev, jet, _ = np.nonzero(mask)
-        key = order[ev] * 1000 + jet
-        out = np.concatenate([key[:, None].astype(np.float32), x[mask]], 1)
-        return out[np.argsort(key, kind="stable")]
-
-    def column(self, table: pa.Table) -> pa.ListArray:
-        """list<fixed_size_list<float32>[1 + N_INPUTS]> per event: [jet slot, inputs...] per constituent."""
-        files = table.column("source_file").to_numpy(zero_copy_only=False)
-        index = table.column("event_index").to_numpy(zero_copy_only=False)
-        parts, events = [], []
-        for name in np.unique(files):
-            ev = np.flatnonzero(files == name)
-            if name not in self.h5_files:
-                raise ValueError(f"no HDF5 file for source_file {name} (use --h5-dir)")
-            if name in self.missing:
-                continue
-            rows = self._rows(self.h5_files[name], index[ev])
-            key = rows[:, 0].astype(np.int64)
-            events.append(ev[key // 1000])
-            rows[:, 0] = key % 1000
-            parts.append(rows)
-        rows = np.concatenate(parts) if parts else np.zeros((0, 1 + N_INPUTS), np.float32)
-        event = np.concatenate(events) if events else np.zeros(0, np.int64)
-        order = np.argsort(event, kind="stable")
-        counts = np.bincount(event, minlength=table.num_rows)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(rows[order].ravel()), 1 + N_INPUTS))
+def from_delta_r(jet_offsets, jet_eta, jet_phi, jet_keep, pool_offsets, pool_eta, pool_phi):
+    """(jet, pool entry): each pool entry to the nearest jet axis among `jet_keep` within CONSTITUENT_DELTA_R."""
+    kept = np.flatnonzero(jet_keep)
+    kept_counts = np.diff(physics.selected_offsets(jet_offsets, jet_keep))
+    ij, ip = physics.pair_indices(kept_counts, np.diff(pool_offsets))
+    jet = kept[ij]
+    dr = physics.delta_r(jet_eta[jet], jet_phi[jet], pool_eta[ip], pool_phi[ip])
+    close = dr < CONSTITUENT_DELTA_R
+    jet, ip, dr = jet[close], ip[close], dr[close]
+    order = np.lexsort((dr, ip))  # per pool entry, nearest jet first
+    first = np.ones(len(order), bool)
+    first[1:] = ip[order][1:] != ip[order][:-1]
+    return jet[order][first], ip[order][first]
 
 
-def dense(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A batch's constituent column -> (x (B, J, C, N_INPUTS) float32, mask (B, J, C) bool), J and C
-    the largest jet slot + 1 and constituent count of the batch."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = column.offsets.to_numpy()
-    rows = column.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, 1 + N_INPUTS)
-    rows = rows[: offsets[-1] - offsets[0]] if offsets[0] == 0 else rows[offsets[0] : offsets[-1]]
-    event = np.repeat(np.arange(len(column)), np.diff(offsets))
-    jet = rows[:, 0].astype(np.int64)
-    pair = event * 1000 + jet
-    start = np.r_[0, np.flatnonzero(np.diff(pair)) + 1]  # rows of one jet are contiguous
-    rank = np.arange(len(pair)) - np.repeat(start, np.diff(np.r_[start, len(pair)]))
-    n_jets = int(jet.max()) + 1 if len(jet) else 1
-    n_const = int(rank.max()) + 1 if len(rank) else 1
-    x = np.zeros((len(column), n_jets, n_const, N_INPUTS), np.float32)
-    mask = np.zeros((len(column), n_jets, n_const), bool)
-    x[event, jet, rank], mask[event, jet, rank] = rows[:, 1:], True
-    return x, mask
+def place(jet, values: dict[str, np.ndarray], jet_index, jet_mask, n_jets: int) -> dict[str, np.ndarray]:
+    """Constituents of the stored jets: {"slot": event * max_jets + k, "rank": 0.. in pT order, feature: values},
+    sorted by slot then rank, the leading MAX_CONSTITUENTS per jet. jet_index / jet_mask: the jets'
+    physics.padded_index (which flat jet fills each stored slot); n_jets: jets in the chunk."""
+    slot_of = np.full(n_jets, -1, np.int64)
+    slot_of[jet_index[jet_mask]] = np.flatnonzero(jet_mask.ravel())
+    slot = slot_of[jet]
+    stored = np.flatnonzero(slot >= 0)
+    order = stored[np.lexsort((-values["pt"][stored], slot[stored]))]
+    slot = slot[order]
+    start = np.searchsorted(slot, slot, side="left")
+    rank = np.arange(len(slot)) - start
+    fits = rank < MAX_CONSTITUENTS
+    return {"slot": slot[fits], "rank": rank[fits], **{k: v[order][fits] for k, v in values.items()}}
 
 
-def jet_slots(token_type_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(is_jet (B, L) bool, slot (B, L) long): the k-th jet position of an event is stored jet k."""
-    is_jet = token_type_ids == JET_TYPE
-    return is_jet, (is_jet.long().cumsum(1) - 1).clamp(min=0)
-
-
-def hide(mask: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The constituent mask without the jets at `positions` (B, L) bool: a masked jet in pretraining
-    must not be predictable from its own constituents."""
-    is_jet, slot = jet_slots(token_type_ids)
-    b, p = torch.nonzero(is_jet & positions & (slot < mask.shape[1]), as_tuple=True)
-    mask = mask.clone()
-    mask[b, slot[b, p]] = False
-    return mask
-
-
-class ConstituentEncoder(nn.Module):
-    """Constituents of each jet -> one vector -> gated residual on the jet's embedding."""
-
-    def __init__(self, d_model: int, dim: int, n_heads: int = 2, dropout: float = 0.1):
-        super().__init__()
-        self.proj = nn.Linear(N_INPUTS, dim)
-        self.layer = nn.TransformerEncoderLayer(dim, n_heads, 2 * dim, dropout, activation="gelu",
-                                                batch_first=True, norm_first=True)
-        self.query = nn.Parameter(torch.randn(dim) * dim ** -0.5)
-        self.out = nn.Linear(dim, d_model)
-        self.gate = nn.Linear(2 * d_model, d_model)
-        self.reset()
-
-    def reset(self) -> None:
-        self.stats = {"jets": 0, "jets_without": 0, "gate_sum": 0.0}
-
-    def forward(self, x: torch.Tensor, token_type_ids: torch.Tensor, cx: torch.Tensor, cmask: torch.Tensor):
-        """x (B, L, d) embeddings; cx (B, J, C, N_INPUTS), cmask (B, J, C) -> x with the jets enriched."""
-        is_jet, slot = jet_slots(token_type_ids)
-        b, p = torch.nonzero(is_jet & (slot < cx.shape[1]), as_tuple=True)
-        s = slot[b, p]
-        with_const = cmask[b, s].any(-1)
-        b, p, s = b[with_const], p[with_const], s[with_const]
-        self.stats["jets"] += int(is_jet.sum())
-        self.stats["jets_without"] += int(is_jet.sum()) - len(b)
-        if not len(b):
-            return x + 0.0 * sum(q.sum() for q in self.parameters())  # keeps every parameter in the graph (DDP)
-        keep = ~cmask[b, s]  # (N, C) padding
-        h = self.layer(self.proj(cx[b, s].to(x.dtype)), src_key_padding_mask=keep)
-        att = (h @ self.query).masked_fill(keep, float("-inf")).softmax(-1)
-        const = self.out((att.unsqueeze(-1) * h).sum(1))
-        jet = x[b, p]
-        g = torch.sigmoid(self.gate(torch.cat([jet, const], -1)))
-        self.stats["gate_sum"] += float(g.detach().float().mean(-1).sum())
-        return x.index_put((b, p), jet + g * const)
-
-    def summary(self) -> dict:
-        """Jets seen since the last reset (which this is too): the mean gate of those with constituents and
-        the fraction without."""
-        s, n_with = self.stats, self.stats["jets"] - self.stats["jets_without"]
-        out = {"jets": s["jets"], "fraction_without_constituents": s["jets_without"] / s["jets"] if s["jets"] else float("nan"),
-               "mean_gate": s["gate_sum"] / n_with if n_with else float("nan")}
-        self.reset()
-        return out
+def dense(placed: dict[str, np.ndarray], lo: int, hi: int, max_jets: int, features) -> dict[str, np.ndarray]:
+    """{dataset path: array} of events [lo, hi) of a chunk's placed constituents: each feature (zero padded),
+    mask and n, in the layout of the schema's JET_CONSTITUENTS."""
+    a, b = np.searchsorted(placed["slot"], (lo * max_jets, hi * max_jets))
+    slot, rank = placed["slot"][a:b] - lo * max_jets, placed["rank"][a:b]
+    shape = ((hi - lo) * max_jets, MAX_CONSTITUENTS)
+    out = {}
+    for f in features:
+        arr = np.zeros(shape, f.dtype)
+        arr[slot, rank] = placed[f.name][a:b]
+        out[dataset_path("jet_constituents", f)] = arr.reshape(hi - lo, max_jets, MAX_CONSTITUENTS)
+    mask = np.zeros(shape, bool)
+    mask[slot, rank] = True
+    out["common/jet_constituents/mask"] = mask.reshape(hi - lo, max_jets, MAX_CONSTITUENTS)
+    out["common/jet_constituents/n"] = mask.sum(axis=1).astype(np.int16).reshape(hi - lo, max_jets)
+    return out

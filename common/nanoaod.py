@@ -9,6 +9,9 @@ at all is refused. Standard NanoAOD collections come first, then the Run 3 scout
 PhysicsTools/NanoAOD run3scouting_cff), so a standard file with scouting tables added reads the
 offline objects. docs/nanoaod.md lists what maps to what.
 
+Jet constituents (common/jet_constituents.py): PFNano's JetPFCands association (charged and neutral PF
+candidates; PFCONSTITUENTS), else the tracks (IsoTrack / ScoutingTrack) within dR < 0.4 of the jet axis.
+
 MET: the first of MET_DEFINITIONS present (v15 renamed the type-1 PF MET `MET_*` to `PFMET_*`);
 /metadata met_definition names the branches read. NanoAOD is already in GeV; lengths are cm and
 become mm. NanoAOD keeps no PF candidates, so trk_iso03 is `<Object>_pfRelIso03_chg`: the pT sum of
@@ -22,7 +25,7 @@ from __future__ import annotations
 import awkward as ak
 import numpy as np
 
-from common import physics
+from common import jet_constituents, physics
 from common.physlite import ColumnReader, _fill_like, column, first_present, tree_keys
 from common.runtime import InputError
 from common.schema import EXPERIMENT_ID, LIST_OBJECTS, MISSING_INT, OBJECTS, features_for
@@ -86,13 +89,17 @@ EVENT = {  # per-event values; a vertex collection (scouting) gives its first ve
     "event": ["event"], "run": ["run"], "luminosityBlock": ["luminosityBlock"],
 }
 SCALE = {"mm": 10.0}  # NanoAOD cm -> schema mm
+# PFNano: JetPFCands (one entry per jet-candidate pair of the `Jet` collection) and the PFCands they index
+PFNANO_LINKS = {"jet": "JetPFCands_jetIdx", "candidate": "JetPFCands_pFCandsIdx"}
+PFCONSTITUENTS = {"pt": "PFCands_pt", "eta": "PFCands_eta", "phi": "PFCands_phi", "charge": "PFCands_charge",
+                  "d0": "PFCands_d0", "z0": "PFCands_dz"}  # d0 / dz: optional (NaN), cm
 
 
 class NanoAODReader(ColumnReader):
     experiment = "cms"
 
-    def __init__(self, tree, kind: str, pt_cuts: dict[str, float]):
-        self.tree, self.kind = tree, kind
+    def __init__(self, tree, kind: str, pt_cuts: dict[str, float], constituents: str = "auto"):
+        self.tree, self.kind, self.pt_cuts = tree, kind, pt_cuts
         keys = tree_keys(tree)
         self.columns: dict[tuple[str, str], str] = {}
         self.collections: dict[str, str] = {}  # object -> the collection read
@@ -120,6 +127,16 @@ class NanoAODReader(ColumnReader):
                 self.columns[("event", feat)] = col
             elif feat != "weight":
                 missing.append(f"{OBJECTS['event'].feature(feat).group}/event/{feat}")
+        pfnano = self.collections.get("jets") == "Jet" and all(
+            c in keys for c in (*PFNANO_LINKS.values(), *list(PFCONSTITUENTS.values())[:3]))
+        self.constituents = jet_constituents.choose(constituents, ("pfnano", "delta_r") if pfnano else ("delta_r",))
+        if self.constituents == "pfnano":
+            for name, col in {**PFNANO_LINKS, **PFCONSTITUENTS}.items():
+                if col in keys:
+                    self.columns[("constituent", name)] = col
+        absent = {"delta_r": ["charge"], None: [],  # delta_r: tracks carry no charge in NanoAOD
+                  "pfnano": [n for n in PFCONSTITUENTS if not self.has("constituent", n)]}[self.constituents]
+        missing += [f"common/jet_constituents/{name}" for name in absent]
         self.missing = sorted(missing)
         met = self.collections.get("met")
         read = ", ".join(self.columns[("met", f)] for f in _MET if self.has("met", f))
@@ -162,7 +179,29 @@ class NanoAODReader(ColumnReader):
         out["common/event/is_simulation"] = np.full(n, int(is_sim), np.int8)
         if not is_sim:
             out["common/event/weight"] = np.ones(n, np.float32)
+        if self.constituents:
+            out["jet_constituents"] = (self._pf_constituents(chunk, out) if self.constituents == "pfnano"
+                                       else self._track_constituents(out))
         return out
+
+    def _pf_constituents(self, chunk, out) -> dict:
+        """PFNano's association: each JetPFCands entry links one jet (its Jet index) to one PF candidate."""
+        j_off = physics.flat(out["common/jets/pt"])[0]
+        c_off, cand = physics.flat(column(chunk, self.columns[("constituent", "candidate")]))
+        jet_local = physics.flat(column(chunk, self.columns[("constituent", "jet")]))[1].astype(np.int64)
+        pf = {name: physics.flat(column(chunk, self.columns[("constituent", name)])) for name in PFCONSTITUENTS
+              if self.has("constituent", name)}
+        p_off = pf["pt"][0]
+        event = physics.event_index(c_off)
+        cand = cand.astype(np.int64)
+        ok = ((jet_local >= 0) & (jet_local < np.diff(j_off)[event]) & (cand >= 0) & (cand < np.diff(p_off)[event]))
+        source = p_off[event[ok]] + cand[ok]
+        charge = pf["charge"][1][source].astype(np.int8) if "charge" in pf else np.full(len(source), MISSING_INT, np.int8)
+        values = {"pt": pf["pt"][1][source], "eta": pf["eta"][1][source], "phi": pf["phi"][1][source], "charge": charge}
+        for name in ("d0", "z0"):  # no track for a neutral candidate
+            v = pf[name][1][source].astype(np.float64) * SCALE["mm"] if name in pf else np.full(len(source), np.nan)
+            values[name] = np.where(charge != 0, v, np.nan)
+        return {"jet": j_off[event[ok]] + jet_local[ok], **values}
 
     def _feature(self, chunk, obj, feat, ref, n):
         f = OBJECTS[obj].feature(feat)
@@ -204,3 +243,13 @@ class NanoAODReader(ColumnReader):
         z0 = dz - (dx * np.cos(phi) + dy * np.sin(phi)) * np.sinh(eta)
         return physics.jagged(off, d0 * SCALE["mm"]), physics.jagged(off, z0 * SCALE["mm"])
 
+    def _track_constituents(self, out) -> dict:
+        """The delta_r association of the file's tracks (IsoTrack or ScoutingTrack: no charge stored, MISSING_INT)."""
+        j_off, j_pt = physics.flat(out["common/jets/pt"])
+        t_off = physics.flat(out["common/tracks/pt"])[0]
+        pool = {v: physics.flat(out[f"common/tracks/{v}"])[1] for v in ("pt", "eta", "phi", "d0", "z0")}
+        jet, source = jet_constituents.from_delta_r(
+            j_off, physics.flat(out["common/jets/eta"])[1], physics.flat(out["common/jets/phi"])[1],
+            j_pt > self.pt_cuts.get("jets", 0.0), t_off, pool["eta"], pool["phi"])
+        return {"jet": jet, **{k: np.asarray(v)[source] for k, v in pool.items()},
+                "charge": np.full(len(source), MISSING_INT, np.int8)}

@@ -18,10 +18,10 @@ import awkward as ak
 import numpy as np
 import uproot
 
-from common import physics
+from common import jet_constituents, physics
 from common.runtime import InputError
-from common.schema import (EXPERIMENT_ID, ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, MISSING_INT, OBJECTS,
-                           dataset_path)
+from common.schema import (EXPERIMENT_ID, HIT_SUMMARIES, ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, MISSING_INT,
+                           OBJECTS, dataset_path, features_for)
 
 TREES = {"CollectionTree": "ttree", "EventData": "rntuple"}
 
@@ -82,6 +82,7 @@ BRANCHES: dict[str, dict[str, list[str]]] = {
     "tracks": {  # no pt/eta stored: pt = sin(theta)/|q/p|, eta from theta; z0 re-expressed w.r.t. the PV
         "phi": [_TRK + "phi"], "d0": [_TRK + "d0"], "z0": [_TRK + "z0"],
         "qOverP": [_TRK + "qOverP"], "chiSquared": [_TRK + "chiSquared"], "nDoF": [_TRK + "numberDoF"],
+        **{f.name: [_TRK + f.name] for f in HIT_SUMMARIES},  # uint8 summary values
     },
     "event": {
         "mu": [_EVT + "averageInteractionsPerCrossing", _EVT + "actualInteractionsPerCrossing"],
@@ -106,6 +107,9 @@ INPUTS: dict[str, tuple[list[str], bool]] = {
     "pv_x": ([_PV + "x"], True), "pv_y": ([_PV + "y"], True), "pv_z": ([_PV + "z"], True),
     "pv_type": ([_PV + "vertexType"], True),  # 1 = primary (hard-scatter) vertex
     "jet_btag_link": ([_JET + "btaggingLink"], False),  # ElementLink: real, or uproot-split _m_persKey/_m_persIndex
+    # vector<vector<ElementLink>> into InDetTrackParticles, or step0's split spelling: per event the links of all
+    # its jets (_m_persKey/_m_persIndex) and per jet their number (_n) (common/physlite_writer.py)
+    "jet_ghost_tracks": ([_JET + "GhostTrack"], False),
     "tau_track_links": ([_TAU + "tauTrackLinks"], False),  # ElementLinks into TauTracks
     "tau_track_flags": (["TauTracksAuxDyn.flagSet"], False),  # bit 5 = classifiedCharged
     "met_mpx": ([_MET + "mpx"], True), "met_mpy": ([_MET + "mpy"], True), "met_sumet": ([_MET + "sumet"], True),
@@ -225,7 +229,10 @@ def link_columns(base: str, keys: set[str], kind: str) -> tuple[str | None, str 
 def link_index(index_array, key_array=None):
     """Index part of an ElementLink column (records or plain ints); -1 where the link is invalid (key 0)."""
     idx = _member(index_array, "m_persIndex")
-    key = _member(key_array if key_array is not None else index_array, "m_persKey")
+    if key_array is None:  # records carry their key; a plain split index column has none
+        key = _member(index_array, "m_persKey")
+    else:  # a split key column (B/B.m_persKey, B_m_persKey) or records
+        key = _member(key_array, "m_persKey") if ak.fields(key_array) else key_array
     idx = ak.values_astype(idx, np.int64)
     return idx if key is None else ak.where(key != 0, idx, -1)
 
@@ -269,6 +276,8 @@ class ColumnReader:
     columns: dict[tuple[str, str], str]
     met_definition: str  # what common/met is, for /metadata
     notes: tuple[str, ...] = ()  # collections present but not usable, for the warning
+    constituents: str | None = None  # the jet-constituent source used (jet_constituents.MODES), None: none
+    links_seen = (0, 0)  # element links read, valid (the links source)
 
     def has(self, obj, feat) -> bool:
         return (obj, feat) in self.columns
@@ -301,7 +310,7 @@ class PhysliteReader(ColumnReader):
     experiment = "atlas"
     met_definition = MET_DEFINITION
 
-    def __init__(self, tree, kind: str, pt_cuts: dict[str, float]):
+    def __init__(self, tree, kind: str, pt_cuts: dict[str, float], constituents: str = "auto"):
         self.tree, self.kind, self.pt_cuts = tree, kind, pt_cuts
         keys = tree_keys(tree)
         self.columns: dict[tuple[str, str], str] = {}  # (obj, feature or input) -> file column
@@ -314,7 +323,7 @@ class PhysliteReader(ColumnReader):
                 elif not OBJECTS[obj].feature(feat).optional and obj != "event":  # mu may be absent
                     raise InputError(f"missing kinematic branch {spelled(candidates[0], kind)}")
         for name, (candidates, required) in INPUTS.items():
-            if name in ("jet_btag_link", "tau_track_links"):
+            if name in ("jet_btag_link", "tau_track_links", "jet_ghost_tracks"):
                 key_col, idx_col = link_columns(candidates[0], keys, kind)
                 if idx_col:
                     self.columns[("link", name)] = idx_col
@@ -328,7 +337,22 @@ class PhysliteReader(ColumnReader):
                 raise InputError(f"missing kinematic branch {spelled(candidates[0], kind)}")
         if ("tracks", "qOverP") not in self.columns:
             raise InputError(f"missing kinematic branch {spelled(_TRK + 'qOverP', kind)}")
+        self._ghost_track_counts(keys)
+        self.constituents = jet_constituents.choose(
+            constituents, ("links", "delta_r") if self.has("link", "jet_ghost_tracks") else ("delta_r",))
+        self.links_seen = [0, 0]  # GhostTrack links read, valid
         self.missing = self._missing_features()
+
+    def _ghost_track_counts(self, keys) -> None:
+        """step0's split GhostTrack (links per event) needs its per-jet counts; without them it is unusable."""
+        index_col = self.columns.get(("link", "jet_ghost_tracks"), "")
+        if index_col.endswith("_m_persIndex"):
+            counts = index_col.removesuffix("_m_persIndex") + "_n"
+            if counts in keys:
+                self.columns[("input", "jet_ghost_track_counts")] = counts
+            else:
+                del self.columns[("link", "jet_ghost_tracks")]
+                self.columns.pop(("link_key", "jet_ghost_tracks"), None)
 
     def _missing_features(self) -> list[str]:
         missing = []
@@ -343,6 +367,8 @@ class PhysliteReader(ColumnReader):
             missing.append("common/taus/is_1prong")
         if not self.has("input", "mc_weights") and not self.has("input", "event_type"):
             missing.append("common/event/weight")
+        if self.constituents:  # constituents are tracks: the same summary values are absent
+            missing += [dataset_path("jet_constituents", f) for f in HIT_SUMMARIES if not self.has("tracks", f.name)]
         return sorted(set(missing))
 
     # -----------------------------------------------------------------------------------------
@@ -368,8 +394,9 @@ class PhysliteReader(ColumnReader):
         for feat, value in trk.items():
             out[f"common/tracks/{feat}"] = physics.jagged(t_off, value)
         out["common/tracks/phi"], out["common/tracks/d0"] = col("tracks", "phi"), col("tracks", "d0")
-        for feat in ("qOverP", "chiSquared", "nDoF"):
-            out[f"atlas/tracks/{feat}"] = self._feature(chunk, "tracks", feat, t_off)
+        for feat in BRANCHES["tracks"]:
+            if feat not in ("phi", "d0", "z0"):
+                out[f"atlas/tracks/{feat}"] = self._feature(chunk, "tracks", feat, t_off)
 
         # plain features of every object (units from the schema)
         offsets = {obj: physics.flat(col(obj, "pt"))[0] for obj in ("electrons", "muons", "taus", "photons", "jets")}
@@ -412,7 +439,38 @@ class PhysliteReader(ColumnReader):
 
         out.update(self._met(chunk, out, n))
         out.update(self._event(chunk, n))
+        if self.constituents:
+            out["jet_constituents"] = self._constituents(chunk, out, j_off, t_off, qop)
         return out
+
+    def _constituents(self, chunk, out, j_off, t_off, qop) -> dict:
+        """The constituent table (common/jet_constituents.py) of a chunk: every track of the file (before
+        the converter's track cut) that a jet's GhostTrack links point to, or that lies nearest its axis."""
+        pool = {f.name: physics.flat(out[dataset_path("tracks", OBJECTS["tracks"].feature(f.name))])[1]
+                for f in features_for("jet_constituents", "atlas") if f.name != "charge"}
+        pool["charge"] = np.sign(qop).astype(np.int8)
+        if self.constituents == "links":
+            jet, source, total, valid = jet_constituents.from_links(j_off, *self._ghost_links(chunk), t_off)
+            self.links_seen[0] += total
+            self.links_seen[1] += valid
+        else:
+            jets = {v: physics.flat(out[f"common/jets/{v}"])[1] for v in ("pt", "eta", "phi")}
+            jet, source = jet_constituents.from_delta_r(j_off, jets["eta"], jets["phi"], jets["pt"] > self.pt_cuts.get("jets", 0.0),
+                                                        t_off, pool["eta"], pool["phi"])
+        return {"jet": jet, **{k: np.asarray(v)[source] for k, v in pool.items()}}
+
+    def _ghost_links(self, chunk):
+        """(links per jet, each link's track index or -1), flat over the chunk's jets."""
+        col = lambda name: column(chunk, self.columns[name])  # noqa: E731
+        key = col(("link_key", "jet_ghost_tracks")) if self.has("link_key", "jet_ghost_tracks") else None
+        index = link_index(col(("link", "jet_ghost_tracks")), key)
+        if self.has("input", "jet_ghost_track_counts"):  # step0: links per event, counts per jet
+            counts = physics.flat(col(("input", "jet_ghost_track_counts")))[1]
+        else:  # (events, jets, links)
+            counts = ak.to_numpy(ak.flatten(ak.num(index, axis=2), axis=None))
+        if len(counts) != len(physics.flat(column(chunk, self.columns[("jets", "pt")]))[1]):
+            raise InputError("GhostTrack links do not line up with the jets")
+        return counts.astype(np.int64), ak.to_numpy(ak.flatten(index, axis=None))
 
     def _feature(self, chunk, obj, feat, offsets):
         """A jagged feature in schema units (float64 before the final cast), or the missing value."""

@@ -9,6 +9,11 @@ Departures from a real file, forced by what uproot can write:
 - ElementLinks are written as two split integer branches (a real file has `B/B.m_persKey`):
   `AnalysisJetsAuxDyn.btaggingLink_m_persKey` / `_m_persIndex` (the converter accepts this spelling);
   the BTagging container is aligned with the jets (m_persIndex = jet index).
+- `AnalysisJetsAuxDyn.GhostTrack` (vector<vector<ElementLink>> in a real file) is split the same way,
+  one level flatter: `AnalysisJetsAuxDyn.GhostTrack_m_persKey` / `_m_persIndex` hold, per event, the
+  links of all its jets in jet order (key detector.TRACK_PERS_KEY, index into the event's
+  InDetTrackParticles), and `AnalysisJetsAuxDyn.GhostTrack_n` (in the jet record) how many belong to
+  each jet (the converter accepts both spellings).
 - `AnalysisJetsAuxDyn.NumTrkPt500` (vector<vector<int>>, one count per vertex) cannot be
   written: it holds the hard-scatter vertex's count only, one int per jet (the converter
   accepts both shapes).
@@ -25,6 +30,7 @@ import uproot
 
 from common import detector as det
 from common.physlite import METADATA_TREE
+from common.schema import HIT_SUMMARIES
 
 TREE = "CollectionTree"
 # The generator metadata (physlite.METADATA_TREE, read by physlite.read_generator_metadata): a
@@ -36,6 +42,7 @@ RUN_NUMBER = 410000  # mc23a-like MC run number
 SOFT_CLUS_SOURCE, SOFT_TRACK_SOURCE = 69664, 81952  # MissingETBase source bits of SoftClusCore, PVSoftTrkCore
 TRUTH_TYPE = {"electrons": (2, 3), "muons": (6, 7), "photons": (14, 15)}  # (prompt, non-prompt)
 VERTEX_PRIMARY, VERTEX_PILEUP, VERTEX_DUMMY = 1, 3, 0
+HIT_SUMMARY_NAMES = tuple(f.name for f in HIT_SUMMARIES)  # uint8 InDetTrackParticlesAuxDyn branches, real names
 
 
 def _jagged(table: dict, n_events: int, columns: dict) -> ak.Array:
@@ -112,7 +119,9 @@ def containers(reco: dict, weights: np.ndarray, first_event_number: int, dsid: i
         "HadronConeExclTruthLabelID": jet["label"].astype(np.int32),
         "btaggingLink_m_persKey": np.full(len(jet_index), det.BTAG_PERS_KEY, np.uint32),
         "btaggingLink_m_persIndex": jet_index.astype(np.uint32),
+        "GhostTrack_n": np.bincount(trk["ghost_jet"][trk["ghost_jet"] >= 0], minlength=len(jet_index)).astype(np.uint32),
     })
+    out.update(_ghost_track_links(trk, jet["event"], n))
     out["BTagging_AntiKt4EMPFlowAuxDyn"] = _jagged(jet, n, {
         f"{name}_{s}": _f32(jet[f"{tagger}_{s}"])
         for tagger, name in (("DL1d", "DL1dv01"), ("GN2", "GN2v01")) for s in ("pb", "pc", "pu")})
@@ -121,6 +130,7 @@ def containers(reco: dict, weights: np.ndarray, first_event_number: int, dsid: i
         "phi": _f32(trk["phi"]), "theta": _f32(trk["theta"]), "qOverP": _f32(trk["qOverP"] / MEV),
         "d0": _f32(trk["d0"]), "z0": _f32(trk["z0"]), "vz": np.zeros(len(trk["pt"]), np.float32),
         "chiSquared": _f32(trk["chiSquared"]), "numberDoF": _f32(trk["numberDoF"]),
+        **{name: trk[name] for name in HIT_SUMMARY_NAMES},
     })
 
     out["PrimaryVerticesAuxDyn"] = _vertices(reco["event"], n)
@@ -143,6 +153,17 @@ def containers(reco: dict, weights: np.ndarray, first_event_number: int, dsid: i
     out["EventInfoAuxDyn.actualInteractionsPerCrossing"] = _f32(ev["actual_mu"])
     out["EventInfoAuxDyn.mcEventWeights"] = ak.values_astype(weights, np.float32)
     return out
+
+
+def _ghost_track_links(trk: dict, jet_event: np.ndarray, n: int) -> dict:
+    """The split GhostTrack links: per event, each jet's tracks in jet order (then track order)."""
+    counts = np.bincount(trk["event"], minlength=n)
+    local = np.arange(len(trk["event"])) - np.repeat(np.cumsum(counts) - counts, counts)  # index within the event
+    linked = np.flatnonzero(trk["ghost_jet"] >= 0)
+    linked = linked[np.lexsort((local[linked], trk["ghost_jet"][linked]))]
+    per_event = np.bincount(jet_event[trk["ghost_jet"][linked]], minlength=n)
+    return {"AnalysisJetsAuxDyn.GhostTrack_m_persKey": ak.unflatten(np.full(len(linked), det.TRACK_PERS_KEY, np.uint32), per_event),
+            "AnalysisJetsAuxDyn.GhostTrack_m_persIndex": ak.unflatten(local[linked].astype(np.uint32), per_event)}
 
 
 def _vertices(ev: dict, n: int) -> ak.Array:

@@ -2,7 +2,9 @@
 (docs/DESIGN.md section 2), read and written in chunks so memory stays flat. step1_convert.py is its
 command line.
 
-List objects pass a pT cut, are sorted by pT and padded to max_objects per type (mask, n).
+List objects pass a pT cut, are sorted by pT and padded to max_objects per type (mask, n). Jet
+constituents (common/jet_constituents.py) follow the stored jets and are appended block by block of
+HDF5 chunk length: their (events, jets, constituents) arrays are the largest of a chunk.
 """
 from __future__ import annotations
 
@@ -16,17 +18,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import nanoaod, physics, physlite
+from common import jet_constituents, nanoaod, physics, physlite
 from common.h5io import H5EventWriter
 from common.runtime import InputError, remove_stale_temps
-from common.schema import (ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS, MISSING_INT,
-                           features_for)
+from common.schema import (CONSTITUENT_DELTA_R, ISO_CONE, ISO_PT_FLOOR_GEV, ISO_Z0SINTHETA_CUT_MM, LIST_OBJECTS,
+                           MISSING_INT, features_for)
 
 READERS = {"atlas": (physlite.TREES, physlite.PhysliteReader), "cms": (nanoaod.TREES, nanoaod.NanoAODReader)}
 
 
-def open_reader(path: str, experiment: str, pt_cuts: dict):
-    """(reader, experiment, uproot file, what was read): the format is found from the tree the file holds."""
+def open_reader(path: str, experiment: str, pt_cuts: dict, constituents: str = "auto"):
+    """(reader, experiment, uproot file, what was read): the format is found from the tree the file holds;
+    `constituents` is the requested source of jet constituents (jet_constituents.MODES)."""
     if not os.path.exists(path):
         raise InputError("file not found")
     trees = {name: exp for exp, (names, _) in READERS.items() if experiment in ("auto", exp) for name in names}
@@ -35,7 +38,7 @@ def open_reader(path: str, experiment: str, pt_cuts: dict):
     if tree.num_entries == 0:
         raise InputError(f"no events (tree {name} is empty)")
     exp = trees[name]
-    return READERS[exp][1](tree, kind, pt_cuts), exp, f, f"{'TTree' if kind == 'ttree' else 'RNTuple'} {name}"
+    return READERS[exp][1](tree, kind, pt_cuts, constituents), exp, f, f"{'TTree' if kind == 'ttree' else 'RNTuple'} {name}"
 
 
 def finish_chunk(out: dict, experiment: str, pt_cuts: dict, max_objects: dict, truncated: dict) -> dict:
@@ -57,6 +60,14 @@ def finish_chunk(out: dict, experiment: str, pt_cuts: dict, max_objects: dict, t
     return arrays
 
 
+def stored_jet_constituents(out: dict, pt_cuts: dict, max_jets: int) -> dict:
+    """The chunk's constituent table placed on the stored jets (the same cut, order and cap as finish_chunk)."""
+    offsets, pt = physics.flat(out["common/jets/pt"])
+    index, mask, _ = physics.padded_index(offsets, pt, pt > pt_cuts["jets"], max_jets)
+    table = out["jet_constituents"]
+    return jet_constituents.place(table["jet"], {k: v for k, v in table.items() if k != "jet"}, index, mask, len(pt))
+
+
 def h5_chunk_events(step: int, most: int = 4096) -> int:
     """HDF5 chunk length: at most `most` events, and a divisor of --step where one is near, so every
     append writes whole chunks (the writer keeps no chunk cache; a partial chunk is re-read)."""
@@ -76,13 +87,17 @@ def file_metadata(f, first_chunk_dsid, settings) -> dict:
 
 def convert_file(path: str, settings: dict) -> str:
     """One ROOT file -> <out_dir>/<stem>.h5, chunk by chunk; returns the output's path. `settings`: out_dir,
-    experiment, pt_cuts, max_objects, step, overwrite, seed, process, dsid, cross_section, provenance."""
+    experiment, pt_cuts, max_objects, step, overwrite, seed, process, dsid, cross_section, constituents, provenance."""
     out_path = Path(settings["out_dir"]) / f"{Path(path).stem}.h5"
     if out_path.exists() and not settings["overwrite"]:
         print(f"skip {out_path} (exists; --overwrite to redo)", file=sys.stderr)
         return str(out_path)
     remove_stale_temps(out_path)
-    reader, experiment, f, source = open_reader(path, settings["experiment"], settings["pt_cuts"])
+    reader, experiment, f, source = open_reader(path, settings["experiment"], settings["pt_cuts"],
+                                                settings["constituents"])
+    if settings["constituents"] == "auto" and reader.constituents == "delta_r":
+        print(f"note: {path}: no jet-constituent association in this file, tracks within dR < "
+              f"{CONSTITUENT_DELTA_R} of the jet axis are used", file=sys.stderr)
     absent = [m.removesuffix(": all") for m in reader.missing if m.endswith(": all")]
     if absent:
         notes = "".join(f"; {note}" for note in reader.notes)
@@ -92,6 +107,7 @@ def convert_file(path: str, settings: dict) -> str:
         print(f"warning: {path}: absent in this file, filled with NaN/{MISSING_INT}: {', '.join(features)}",
               file=sys.stderr)
     truncated = {obj: 0 for obj in LIST_OBJECTS}
+    constituent_features = features_for("jet_constituents", experiment)
     sum_weights, dsid, done, t0 = 0.0, None, 0, time.perf_counter()
     with H5EventWriter(out_path, chunk_events=h5_chunk_events(settings["step"])) as writer, \
             tqdm(total=reader.n_events, unit="evt", desc=Path(path).name, leave=False, mininterval=1.0) as bar:
@@ -106,8 +122,17 @@ def convert_file(path: str, settings: dict) -> str:
             if chunk is None:
                 break
             n = len(chunk)
-            arrays = finish_chunk(reader.convert(chunk), experiment, settings["pt_cuts"], settings["max_objects"], truncated)
-            writer.append(arrays)
+            out = reader.convert(chunk)
+            arrays = finish_chunk(out, experiment, settings["pt_cuts"], settings["max_objects"], truncated)
+            if reader.constituents:
+                max_jets = settings["max_objects"]["jets"]
+                placed = stored_jet_constituents(out, settings["pt_cuts"], max_jets)
+                for lo in range(0, n, writer.chunk_events):
+                    hi = min(lo + writer.chunk_events, n)
+                    writer.append({**{k: v[lo:hi] for k, v in arrays.items()},
+                                   **jet_constituents.dense(placed, lo, hi, max_jets, constituent_features)})
+            else:
+                writer.append(arrays)
             sum_weights += float(np.nansum(arrays["common/event/weight"].astype(np.float64)))
             if dsid is None and "atlas/event/mcChannelNumber" in arrays and n:
                 dsid = int(arrays["atlas/event/mcChannelNumber"][0])
@@ -127,6 +152,7 @@ def convert_file(path: str, settings: dict) -> str:
             "sum_weights_source": "generator metadata tree" if from_file is not None else "sum of nominal weights of the converted events",
             "missing_features": reader.missing, "met_definition": reader.met_definition,
             "branch_sources": reader.sources(), "truncated_objects": truncated,
+            "jet_constituents": jet_constituents.metadata(reader.constituents, *reader.links_seen),
             "seed": settings["seed"], "provenance": settings["provenance"],
         })
     rate = done / max(time.perf_counter() - t0, 1e-9)

@@ -96,6 +96,6 @@ def observables(path, step: int = STEP) -> dict[str, np.ndarray]:
     a file the converter cannot read)."""
     tree, name, f = physlite.open_tree(path, physlite.TREES)
     with f:
-        reader = physlite.PhysliteReader(tree, physlite.TREES[name], {})  # no pT cuts: MET of every stored object
+        reader = physlite.PhysliteReader(tree, physlite.TREES[name], {}, constituents="none")  # no pT cuts: MET of every stored object
         parts = [chunk_observables(reader.convert(chunk)) for chunk in reader.chunks(step)]
     return {k: np.concatenate([part[k] for part in parts]) for k in NAMES}

@@ -14,7 +14,9 @@ Jet constituents (JET_CONSTITUENTS, not a sequence object): `dataset_path("jet_c
 (n_events, max_jets, MAX_CONSTITUENTS) with max_jets the file's jets max_objects; slot [e, k, :] belongs to
 the k-th stored jet of row e (common/jets/*), constituents pT-descending, zero padded;
 `common/jet_constituents/mask` (bool, same shape) and `common/jet_constituents/n` (int16, (n_events, max_jets)).
-/metadata `jet_constituents` records where they come from (CONSTITUENT_METHODS; docs/DESIGN.md section 2).
+/metadata `jet_constituents` (JSON) records where they come from: {"method": one of CONSTITUENT_METHODS,
+"max_constituents": 50, "delta_r": 0.4 (delta_r only), "links_total", "links_valid", "valid_fraction" (links only)}
+(docs/DESIGN.md section 2).
 
 `Feature.group` is the HDF5 group (common / atlas / cms); `Feature.token_group` is the feature group
 of the hierarchical tokens (kinematics | id | isolation | substructure | btag | impact | quality).
@@ -254,7 +256,7 @@ EXPERIMENT_ID = {"atlas": 0, "cms": 1}
 METADATA_KEYS = (
     "experiment", "format_version", "input_file", "n_events", "git_hash", "pt_cuts", "max_objects",
     "common_iso_cone", "common_iso_pt_floor_gev", "common_iso_z0sintheta_cut_mm", "process", "dsid",
-    "cross_section_pb", "sum_weights", "missing_features", "met_definition", "input_tree",
+    "cross_section_pb", "sum_weights", "missing_features", "met_definition", "input_tree", "jet_constituents",
 )
 
 # trk_iso03 definition (recorded in /metadata), shared by the converter and the detector simulation.

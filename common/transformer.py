@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.jet_constituents import ConstituentEncoder
+from common.constituent_model import ConstituentEncoder
 from common.runtime import atomic_output, write_json
 from common.schema import PAD, SPECIAL_TYPE_ID
 

@@ -1,4 +1,4 @@
-"""The jet-constituent model (common/jet_constituents.py): alignment of the HDF5 constituents with the
+"""The jet-constituent model (common/constituent_model.py): alignment of the HDF5 constituents with the
 jet positions of a sequence, hiding of masked jets, and that steps 3 and 4 learn from constituents
 what the jet tokens do not carry.
 
@@ -28,7 +28,7 @@ import step3_pretrain  # noqa: E402
 import step4_finetune  # noqa: E402
 from plotting import report  # noqa: E402
 
-from common import jet_constituents as JC  # noqa: E402
+from common import constituent_model as JC  # noqa: E402
 from common.continuous_inputs import h5_locations  # noqa: E402
 from common.event_data import SequenceStream  # noqa: E402
 from common.schema import JET_CONSTITUENTS, MAX_CONSTITUENTS, dataset_path  # noqa: E402
