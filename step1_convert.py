@@ -78,8 +78,9 @@ def main(argv=None) -> int:
         stems[Path(p).stem] = p
     output_dir(args.out_dir)
     settings = dict(out_dir=args.out_dir, experiment=args.experiment, pt_cuts=pt_cuts, max_objects=max_objects,
-                    step=args.step, overwrite=args.overwrite, constituents=args.constituents, seed=args.seed, process=args.process, dsid=args.dsid,
-                    cross_section=args.cross_section, provenance=provenance("step1_convert.py", args, inputs))
+                    step=args.step, overwrite=args.overwrite, seed=args.seed, process=args.process, dsid=args.dsid,
+                    cross_section=args.cross_section, constituents=args.constituents,
+                    provenance=provenance("step1_convert.py", args, inputs))
     _, errors = process_inputs(inputs, functools.partial(convert_file, settings=settings), workers=args.workers)
     return exit_code(errors)
 

@@ -53,7 +53,7 @@ class H5EventWriter:
                     chunks = chunks[:1] + tuple(min(a, b) for a, b in zip(arr.shape[1:], PADDED_3D_CHUNK))
                 self.datasets[key] = self.file.create_dataset(
                     key, shape=(0,) + arr.shape[1:], maxshape=(None,) + arr.shape[1:], dtype=arr.dtype, chunks=chunks,
-                    **(PADDED_3D_COMPRESSION if arr.ndim > 2 else COMPRESSION))
+                    **(PADDED_3D_COMPRESSION if arr.ndim == 3 else COMPRESSION))
                 self.rows[key] = 0
             if self.rows[key] != self.n_events:
                 raise ValueError(f"dataset {key} is missing from an earlier chunk")

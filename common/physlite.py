@@ -455,8 +455,8 @@ class PhysliteReader(ColumnReader):
             self.links_seen[1] += valid
         else:
             jets = {v: physics.flat(out[f"common/jets/{v}"])[1] for v in ("pt", "eta", "phi")}
-            jet, source = jet_constituents.from_delta_r(j_off, jets["eta"], jets["phi"], jets["pt"] > self.pt_cuts.get("jets", 0.0),
-                                                        t_off, pool["eta"], pool["phi"])
+            keep = jets["pt"] > self.pt_cuts.get("jets", 0.0)
+            jet, source = jet_constituents.from_delta_r(j_off, jets["eta"], jets["phi"], keep, t_off, pool["eta"], pool["phi"])
         return {"jet": jet, **{k: np.asarray(v)[source] for k, v in pool.items()}}
 
     def _ghost_links(self, chunk):

@@ -162,7 +162,8 @@ def _ghost_track_links(trk: dict, jet_event: np.ndarray, n: int) -> dict:
     linked = np.flatnonzero(trk["ghost_jet"] >= 0)
     linked = linked[np.lexsort((local[linked], trk["ghost_jet"][linked]))]
     per_event = np.bincount(jet_event[trk["ghost_jet"][linked]], minlength=n)
-    return {"AnalysisJetsAuxDyn.GhostTrack_m_persKey": ak.unflatten(np.full(len(linked), det.TRACK_PERS_KEY, np.uint32), per_event),
+    keys = np.full(len(linked), det.TRACK_PERS_KEY, np.uint32)
+    return {"AnalysisJetsAuxDyn.GhostTrack_m_persKey": ak.unflatten(keys, per_event),
             "AnalysisJetsAuxDyn.GhostTrack_m_persIndex": ak.unflatten(local[linked].astype(np.uint32), per_event)}
 
 

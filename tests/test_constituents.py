@@ -165,7 +165,8 @@ def test_links_requested_on_a_file_without_links_fails_that_file_only(tmp_path, 
     err = capsys.readouterr().err
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert lines[0] == f"error: {NANO}: --constituents links: the file has no AnalysisJetsAuxDyn.GhostTrack links (ATLAS PHYSLITE)"
+    assert lines[0] == (f"error: {NANO}: --constituents links: the file has no "
+                        "AnalysisJetsAuxDyn.GhostTrack links (ATLAS PHYSLITE)")
     assert "Traceback" not in err and not (tmp_path / "nano_dy.h5").exists()
     assert read_metadata(tmp_path / "PHYSLITE_example.h5")["jet_constituents"]["method"] == "ghost_track_links"
 
