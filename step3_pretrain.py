@@ -36,11 +36,11 @@ import torch
 from tqdm import tqdm
 
 from common import distributed as D
-from common import highlevel, jet_constituents
+from common import constituent_model, highlevel
 from common import training as T
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
-from common.jet_constituents import ConstituentReader
+from common.constituent_model import ConstituentReader
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
                             seed_everything, set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
@@ -215,7 +215,7 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
         targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"])
         cons = T.constituent_tensors(batch, dist.device)
         if cons is not None:  # a masked jet is not predicted from its own constituents
-            cons = (cons[0], jet_constituents.hide(cons[1], types, chosen))
+            cons = (cons[0], constituent_model.hide(cons[1], types, chosen))
         with torch.set_grad_enabled(train), torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(ids, types, attn, chosen, b_labels, cons)
         loss = 0.0

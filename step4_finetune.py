@@ -60,7 +60,7 @@ from common.classifier_task import (WEIGHTINGS, binary_task, csv_list, multiclas
                                     xsec_scale)
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
-from common.jet_constituents import ConstituentReader
+from common.constituent_model import ConstituentReader
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
                             set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
