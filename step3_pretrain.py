@@ -4,7 +4,8 @@ Whole object positions are masked (15%: 80% [MASK], 10% a random code legal for 
 kept) and the model predicts, from the rest of the event, what stood there. Objectives
 (--objective, one or several, comma separated; the losses add):
   features  the masked object's normalised features, read from the step1 HDF5 (regression)
-  latent    its quantised latent, the sum of its codebook vectors in the step2 tokenizer (regression)
+  latent    its quantised latent, the sum of its codebook vectors in the step2 tokenizer (regression);
+            with group tokens the concatenation of its feature groups' quantised latents
   tokens    its code id at every quantizer level (cross-entropy over the ids legal for the type)
   event     the event's high-level observables (common.highlevel: lepton pTs, m4l, Z masses, MET,
             HT, jet and b-jet counts; from the step1 HDF5, log-scaled), regressed from the event
@@ -93,8 +94,7 @@ def parse_args(argv=None):
         p.error(f"--objective {args.objective!r}: choose one or more of {', '.join(OBJECTIVES)}")
     if not 0 < args.mask_prob < 1:
         p.error("--mask-prob must be in (0, 1)")
-    if args.d_model % args.n_heads:
-        p.error("--d-model must be a multiple of --n-heads")
+    T.check_model_args(p, args)
     return args
 
 
@@ -409,7 +409,7 @@ def main(argv=None) -> int:
                    "val": val_summary, "context_gain": context_gain(val_summary, args.objectives[0]) if val_summary else None,
                    "target_scalers": {o: s.state() for o, s in scalers.items()},
                    "n_events": {"train": n_train, "val": n_val}, "epochs": args.epochs, "steps_per_epoch": steps,
-                   "world_size": dist.world, "history": history, "input_errors": errors, "provenance": prov}
+                   "world_size": dist.world, "model": T.model_record(cfg), "history": history, "input_errors": errors, "provenance": prov}
         write_json(out / "metrics.json", metrics)
         save_module(out / "backbone.pt", backbone, backbone_sidecar(cfg, vocab, provenance=prov, objectives=args.objectives,
                                                                      representation=REPRESENTATION))
