@@ -7,7 +7,8 @@ One Parquet file per HDF5 file (common/token_parquet.py) with the sequences of
 common/sequences.py: each type keeps its first --cap objects, the event at most --max-length
 positions; objects that the caps or the length drop are not encoded at all, and the truncation
 is counted in the vocabulary metadata. A folder of group tokenizers (step2 fit --granularity group,
-<obj>.<group>.pt) gives each object position the concatenation of its groups' level codes. Encoding and code search run on a GPU when there is one.
+<obj>.<group>.pt) gives each object position the concatenation of its groups' level codes.
+Encoding and code search run on a GPU when there is one.
 Reading the next chunk, encoding this one and writing the previous one overlap.
 """
 from __future__ import annotations
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
     toks, granularity = load_tokenizers(args.tokenizers, args.granularity)
     combined = granularity == COMBINED
     device = D.setup(args.device).device
-    for tok in {id(t): t for gt in toks.values() for t in getattr(gt, "groups", {0: gt}).values()}.values():
+    models = [t for gt in toks.values() for t in (gt.groups.values() if granularity == "group" else [gt])]
+    for tok in {id(t): t for t in models}.values():  # combined: one tokenizer behind every type
         tok.model.to(device)
     meta, groups = vocab_tokenizers(toks, granularity)
     try:

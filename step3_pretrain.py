@@ -166,6 +166,7 @@ def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, event_typ
     if not scalers:
         return scalers
     count = ranges[1]
+    columns = latent_columns(code_table, ranges) if "latent" in scalers else None
     for batch in stream.batches(0, max_steps=SCALER_BATCHES):
         ids, types, attn = T.to_device(batch, dist.device)
         objects = torch.from_numpy((count[batch["token_type_ids"].astype(np.int64)] > 0).any(-1) & (batch["attention_mask"] > 0))
@@ -177,10 +178,21 @@ def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, event_typ
                 valid = np.isfinite(x).astype(np.float64)
                 scaler.add(np.full(len(x), event_type), np.nan_to_num(x), valid)
                 continue
-            valid = cont_valid(t, cont, x.shape[1]) if name == "features" else np.ones_like(x)
+            valid = cont_valid(t, cont, x.shape[1]) if name == "features" else columns[t].astype(x.dtype)
             scaler.add(t, x, valid)
     return {o: s.finish(lambda a: D.all_sum(torch.from_numpy(a).to(dist.device), dist).cpu().numpy())
             for o, s in scalers.items()}
+
+
+def latent_columns(code_table: torch.Tensor, ranges) -> np.ndarray:
+    """bool (n_types, width): the latent columns a type's codes fill. Granularity group: the blocks
+    of its feature groups; an object with fewer groups than the widest type is not scored on the rest."""
+    start, count = ranges
+    table = code_table.cpu().numpy()
+    used = np.zeros((len(start), table.shape[1]), bool)
+    for t, level in zip(*np.nonzero(count)):  # a loop over (type, level) ranges, not objects
+        used[t] |= table[start[t, level] : start[t, level] + count[t, level]].any(0)
+    return used
 
 
 def cont_valid(types: np.ndarray, cont: ContinuousFeatures, width: int) -> np.ndarray:

@@ -1,7 +1,10 @@
 """The event transformer shared by step3 (masked-token pretraining) and step4 (classification).
 
 Per position the Q code embeddings are summed (the quantizer levels of one object), then the
-type and position embeddings are added, LayerNorm, dropout, N pre-norm encoder blocks.
+type and position embeddings are added, LayerNorm, dropout, N pre-norm encoder blocks. The
+"continuous" variant replaces the code embedding of object positions by a per-type linear
+projection of the normalised features (the tokenization-cost baseline); special and event
+positions keep their code embedding.
 
 Granularity group (token files of step2 fit --granularity group): an object position holds the
 level codes of each of its feature groups ("slots"). Each group's sub-token is the sum of its
@@ -9,10 +12,7 @@ slots' code embeddings plus a learned group embedding; the sub-tokens of a posit
 inner encoder layer (all positions at once) and are pooled (mean, or a learned attention query)
 into the one vector per object that the event transformer reads, as in the flat model. Special,
 event and PAD positions keep the flat path. GroupAttentionLayer (--group-attention N) is the cheap
-variant on the flat model: attention among N slices of each position's embedding. The
-"continuous" variant replaces the code embedding of object positions by a per-type linear
-projection of the normalised features (the tokenization-cost baseline); special and event
-positions keep their code embedding.
+variant on the flat model: attention among N slices of each position's embedding.
 
 Checkpoints are a torch.save'd state_dict (loaded with weights_only=True) plus a JSON sidecar
 holding the config and the vocabulary checksum, so nothing unpickles arbitrary objects.
@@ -154,9 +154,9 @@ class EventTransformer(nn.Module):
             x = self.grouped_embedding(input_ids, token_type_ids.long())
         else:
             x = self.code_emb(input_ids).sum(dim=-2)  # combine the Q levels of each position
-        if self.cfg.code_dim and self.sub_tokens is None:  # [MASK] and PAD have zero vectors: a masked object leaks nothing
-            latent = self.code_vectors[input_ids].sum(dim=-2)
-            x = x + torch.einsum("blc,blcd->bld", latent, self.code_proj[token_type_ids.long()])
+            if self.cfg.code_dim:  # [MASK] and PAD have zero vectors: a masked object leaks nothing
+                latent = self.code_vectors[input_ids].sum(dim=-2)
+                x = x + torch.einsum("blc,blcd->bld", latent, self.code_proj[token_type_ids.long()])
         if self.proj and features is not None:
             for t, proj in self.proj.items():  # a loop over object types, not events
                 sel = token_type_ids == int(t)
