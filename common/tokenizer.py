@@ -556,7 +556,6 @@ class GroupedTokenizer:
 
     def __init__(self, obj: str, groups: dict[str, Tokenizer]):
         self.obj, self.groups = obj, groups
-        self.path = str(Path(next(iter(groups.values())).path).parent)
 
     @property
     def features(self) -> list[str]:
@@ -577,31 +576,18 @@ class GroupedTokenizer:
     def encode(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([t.encode(feats) for t in self.groups.values()], 1)
 
-    def decode(self, codes: np.ndarray) -> dict[str, np.ndarray]:
-        out, lo = {}, 0
-        for t in self.groups.values():
-            out.update(t.decode(codes[:, lo : lo + t.levels]))
-            lo += t.levels
-        return out
 
-    def reconstruct(self, feats: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        codes = self.encode(feats)
-        return codes, self.decode(codes)
-
-
-def load_grouped(tok_dir: str | Path, obj: str, only: tuple[str, ...] | None = None) -> GroupedTokenizer:
-    """The group tokenizers of `obj` in a folder (`only`: just these groups). ValueError when a group
-    the fit made for it (settings 'object_groups', recorded in every one of them) is not there."""
+def load_grouped(tok_dir: str | Path, obj: str) -> GroupedTokenizer:
+    """The group tokenizers of `obj` in a folder. ValueError when a group the fit made for it
+    (settings 'object_groups', recorded in every one of them) is not there."""
     files = group_files(tok_dir, obj)
     if not files:
         raise ValueError(f"no group tokenizer for {obj} ({obj}.<group>.pt; run step2_fit.py --granularity group)")
-    toks = {g: load_tokenizer(p) for g, p in files.items() if only is None or g in only}
-    fitted = {g for t in toks.values() for g in t.settings.get("object_groups", [])} or set(files)
-    missing = [g for g in TOKEN_GROUPS if g in fitted - set(files) and (only is None or g in only)]
+    toks = {g: load_tokenizer(p) for g, p in files.items()}
+    fitted = {g for t in toks.values() for g in t.settings.get("object_groups", [])}
+    missing = [g for g in TOKEN_GROUPS if g in fitted - set(files)]
     if missing:
         raise ValueError(f"the group tokenizer set of {obj} lacks {', '.join(f'{obj}.{g}.pt' for g in missing)}")
-    if not toks:
-        raise ValueError(f"no {'/'.join(only or ())} group tokenizer for {obj}")
     return GroupedTokenizer(obj, toks)
 
 

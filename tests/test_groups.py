@@ -139,17 +139,18 @@ def test_pretrain_records_the_group_model(grouped):
     assert all(np.isfinite(metrics["val"][o]["loss" if o == "tokens" else "mse"]) for o in ("latent", "event", "features", "tokens"))
 
 
-def test_finetune_scratch_and_finetune_in_group_mode(grouped, tmp_path):
+def test_finetune_scratch_finetune_and_continuous_in_group_mode(grouped, tmp_path):
     d, _ = grouped
     code = call_main(step4_finetune.main, "--parquet", d / "tokens", "--signal", "ttbar", "--background", "dy",
-                     "--init", d / "pre" / "backbone.pt", "--arms", "scratch,finetune", "--steps", "12",
+                     "--init", d / "pre" / "backbone.pt", "--arms", "scratch,finetune,continuous", "--steps", "12",
                      "--eval-every", "6", "--batch-size", "32", "--bootstrap", "10", "--workers", "1",
                      "--out-dir", tmp_path, *MODEL)
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["model"]["granularity"] == "group" and metrics["model"]["group_pooling"] == "attention"
-    for arm in ("scratch", "finetune"):
+    for arm in ("scratch", "finetune", "continuous"):  # continuous: the group tokenizers' preprocessing, side by side
         assert 0 <= metrics["arms"][arm]["auc"] <= 1
+    assert metrics["continuous_normalisation"].startswith("group tokenizer preprocessing")
 
 
 def test_sub_token_model_pools_one_vector_per_object_and_group_attention_changes_it():
