@@ -6,7 +6,9 @@
 One Parquet file per HDF5 file (common/token_parquet.py) with the sequences of
 common/sequences.py: each type keeps its first --cap objects, the event at most --max-length
 positions; objects that the caps or the length drop are not encoded at all, and the truncation
-is counted in the vocabulary metadata. Encoding and code search run on a GPU when there is one.
+is counted in the vocabulary metadata. A folder of group tokenizers (step2 fit --granularity group,
+<obj>.<group>.pt) gives each object position the concatenation of its groups' level codes.
+Encoding and code search run on a GPU when there is one.
 Reading the next chunk, encoding this one and writing the previous one overlap.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ from common import distributed as D
 from common import h5io, runtime, sequences, token_parquet
 from common.object_stream import describe_file, flatten_objects, object_keys
 from common.schema import SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS
-from common.tokenizer import COMBINED, TYPE_FEATURE, Tokenizer, load_tokenizer
+from common.tokenizer import (COMBINED, TYPE_FEATURE, GroupedTokenizer, Tokenizer, folder_granularity, load_grouped,
+                              load_tokenizer)
 
 MAX_LENGTH = 128
 CHUNK_EVENTS = 8192
@@ -40,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--h5", nargs="+", required=True, help="step1 HDF5 files (or directories)")
     p.add_argument("--tokenizers", required=True, help="directory written by fit")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--granularity", choices=("auto", "object", "group"), default="auto",
+                   help="the tokenizers' granularity (auto: what the folder holds)")
     p.add_argument("--max-length", type=int, default=MAX_LENGTH)
     p.add_argument("--cap", action="append", default=[], metavar="OBJ=N,...",
                    help=f"objects kept per type, e.g. tracks=50,jets=10 (default {sequences.DEFAULT_CAPS})")
@@ -64,16 +69,39 @@ def load_checked(path: Path) -> Tokenizer:
         runtime.die(f"{path}: not a readable step2 tokenizer ({type(exc).__name__}: {cause})")
 
 
-def load_tokenizers(tok_dir: str) -> tuple[dict[str, Tokenizer], bool]:
-    """{obj: tokenizer} for every tokenized type, and whether it is one combined tokenizer."""
+def load_tokenizers(tok_dir: str, granularity: str = "auto") -> tuple[dict[str, Tokenizer | GroupedTokenizer], str]:
+    """{obj: tokenizer} for every tokenized type, and the folder's granularity: 'combined' (one
+    tokenizer for all), 'object' (<obj>.pt) or 'group' (<obj>.<group>.pt, one GroupedTokenizer per type)."""
     d = Path(tok_dir)
-    if (d / f"{COMBINED}.pt").exists():
+    try:
+        found = folder_granularity(d, TOKENIZED_OBJECTS)
+    except ValueError as exc:
+        runtime.die(f"{tok_dir}: {exc}")
+    if granularity not in ("auto", found) and found != COMBINED:
+        runtime.die(f"{tok_dir}: --granularity {granularity}, but the folder holds {found}-granularity tokenizers")
+    if found == COMBINED:
         tok = load_checked(d / f"{COMBINED}.pt")
-        return {o: tok for o in TOKENIZED_OBJECTS}, True
+        return {o: tok for o in TOKENIZED_OBJECTS}, found
+    if found == "group":
+        try:
+            return {o: load_grouped(d, o) for o in TOKENIZED_OBJECTS}, found
+        except (ValueError, RuntimeError, OSError, KeyError) as exc:
+            runtime.die(f"{tok_dir}: {str(exc).splitlines()[0]}")
     missing = [o for o in TOKENIZED_OBJECTS if not (d / f"{o}.pt").exists()]
     if missing:
         runtime.die(f"{tok_dir}: no tokenizer for {', '.join(missing)} (run step2_fit.py)")
-    return {o: load_checked(d / f"{o}.pt") for o in TOKENIZED_OBJECTS}, False
+    return {o: load_checked(d / f"{o}.pt") for o in TOKENIZED_OBJECTS}, found
+
+
+def vocab_tokenizers(toks: dict, granularity: str) -> tuple[dict, dict | None]:
+    """The vocabulary's record of the tokenizers, keyed <obj> (or <obj>.<group> in granularity group),
+    and in granularity group each object's slot layout {obj: [[group, levels], ...]}."""
+    entry = lambda t: {"sha256": t.sha256, "features": t.features, "levels": t.levels,  # noqa: E731
+                       "codebook_size": t.codebook_size, "file": Path(t.path).name}
+    if granularity != "group":
+        return {o: entry(t) for o, t in toks.items()}, None
+    return ({f"{o}.{g}": entry(t) for o, gt in toks.items() for g, t in gt.groups.items()},
+            {o: gt.layout for o, gt in toks.items()})
 
 
 def required_features(tok: Tokenizer, obj: str, combined: bool) -> list[str]:
@@ -156,14 +184,15 @@ def main(argv=None) -> int:
     except ValueError as exc:
         runtime.die(str(exc))
     caps = runtime.per_object(args.cap, sequences.DEFAULT_CAPS, "--cap", int)
-    toks, combined = load_tokenizers(args.tokenizers)
+    toks, granularity = load_tokenizers(args.tokenizers, args.granularity)
+    combined = granularity == COMBINED
     device = D.setup(args.device).device
-    for tok in set(toks.values()):
+    models = [t for gt in toks.values() for t in (gt.groups.values() if granularity == "group" else [gt])]
+    for tok in {id(t): t for t in models}.values():  # combined: one tokenizer behind every type
         tok.model.to(device)
-    meta = {o: {"sha256": t.sha256, "features": t.features, "levels": t.levels, "codebook_size": t.codebook_size,
-                "file": Path(t.path).name} for o, t in toks.items()}
+    meta, groups = vocab_tokenizers(toks, granularity)
     try:
-        vocab_base = sequences.build_vocab(meta, caps, args.max_length, combined=combined)
+        vocab_base = sequences.build_vocab(meta, caps, args.max_length, combined=combined, groups=groups)
     except ValueError as exc:
         runtime.die(f"--max-length: {exc}")
 

@@ -5,7 +5,9 @@
   torchrun --nproc_per_node N step2_fit.py --h5 data/h5/*.h5 --out-dir runs/tok
 
 For every object type a residual EMA VQ-VAE (common/tokenizer.py) on the schema's
-tokenize=True features present in all inputs (`--mode combined`: one over all object types).
+tokenize=True features present in all inputs (`--mode combined`: one over all object types;
+`--granularity group`: one per (object type, feature group of common/schema.TOKEN_GROUPS) over
+that group's features, written as <obj>.<group>.pt; apply concatenates their codes).
 Preprocessing is fitted on a bounded sample of events drawn uniformly from all inputs; training
 streams minibatches from the HDF5 files (memory does not grow with the number of events); the
 quality is measured on held-out events (the `test` split of common/token_parquet.split_of) and
@@ -34,8 +36,9 @@ from common import runtime
 from common.decoded_closure import MAX_EVENTS as CLOSURE_EVENTS, write_closure
 from common.object_stream import (combined_stream, common_features, count_objects, describe_file, dropped_features,
                                   minibatches, preprocessing_sample, stream_objects)
-from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
-from common.tokenizer import COMBINED, MAX_LEVELS, Tokenizer, build_specs, combined_specs, fit_preprocessing
+from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS, token_groups
+from common.tokenizer import (COMBINED, GRANULARITIES, MAX_LEVELS, Tokenizer, build_specs, combined_specs,
+                              fit_preprocessing, tokenizer_name)
 from common.tokenizer_quality import btag_cuts, evaluate, save_eval_sample
 from common.tokenizer_training import (KMEANS_FACTOR, choose_codebook_size, choose_levels, ranks_digests, train,
                                        weight_pt)
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", required=True)
     p.add_argument("--objects", default=",".join(TOKENIZED_OBJECTS), help="comma list of object types")
     p.add_argument("--mode", choices=("per-object", "combined"), default="per-object")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="object",
+                   help="group: one tokenizer per (object, feature group), <obj>.<group>.pt (per-object mode only)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="production: dim 8, 4 levels, 4096 codes (8192 tracks)")
     p.add_argument("--dim", type=int, default=DIM)
     p.add_argument("--levels", default=LEVELS, help=f"1-{MAX_LEVELS} or 'auto'")
@@ -143,9 +148,10 @@ def fit_features(obj: str, infos: list[dict], transforms: dict) -> list:
     return [replace(f, transform=own[f.name]) if f.name in own else f for f in common_features(obj, infos)]
 
 
-def fit_data(obj: str, objs: list[str], infos: list[dict], transforms: dict, rng, args):
+def fit_data(obj: str, group: str | None, objs: list[str], infos: list[dict], transforms: dict, rng, args):
     """(specs, feature names, preprocessing sample, training objects, train stream factory, held-out
-    stream) of one tokenizer; the combined one takes every type's features as '<obj>/<name>'."""
+    stream) of one tokenizer; the combined one takes every type's features as '<obj>/<name>', a group
+    one (granularity group) the object's features of that group."""
     if obj == COMBINED:
         features = {o: fit_features(o, infos, transforms) for o in objs}
         specs = combined_specs(features)
@@ -157,26 +163,29 @@ def fit_data(obj: str, objs: list[str], infos: list[dict], transforms: dict, rng
         n_train = sum(count_objects(o, infos)[0] for o in objs)
         train_stream = lambda: combined_stream(objs, names, infos, "train", rng, args.rank, args.world)  # noqa: E731
         return specs, names, sample, n_train, train_stream, combined_stream(objs, names, infos, "test", None)
-    features = fit_features(obj, infos, transforms)
+    features = [f for f in fit_features(obj, infos, transforms) if group is None or f.token_group == group]
     specs = build_specs(features)
     if not specs:
-        raise runtime.InputError(f"{obj}: no tokenizable features present in all inputs")
+        raise runtime.InputError(f"{tokenizer_name(obj, group)}: no tokenizable features present in all inputs")
     names = [f.name for f in features]
     sample = preprocessing_sample(obj, names, infos, args.preprocess_events, rng)
     train_stream = lambda: stream_objects(obj, names, infos, split="train", rng=rng, rank=args.rank, world=args.world)  # noqa: E731
     return specs, names, sample, count_objects(obj, infos)[0], train_stream, stream_objects(obj, names, infos, split="test", rng=None)
 
 
-def fit_one(obj: str, objs: list[str], infos: list[dict], transforms: dict, args) -> dict:
-    """Fit, evaluate and save the tokenizer of one object type (or the combined one of `objs`)."""
+def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict, args) -> dict:
+    """Fit, evaluate and save the tokenizer of one target: (object type, None), (object type, feature
+    group) in granularity group, or (COMBINED, None), the combined one of `objs`."""
+    obj, group = target
+    name = tokenizer_name(obj, group)
     out_dir = Path(args.out_dir)
-    ckpt = out_dir / f"{obj}.pt"
+    ckpt = out_dir / f"{name}.pt"
     if ckpt.exists() and not args.overwrite:
         print(f"[fit] {ckpt} exists, skipping (use --overwrite)", file=sys.stderr)
-        return {"object": obj, "skipped": True}
+        return {"object": name, "skipped": True}
     rng = np.random.default_rng(args.seed)
     runtime.seed_everything(args.seed)
-    specs, names, sample, n_train, train_stream, test_stream = fit_data(obj, objs, infos, transforms, rng, args)
+    specs, names, sample, n_train, train_stream, test_stream = fit_data(obj, group, objs, infos, transforms, rng, args)
     fit_preprocessing(specs, sample)
     weight_pt(specs, args.pt_weight)
     requested = args.codebook_size_tracks if obj == "tracks" and args.codebook_size_tracks else args.codebook_size
@@ -187,6 +196,8 @@ def fit_one(obj: str, objs: list[str], infos: list[dict], transforms: dict, args
                 "warmup_steps": args.warmup_steps, "lr": args.lr, "commit_weight": args.commit_weight,
                 "discrete_weight": args.discrete_weight, "pt_weight": args.pt_weight, "kmeans_buffer": KMEANS_FACTOR,
                 "seed": args.seed, "mode": args.mode, "n_train_objects": n_train}
+    if group is not None:  # apply checks that every group fitted for the object is in the folder
+        settings.update(granularity="group", group=group, object_groups=list(args.groups[obj]))
     tok = Tokenizer(obj, specs, settings)
 
     # training: on args.device, every rank on its share of the chunks
@@ -198,55 +209,69 @@ def fit_one(obj: str, objs: list[str], infos: list[dict], transforms: dict, args
                                                   np.random.default_rng(args.seed + args.rank)))
     history = train(model, specs, batches, steps=args.steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                     lr=args.lr, commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
-                    ddp_model=ddp_model, label=obj, progress=args.rank == 0 and args.progress)
+                    ddp_model=ddp_model, label=name, progress=args.rank == 0 and args.progress)
     model.eval()
     digests = ranks_digests(model, args.world)
     model.cpu()  # evaluated and saved on the CPU, where apply and the plots load it
     if args.rank != 0:
-        return {"object": obj}
+        return {"object": name}
 
-    # held-out quality, then the outputs: <obj>.pt, <obj>.json, <obj>.eval.npz
+    # held-out quality, then the outputs: <name>.pt, <name>.json, <name>.eval.npz (name: <obj> or <obj>.<group>)
     cuts = btag_cuts(sample, specs)
     orig, reco, codes, q = evaluate(tok, test_stream, args.eval_objects, cuts)
     sidecar = {"quality": q, "btag_cuts": cuts, "history": history,
                "ddp": {"world_size": args.world, "codebook_sha256_per_rank": digests,
                        "identical": len(set(digests)) == 1},
                "features_used": names,
-               "dropped_features": dropped_features(obj, infos) if obj != COMBINED else {},
+               "dropped_features": [n for n in dropped_features(obj, infos)
+                                    if group is None or OBJECTS[obj].feature(n).token_group == group]
+                                   if obj != COMBINED else {},
                "provenance": runtime.provenance("step2_fit.py", args, [i["path"] for i in infos])}
     sha = tok.save(ckpt, sidecar)
-    save_eval_sample(out_dir / f"{obj}.eval.npz", orig, reco, codes)
+    save_eval_sample(out_dir / f"{name}.eval.npz", orig, reco, codes)
     if not args.no_plots:  # here, so the plots of one type are drawn while the next types train
         from plotting.plot_tokenizer import plot_object
 
-        plot_object(out_dir, obj)
-    return {"object": obj, "sha256": sha, "goals": q["goals"], "settings": settings}
+        plot_object(out_dir, name)
+    return {"object": name, "sha256": sha, "goals": q["goals"], "settings": settings}
 
 
-def fit_or_error(obj: str, objs: list[str], infos: list[dict], transforms: dict, args) -> dict:
+def fit_or_error(target: tuple, objs: list[str], infos: list[dict], transforms: dict, args) -> dict:
     """fit_one, with a bad input reported as {'object', 'error'} so the other types go on."""
     try:
-        return fit_one(obj, objs, infos, transforms, args)
+        return fit_one(target, objs, infos, transforms, args)
     except (runtime.InputError, ValueError, KeyError) as exc:
-        return {"object": obj, "error": runtime.error_line(obj, exc)}
+        name = tokenizer_name(*target)
+        return {"object": name, "error": runtime.error_line(name, exc)}
 
 
 def start_worker(args) -> None:
     runtime.set_threads(args.threads)
 
 
-def fit_all(targets: list[str], objs: list[str], infos: list[dict], transforms: dict, args) -> list[dict]:
-    """Every tokenizer, `args.workers` at a time, the most populous types first. Each fit seeds
-    itself, so its tokenizer does not depend on the process that fitted it."""
+def fit_all(targets: list[tuple], objs: list[str], infos: list[dict], transforms: dict, args) -> list[dict]:
+    """Every tokenizer (target: (object, group or None)), `args.workers` at a time, the most populous
+    types first. Each fit seeds itself, so its tokenizer does not depend on the process that fitted it."""
     if args.world > 1 or args.device != "cpu" or args.workers < 2 or len(targets) < 2:
-        return [fit_or_error(obj, objs, infos, transforms, args) for obj in targets]
-    order = sorted(targets, key=lambda o: -sum(count_objects(t, infos)[0] for t in (objs if o == COMBINED else [o])))
+        return [fit_or_error(t, objs, infos, transforms, args) for t in targets]
+    order = sorted(targets, key=lambda t: -sum(count_objects(o, infos)[0] for o in (objs if t[0] == COMBINED else [t[0]])))
     with ProcessPoolExecutor(min(args.workers, len(targets)), multiprocessing.get_context("spawn"),
                              start_worker, (args,)) as pool:
         quiet = argparse.Namespace(**{**vars(args), "progress": False})  # one bar here, not one per worker
-        pending = {obj: pool.submit(fit_or_error, obj, objs, infos, transforms, quiet) for obj in order}
-        done = {obj: f.result() for obj, f in tqdm(pending.items(), desc=f"fit, {args.workers} types at a time")}
-    return [done[obj] for obj in targets]
+        pending = {t: pool.submit(fit_or_error, t, objs, infos, transforms, quiet) for t in order}
+        done = {t: f.result() for t, f in tqdm(pending.items(), desc=f"fit, {args.workers} tokenizers at a time")}
+    return [done[t] for t in targets]
+
+
+def fit_targets(objs: list[str], infos: list[dict], transforms: dict, args) -> list[tuple]:
+    """(object, group) of every tokenizer to fit: one per object, one combined, or one per (object,
+    feature group present in all inputs); args.groups records each object's groups (granularity group)."""
+    if args.mode == "combined":
+        return [(COMBINED, None)]
+    if args.granularity == "object":
+        return [(obj, None) for obj in objs]
+    args.groups = {obj: list(token_groups(obj, tuple(fit_features(obj, infos, transforms)))) for obj in objs}
+    return [(obj, g) for obj in objs for g in args.groups[obj]]
 
 
 def closure(out_dir: str, infos: list[dict], max_events: int) -> list[str]:
@@ -279,6 +304,8 @@ def main(argv=None) -> int:
     bad = [o for o in objs if o not in TOKENIZED_OBJECTS]
     if bad:
         runtime.die(f"--objects: unknown object type(s) {', '.join(bad)}; choose from {', '.join(TOKENIZED_OBJECTS)}")
+    if args.mode == "combined" and args.granularity == "group":
+        runtime.die("--granularity group needs --mode per-object (one tokenizer per object and feature group)")
     if str(args.levels) != "auto" and not (str(args.levels).isdigit() and 1 <= int(args.levels) <= MAX_LEVELS):
         runtime.die(f"--levels must be 1..{MAX_LEVELS} or auto, got {args.levels}")
     transforms = parse_transforms(args.transform)
@@ -289,7 +316,7 @@ def main(argv=None) -> int:
     if not infos:
         return runtime.exit_code(errors)
 
-    results = fit_all([COMBINED] if args.mode == "combined" else objs, objs, infos, transforms, args)
+    results = fit_all(fit_targets(objs, infos, transforms, args), objs, infos, transforms, args)
     for r in results:
         if "error" in r:
             print(r["error"], file=sys.stderr)

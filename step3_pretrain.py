@@ -4,7 +4,8 @@ Whole object positions are masked (15%: 80% [MASK], 10% a random code legal for 
 kept) and the model predicts, from the rest of the event, what stood there. Objectives
 (--objective, one or several, comma separated; the losses add):
   features  the masked object's normalised features, read from the step1 HDF5 (regression)
-  latent    its quantised latent, the sum of its codebook vectors in the step2 tokenizer (regression)
+  latent    its quantised latent, the sum of its codebook vectors in the step2 tokenizer (regression);
+            with group tokens the concatenation of its feature groups' quantised latents
   tokens    its code id at every quantizer level (cross-entropy over the ids legal for the type)
   event     the event's high-level observables (common.highlevel: lepton pTs, m4l, Z masses, MET,
             HT, jet and b-jet counts; from the step1 HDF5, log-scaled), regressed from the event
@@ -94,8 +95,7 @@ def parse_args(argv=None):
         p.error(f"--objective {args.objective!r}: choose one or more of {', '.join(OBJECTIVES)}")
     if not 0 < args.mask_prob < 1:
         p.error("--mask-prob must be in (0, 1)")
-    if args.d_model % args.n_heads:
-        p.error("--d-model must be a multiple of --n-heads")
+    T.check_model_args(p, args)
     return args
 
 
@@ -167,6 +167,7 @@ def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, event_typ
     if not scalers:
         return scalers
     count = ranges[1]
+    columns = latent_columns(code_table, ranges) if "latent" in scalers else None
     for batch in stream.batches(0, max_steps=SCALER_BATCHES):
         ids, types, attn = T.to_device(batch, dist.device)
         objects = torch.from_numpy((count[batch["token_type_ids"].astype(np.int64)] > 0).any(-1) & (batch["attention_mask"] > 0))
@@ -178,10 +179,21 @@ def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, event_typ
                 valid = np.isfinite(x).astype(np.float64)
                 scaler.add(np.full(len(x), event_type), np.nan_to_num(x), valid)
                 continue
-            valid = cont_valid(t, cont, x.shape[1]) if name == "features" else np.ones_like(x)
+            valid = cont_valid(t, cont, x.shape[1]) if name == "features" else columns[t].astype(x.dtype)
             scaler.add(t, x, valid)
     return {o: s.finish(lambda a: D.all_sum(torch.from_numpy(a).to(dist.device), dist).cpu().numpy())
             for o, s in scalers.items()}
+
+
+def latent_columns(code_table: torch.Tensor, ranges) -> np.ndarray:
+    """bool (n_types, width): the latent columns a type's codes fill. Granularity group: the blocks
+    of its feature groups; an object with fewer groups than the widest type is not scored on the rest."""
+    start, count = ranges
+    table = code_table.cpu().numpy()
+    used = np.zeros((len(start), table.shape[1]), bool)
+    for t, level in zip(*np.nonzero(count)):  # a loop over (type, level) ranges, not objects
+        used[t] |= table[start[t, level] : start[t, level] + count[t, level]].any(0)
+    return used
 
 
 def cont_valid(types: np.ndarray, cont: ContinuousFeatures, width: int) -> np.ndarray:
@@ -424,8 +436,8 @@ def main(argv=None) -> int:
                    "val": val_summary, "context_gain": context_gain(val_summary, args.objectives[0]) if val_summary else None,
                    "target_scalers": {o: s.state() for o, s in scalers.items()},
                    "n_events": {"train": n_train, "val": n_val}, "epochs": args.epochs, "steps_per_epoch": steps,
-                   "world_size": dist.world, "history": history, "input_errors": errors, "provenance": prov,
-                   "constituents": usage if backbone.constituents is not None and val_summary else None}
+                   "world_size": dist.world, "model": T.model_record(cfg), "history": history, "input_errors": errors,
+                   "provenance": prov, "constituents": usage if backbone.constituents is not None and val_summary else None}
         write_json(out / "metrics.json", metrics)
         save_module(out / "backbone.pt", backbone, backbone_sidecar(cfg, vocab, provenance=prov, objectives=args.objectives,
                                                                      representation=REPRESENTATION))

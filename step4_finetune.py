@@ -65,7 +65,8 @@ from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_
                             set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import SPLITS, read_vocab, recorded_tokenizers
-from common.transformer import EventClassifier, EventTransformer, ModelConfig, check_vocab, load_backbone, save_module
+from common.transformer import (EventClassifier, EventTransformer, ModelConfig, check_vocab, granularity, load_backbone,
+                                save_module)
 
 # --- defaults (the run_all setting: a few minutes on 2 CPU cores for ~4 x 5000 events) -----------------
 OUT_DIR = "runs/finetune"
@@ -153,6 +154,7 @@ def parse_args(argv=None):
         p.error("--label-fractions must lie in (0, 1]")
     if min(args.gbdt_trees, args.bootstrap, args.steps, args.eval_every, args.patience) < 1:
         p.error("--gbdt-trees, --bootstrap, --steps, --eval-every and --patience must be at least 1")
+    T.check_model_args(p, args)
     return args
 
 
@@ -208,8 +210,9 @@ def weighted_auc(s: dict, task) -> float:
 def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | None, n_classes: int) -> EventClassifier:
     if arm == "finetune":
         backbone, _ = load_backbone(args.init)
-    elif arm == "continuous":
-        backbone = EventTransformer(replace(cfg, continuous_dims=cont.continuous_dims(), code_dim=0))
+    elif arm == "continuous":  # features replace the codes: one vector per object, no sub-tokens
+        backbone = EventTransformer(replace(cfg, continuous_dims=cont.continuous_dims(), code_dim=0,
+                                            granularity="object", slot_groups={}))
     else:
         backbone = EventTransformer(cfg)
         if cfg.code_dim:  # scratch: the pretrained backbone's architecture, code geometry included
@@ -442,6 +445,10 @@ def prepare(args, dist) -> dict:
     vocab, paths, errors = open_sequences(input_files(args.parquet), want=sidecar and sidecar.get("vocab_checksum"))
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args)) if vocab else None
     if sidecar and paths:
+        theirs, ours = granularity(sidecar.get("vocab") or {}), granularity(vocab)
+        if theirs != ours:
+            die(f"{args.init}: the backbone was pretrained on {theirs}-granularity tokens, these token files are "
+                f"{ours}-granularity (step2 fit --granularity); re-tokenize or re-pretrain", EXIT_SOME_FAILED)
         if sidecar.get("representation", "cls") != args.pooling:
             die(f"{args.init}: the backbone was pretrained for the '{sidecar.get('representation', 'cls')}' event "
                 f"representation, not --pooling {args.pooling}")
@@ -637,6 +644,7 @@ def main(argv=None) -> int:
                                "arms": generalisation_summary(generalisation)},
             "data_efficiency": data_efficiency(per_fraction, n_labelled, args.weighting),
             "pretraining_verdict": verdicts(scores, task, args),
+            "model": T.model_record(ctx["cfg"]),
             "continuous_normalisation": ctx["cont"].mode if ctx["cont"] else None, "input_errors": errors,
             "provenance": provenance("step4_finetune.py", args, ctx["paths"]),
         }

@@ -3,7 +3,8 @@
 The object at a sequence position is found again in the step1 HDF5: `event_index` is the row,
 and the k-th position of a type holds the k-th object of that type (pT order, as in the HDF5).
 Features are normalised by the step2 tokenizer's own preprocessing (`<obj>.pt` in the
-tokenizer folder), so the baseline sees what the tokenizer saw, minus the quantization. Without
+tokenizer folder; in granularity group its groups' `<obj>.<group>.pt`, side by side), so the
+baseline sees what the tokenizer saw, minus the quantization. Without
 tokenizers a documented fallback is used: cos/sin for angles, log for GeV quantities,
 standardised with the mean/std of the first chunk of the first file.
 """
@@ -80,7 +81,11 @@ class ContinuousFeatures:
         self.objects = [o for o in TOKENIZED_OBJECTS if o in vocab["ranges"]]
         self.normalisers, self.mode = {}, "fallback (log/standardised, fitted on the first HDF5 chunk)"
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else None
-        if tok_dir is not None and all((tok_dir / f"{o}.pt").exists() for o in self.objects):
+        if tok_dir is not None and vocab.get("granularity") == "group":  # the group tokenizers' inputs, side by side
+            from common.tokenizer import load_grouped
+            self.normalisers = {o: load_grouped(tok_dir, o) for o in self.objects}
+            self.mode = f"group tokenizer preprocessing ({tok_dir})"
+        elif tok_dir is not None and all((tok_dir / f"{o}.pt").exists() for o in self.objects):
             from common.tokenizer import load_tokenizer
             self.normalisers = {o: load_tokenizer(tok_dir / f"{o}.pt") for o in self.objects}
             self.mode = f"tokenizer preprocessing ({tok_dir})"

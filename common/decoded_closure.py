@@ -26,7 +26,7 @@ from common.highlevel import leading_leptons
 from common.object_stream import CHUNK_EVENTS, heldout
 from common.physics import delta_r, invariant_mass, p4, z_pairing
 from common.schema import OBJECTS, TYPE_IDS
-from common.tokenizer import COMBINED, TYPE_FEATURE, Tokenizer, load_tokenizer
+from common.tokenizer import COMBINED, TYPE_FEATURE, Tokenizer, folder_granularity, load_tokenizer, tokenizer_name
 from common.tokenizer_quality import robust
 
 MAX_EVENTS = 50_000  # held-out events decoded (the run_all sample has about 4 900)
@@ -44,12 +44,16 @@ GOALS = {"m4l": (0.01, 0.003), "mll": (0.01, 0.003), "mjj": (0.03, None), "met":
 
 def tokenizers_in(tok_dir: str | Path) -> dict[str, Tokenizer]:
     """The tokenizers of the objects the quantities read, as step2 apply picks them: the combined
-    one when the folder holds it, else each object's <obj>.pt that is there."""
+    one when the folder holds it, each object's <obj>.kinematics.pt in granularity group (every
+    quantity reads kinematics only), else each object's <obj>.pt that is there."""
     tok_dir = Path(tok_dir)
-    combined = tok_dir / f"{COMBINED}.pt"
-    if combined.exists():
-        tok = load_tokenizer(combined)
+    granularity = folder_granularity(tok_dir, KINEMATICS)
+    if granularity == COMBINED:
+        tok = load_tokenizer(tok_dir / f"{COMBINED}.pt")
         return {obj: tok for obj in KINEMATICS if _names(tok, obj)}
+    if granularity == "group":
+        return {obj: load_tokenizer(p) for obj in KINEMATICS
+                if (p := tok_dir / f"{tokenizer_name(obj, 'kinematics')}.pt").exists()}
     return {obj: load_tokenizer(tok_dir / f"{obj}.pt") for obj in KINEMATICS if (tok_dir / f"{obj}.pt").exists()}
 
 

@@ -1,7 +1,9 @@
 """The token vocabulary and the vectorised event-sequence builder (step2 apply).
 
 Vocabulary: special ids 0-3 (PAD CLS SEP MASK), then the event tokens (binned pile-up mu),
-then one contiguous id range for every (object type, quantizer level).
+then one contiguous id range for every (object type, quantizer level). In granularity group an
+object's "levels" are its slots: the level codes of each of its feature groups, one after the other
+(`groups`: {obj: [[group, levels], ...]} in slot order), one id range per (object type, slot).
 
 Sequence (docs/DESIGN.md), one position per object, Q ids per position:
   [CLS] [EVENT] e.. [SEP] mu.. [SEP] tau.. [SEP] gamma.. [SEP] jet.. [SEP] track.. [SEP] [MET]
@@ -23,25 +25,29 @@ N_FIXED = 2 + len(SEQUENCE_OBJECTS) + 1  # CLS, EVENT, one SEP per sequence obje
 
 
 def build_vocab(tokenizers: dict[str, dict], caps: dict[str, int], max_length: int,
-                mu_edges=MU_EDGES, combined: bool = False) -> dict:
+                mu_edges=MU_EDGES, combined: bool = False, groups: dict[str, list] | None = None) -> dict:
     """tokenizers: {obj: {sha256, features, levels, codebook_size}} for every TOKENIZED_OBJECTS.
-    With combined=True all objects share one id range per level (one tokenizer for all)."""
+    With combined=True all objects share one id range per level (one tokenizer for all). With
+    `groups` ({obj: [[group, levels], ...]}, granularity group) tokenizers are keyed '<obj>.<group>'
+    and an object's slots are its groups' levels in that order."""
     if max_length < N_FIXED:
         raise ValueError(f"max_length must be at least {N_FIXED} (the fixed positions)")
-    levels = max(t["levels"] for t in tokenizers.values())
     ev_offset, ev_size = N_SPECIAL, len(mu_edges) + 1
     start, ranges = ev_offset + ev_size, {}
     for obj in TOKENIZED_OBJECTS:
-        t = tokenizers[obj]
         if combined and ranges:
             ranges[obj] = ranges[next(iter(ranges))]
             continue
         ranges[obj] = []
-        for _ in range(t["levels"]):
-            ranges[obj].append([start, t["codebook_size"]])
-            start += t["codebook_size"]
+        slots = [tokenizers[f"{obj}.{g}"] for g, _ in groups[obj]] if groups else [tokenizers[obj]]
+        for t in slots:
+            for _ in range(t["levels"]):
+                ranges[obj].append([start, t["codebook_size"]])
+                start += t["codebook_size"]
+    levels = max(len(r) for r in ranges.values())
+    layout = {"granularity": "group", "groups": groups} if groups else {"granularity": "object"}
     return {
-        "levels": levels, "vocab_size": start, "type_ids": dict(TYPE_IDS), "ranges": ranges,
+        **layout, "levels": levels, "vocab_size": start, "type_ids": dict(TYPE_IDS), "ranges": ranges,
         "special": {"PAD": PAD, "CLS": CLS, "SEP": SEP, "MASK": MASK},
         "event_tokens": {"offset": ev_offset, "size": ev_size, "mu_edges": list(mu_edges), "feature": "mu"},
         "layout": LAYOUT, "sequence_objects": list(SEQUENCE_OBJECTS), "caps": {o: int(caps[o]) for o in SEQUENCE_OBJECTS},

@@ -28,7 +28,7 @@ from scipy.special import ndtr, ndtri
 from torch import nn
 
 from common.code_search import nearest_codes
-from common.schema import OBJECTS, Feature, dataset_path
+from common.schema import OBJECTS, TOKEN_GROUPS, Feature, dataset_path
 
 N_QUANTILES = 1001  # quantile-table points of the quantile -> normal transform
 QUANTILE_EPS = 1e-4  # clip of the uniform variable: +-3.7 sigma at most
@@ -517,6 +517,78 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     tok.sha256 = file_sha256(path)
     tok.path = str(path)
     return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Granularity "group": one tokenizer per (object, feature group), <obj>.<group>.pt
+# ----------------------------------------------------------------------------------------------
+
+GRANULARITIES = ("object", "group")
+
+
+def tokenizer_name(obj: str, group: str | None = None) -> str:
+    """The file stem of a tokenizer: '<obj>' (granularity object) or '<obj>.<group>' (group)."""
+    return obj if group is None else f"{obj}.{group}"
+
+
+def group_files(tok_dir: str | Path, obj: str) -> dict[str, Path]:
+    """{group: <obj>.<group>.pt} of the group tokenizers of `obj` in a folder, in TOKEN_GROUPS order."""
+    found = {p.name.split(".")[1]: p for p in Path(tok_dir).glob(f"{obj}.*.pt")}
+    return {g: found[g] for g in TOKEN_GROUPS if g in found}
+
+
+def folder_granularity(tok_dir: str | Path, objects) -> str:
+    """'combined', 'group' or 'object': what step2 fit wrote into a tokenizer folder."""
+    d = Path(tok_dir)
+    if (d / f"{COMBINED}.pt").exists():
+        return COMBINED
+    grouped = [o for o in objects if group_files(d, o)]
+    flat = [o for o in objects if (d / f"{o}.pt").exists()]
+    if grouped and flat:
+        raise ValueError(f"holds both object tokenizers ({flat[0]}.pt) and group tokenizers "
+                         f"({next(iter(group_files(d, grouped[0]).values())).name}); keep one granularity per folder")
+    return "group" if grouped else "object"
+
+
+class GroupedTokenizer:
+    """The group tokenizers of one object, used as one: its codes are the concatenation of the groups'
+    level codes (the 'slots', groups in TOKEN_GROUPS order), its features the union of theirs."""
+
+    def __init__(self, obj: str, groups: dict[str, Tokenizer]):
+        self.obj, self.groups = obj, groups
+
+    @property
+    def features(self) -> list[str]:
+        return [n for t in self.groups.values() for n in t.features]
+
+    @property
+    def levels(self) -> int:
+        return sum(t.levels for t in self.groups.values())
+
+    @property
+    def layout(self) -> list[list]:
+        """[[group, levels], ...] in slot order."""
+        return [[g, t.levels] for g, t in self.groups.items()]
+
+    def preprocess(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([t.preprocess(feats) for t in self.groups.values()], 1)
+
+    def encode(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([t.encode(feats) for t in self.groups.values()], 1)
+
+
+def load_grouped(tok_dir: str | Path, obj: str) -> GroupedTokenizer:
+    """The group tokenizers of `obj` in a folder. ValueError when a group the fit made for it
+    (settings 'object_groups', recorded in every one of them) is not there."""
+    files = group_files(tok_dir, obj)
+    if not files:
+        raise ValueError(f"no group tokenizer for {obj} ({obj}.<group>.pt; run step2_fit.py --granularity group)")
+    toks = {g: load_tokenizer(p) for g, p in files.items()}
+    fitted = {g for t in toks.values() for g in t.settings.get("object_groups", [])}
+    missing = [g for g in TOKEN_GROUPS if g in fitted - set(files)]
+    if missing:
+        raise ValueError(f"the group tokenizer set of {obj} lacks {', '.join(f'{obj}.{g}.pt' for g in missing)}")
+    return GroupedTokenizer(obj, toks)
 
 
 def usable_features(obj: str, experiment: str, present: set[str], missing: set[str]) -> list[Feature]:

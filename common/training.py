@@ -24,6 +24,10 @@ def add_model_args(p) -> None:
     p.add_argument("--n-layers", type=int, default=N_LAYERS)
     p.add_argument("--d-ff", type=int, default=D_FF)
     p.add_argument("--dropout", type=float, default=DROPOUT)
+    p.add_argument("--group-pooling", choices=("mean", "attention"), default="mean",
+                   help="granularity group tokens: how an object's feature-group sub-tokens become one vector")
+    p.add_argument("--group-attention", type=int, default=0, metavar="N",
+                   help="a GroupAttentionLayer: attention among N slices of each position's embedding (0: off)")
     p.add_argument("--constituents", action="store_true",
                    help="enrich each jet with its constituents (common/jet_constituents in the HDF5, step1)")
     p.add_argument("--constituent-dim", type=int, default=CONSTITUENT_DIM)
@@ -31,9 +35,24 @@ def add_model_args(p) -> None:
                    help="fail on HDF5 files without constituents instead of using the jets alone")
 
 
+def check_model_args(p, args) -> None:
+    """Usage errors (exit 2) of the model-size flags."""
+    if args.d_model % args.n_heads:
+        p.error("--d-model must be a multiple of --n-heads")
+    if args.group_attention < 0 or (args.group_attention and args.d_model % args.group_attention):
+        p.error(f"--group-attention {args.group_attention} must divide --d-model {args.d_model}")
+
+
 def model_sizes(args) -> dict:
-    sizes = {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "dropout")}
+    sizes = {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "dropout", "group_pooling",
+                                           "group_attention")}
     return {**sizes, "constituent_dim": args.constituent_dim if args.constituents else 0}
+
+
+def model_record(cfg) -> dict:
+    """What metrics.json records of the architecture beyond its sizes."""
+    return {"granularity": cfg.granularity, "group_pooling": cfg.group_pooling if cfg.granularity == "group" else None,
+            "group_attention": cfg.group_attention, "constituent_dim": cfg.constituent_dim}
 
 
 def constituent_tensors(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor] | None:
