@@ -409,7 +409,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             run_epoch(model, val_stream, 0, val_steps, ctx, args, dist, val_stats, desc=f"epoch {epoch} val")
         if backbone.constituents is not None:  # validation jets; masked ones count as without constituents
-            usage = {**backbone.constituents.summary(), "methods": constituents.methods, "files_without": constituents.missing}
+            usage = {**backbone.constituents.summary(), "methods": constituents.methods, "files_without": constituents.missing,
+                     "track_hits": constituents.track_hits}
         train_summary, val_summary = summarise(train_stats, vocab, dist), summarise(val_stats, vocab, dist)
         n_ev = int(D.all_sum(torch.tensor([n_ev], dtype=torch.float64, device=dist.device), dist).item())
         history.append(history_row(epoch, sched.last_epoch, sched.get_last_lr()[0], train_summary, val_summary, seconds, n_ev))

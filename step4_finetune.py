@@ -495,6 +495,7 @@ def prepare(args, dist) -> dict:
                 die(f"{', '.join(paths)}: the {split} split holds no {role} events ({', '.join(names)})", EXIT_SOME_FAILED)
     task.balance(split_totals["train"])
     ctx = {"args": args, "dist": dist, "task": task, "vocab": vocab, "cfg": cfg, "cache": {}, "cont": None,
+           "constituents": constituents,
            "paths": paths, "errors": errors, "failed": failed, "split_totals": split_totals, "progress": dist.main,
            "train_all": make("train", labelled, False, shard=False), "val": make("val", labelled, False, shard=False),
            "test": make("test", labelled + test_bkg, False, shard=False),
@@ -646,6 +647,8 @@ def main(argv=None) -> int:
             "pretraining_verdict": verdicts(scores, task, args),
             "model": T.model_record(ctx["cfg"]),
             "continuous_normalisation": ctx["cont"].mode if ctx["cont"] else None, "input_errors": errors,
+            "constituent_inputs": {"methods": ctx["constituents"].methods, "files_without": ctx["constituents"].missing,
+                                   "track_hits": ctx["constituents"].track_hits} if ctx["constituents"] else None,
             "provenance": provenance("step4_finetune.py", args, ctx["paths"]),
         }
         out.mkdir(parents=True, exist_ok=True)

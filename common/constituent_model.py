@@ -28,6 +28,7 @@ from common.h5io import read_metadata
 from common.schema import JET_CONSTITUENTS, OBJECTS, dataset_path
 
 GROUP = "common/jet_constituents"
+HITS_GROUP = "common/track_hits"
 JET_TYPE = OBJECTS["jets"].type_id
 # Model inputs per constituent, computed from the stored features (fixed scales, nothing fitted):
 # log pT, log(pT / pT_jet), delta eta, delta phi, delta R to the jet axis, charge, asinh(d0 / D0_SCALE),
@@ -39,9 +40,13 @@ EXTRA_FEATURES = tuple(f.name for f in JET_CONSTITUENTS.features if f.tokenize a
 N_INPUTS = len(KINEMATIC_INPUTS) + len(EXTRA_FEATURES)
 
 
-def has_constituents(h5_path: str) -> bool:
+def _has_group(h5_path: str, group: str) -> bool:
     with h5py.File(h5_path, "r") as f:
-        return f"{GROUP}/mask" in f
+        return group in f
+
+
+def has_constituents(h5_path: str) -> bool:
+    return _has_group(h5_path, f"{GROUP}/mask")
 
 
 def constituent_inputs(c: dict[str, np.ndarray], jet_pt, jet_eta, jet_phi) -> np.ndarray:
@@ -70,10 +75,12 @@ class ConstituentReader:
         if self.missing and not fallback:
             raise ValueError(f"{h5_files[self.missing[0]]}: no jet constituents in this HDF5 (step1 --constituents); "
                              "the constituent model needs them, or allow the object-only fallback")
-        self.methods = {}
-        for name, path in h5_files.items():
-            if name not in self.missing:
-                self.methods[name] = read_metadata(path).get("jet_constituents", {}).get("method", "unknown")
+        self.methods = {n: read_metadata(p)["jet_constituents"]["method"] for n, p in h5_files.items() if n not in self.missing}
+        # Per-hit records would enrich the tracks the way constituents enrich the jets; no format this
+        # project reads has them, so the model says which path the hits take.
+        self.track_hits = "hit summaries as track features (the tracks' quality group)"
+        if any(_has_group(p, HITS_GROUP) for p in h5_files.values()):
+            self.track_hits += f"; the {HITS_GROUP} records in the inputs are not read (no hit encoder)"
 
     def _rows(self, path: str, rows: np.ndarray) -> np.ndarray:
         """(n constituents, 1 + N_INPUTS) for the given HDF5 rows, sorted by event then jet; the first

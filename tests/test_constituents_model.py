@@ -132,6 +132,7 @@ def test_pretraining_with_constituents_then_finetune_and_bad_inputs(sample, tmp_
     # masked jets (15%) are hidden from their constituents; every other jet has some
     assert 0.05 < usage["fraction_without_constituents"] < 0.3 and 0 < usage["mean_gate"] < 1, usage
     assert usage["methods"] == {"hzz4l.h5": "delta_r", "zz4l.h5": "delta_r"}
+    assert usage["track_hits"].startswith("hit summaries")
     assert json.loads((pre / "backbone.json").read_text())["config"]["constituent_dim"] > 0
     code = call_main(step4_finetune.main, "--parquet", *parquet, "--signal", "hzz4l", "--background", "zz4l",
                      "--arms", "finetune,frozen", "--init", pre / "backbone.pt", "--steps", "20",
