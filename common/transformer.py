@@ -112,7 +112,8 @@ class SubTokenEncoder(nn.Module):
         self.register_buffer("slot_group", table, persistent=False)  # from the config, not a weight
         self.group_emb = nn.Parameter(torch.randn(n_groups, d) * 0.02)
         # a small mixer over 1-3 sub-tokens: half the outer blocks' width and no dropout (the outer blocks
-        # regularise): 0.22 s instead of 0.56 s forward + backward for a run_all batch of 128 events, one thread
+        # regularise). The layer alone, forward + backward over the 4 271 objects of a run_all batch of 128
+        # events, one thread: 0.22 s instead of 0.56 s
         self.layer = nn.TransformerEncoderLayer(d, cfg.n_heads, SUB_TOKEN_FF * d, 0.0, activation="gelu",
                                                 batch_first=True, norm_first=True)
         self.query = nn.Parameter(torch.randn(d) * d**-0.5) if cfg.group_pooling == "attention" else None
