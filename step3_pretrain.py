@@ -41,7 +41,6 @@ from common import constituent_model, highlevel
 from common import training as T
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
-from common.constituent_model import ConstituentReader
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
                             seed_everything, set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
@@ -328,12 +327,7 @@ def main(argv=None) -> int:
                 cont = ContinuousFeatures(h5_files, vocab, args.tokenizers or recorded_tokenizers(paths[0]))
         except (OSError, ValueError, KeyError) as exc:
             die(f"--objective {args.objective} needs the step1 HDF5 files: {str(exc).splitlines()[0]}")
-    constituents = None
-    if args.constituents:
-        try:
-            constituents = ConstituentReader(h5_locations(paths, args.h5_dir), args.constituent_fallback)
-        except (OSError, ValueError, KeyError) as exc:
-            die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
+    constituents = constituent_model.open_reader(paths, args.h5_dir, args.constituent_fallback) if args.constituents else None
 
     # Data: train and validation splits only; the test split is never read.
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json

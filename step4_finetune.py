@@ -60,7 +60,7 @@ from common.classifier_task import (WEIGHTINGS, binary_task, csv_list, multiclas
                                     xsec_scale)
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
-from common.constituent_model import ConstituentReader
+from common.constituent_model import open_reader
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
                             set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
@@ -476,12 +476,7 @@ def prepare(args, dist) -> dict:
             die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
     labelled, test_bkg = task.labelled, task.test_background
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
-    constituents = None
-    if cfg.constituent_dim:
-        try:
-            constituents = ConstituentReader(h5_locations(paths, args.h5_dir), args.constituent_fallback)
-        except (OSError, ValueError, KeyError) as exc:
-            die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
+    constituents = open_reader(paths, args.h5_dir, args.constituent_fallback) if cfg.constituent_dim else None
     make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,

@@ -24,7 +24,9 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from common.continuous_inputs import h5_locations
 from common.h5io import read_metadata
+from common.runtime import EXIT_SOME_FAILED, die
 from common.schema import JET_CONSTITUENTS, OBJECTS, dataset_path
 
 GROUP = "common/jet_constituents"
@@ -121,6 +123,15 @@ class ConstituentReader:
         counts = np.bincount(event, minlength=table.num_rows)
         offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
         return pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(pa.array(rows[order].ravel()), 1 + N_INPUTS))
+
+
+def open_reader(parquet: list[str], h5_dir: str | None, fallback: bool) -> ConstituentReader:
+    """The constituents of a step's token files (their HDF5: --h5-dir, else the inputs the Parquet records);
+    a missing HDF5, or constituents without the fallback, end the step in one line (exit 1)."""
+    try:
+        return ConstituentReader(h5_locations(parquet, h5_dir), fallback)
+    except (OSError, ValueError, KeyError) as exc:
+        die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
 
 
 def dense(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
