@@ -84,9 +84,9 @@ class ConstituentReader:
         if any(_has_group(p, HITS_GROUP) for p in h5_files.values()):
             self.track_hits += f"; the {HITS_GROUP} records in the inputs are not read (no hit encoder)"
 
-    def _rows(self, path: str, rows: np.ndarray) -> np.ndarray:
-        """(n constituents, 1 + N_INPUTS) for the given HDF5 rows, sorted by event then jet; the first
-        column is the event's position in `rows` * 1000 + the jet slot."""
+    def _rows(self, path: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(position in `rows`, jet slot, inputs (n, N_INPUTS)) of every constituent of the given HDF5
+        rows, ordered by position then jet."""
         order = np.argsort(rows)
         with h5py.File(path, "r") as f:
             lo, hi = int(rows.min()), int(rows.max()) + 1  # one contiguous read, then pick the rows
@@ -97,9 +97,9 @@ class ConstituentReader:
             jets = {n: f[f"common/jets/{n}"][lo:hi][take][:, : mask.shape[1], None] for n in ("pt", "eta", "phi")}
         x = constituent_inputs(feats, jets["pt"], jets["eta"], jets["phi"])
         ev, jet, _ = np.nonzero(mask)
-        key = order[ev] * 1000 + jet
-        out = np.concatenate([key[:, None].astype(np.float32), x[mask]], 1)
-        return out[np.argsort(key, kind="stable")]
+        pos = order[ev]
+        by_event = np.lexsort((jet, pos))  # stable: constituents keep their pT order within a jet
+        return pos[by_event], jet[by_event], x[mask][by_event]
 
     def column(self, table: pa.Table) -> pa.ListArray:
         """list<fixed_size_list<float32>[1 + N_INPUTS]> per event: [jet slot, inputs...] per constituent."""
@@ -112,11 +112,9 @@ class ConstituentReader:
                 raise ValueError(f"no HDF5 file for source_file {name} (use --h5-dir)")
             if name in self.missing:
                 continue
-            rows = self._rows(self.h5_files[name], index[ev])
-            key = rows[:, 0].astype(np.int64)
-            events.append(ev[key // 1000])
-            rows[:, 0] = key % 1000
-            parts.append(rows)
+            pos, jet, x = self._rows(self.h5_files[name], index[ev])
+            events.append(ev[pos])
+            parts.append(np.concatenate([jet[:, None].astype(np.float32), x], 1))
         rows = np.concatenate(parts) if parts else np.zeros((0, 1 + N_INPUTS), np.float32)
         event = np.concatenate(events) if events else np.zeros(0, np.int64)
         order = np.argsort(event, kind="stable")
