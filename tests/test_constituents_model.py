@@ -14,7 +14,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
