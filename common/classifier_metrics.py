@@ -195,5 +195,6 @@ def summarize_seeds(per_seed: list[dict]) -> dict:
     out = {"n_seeds": len(per_seed)}
     for key in (k for k in SCALARS if k in per_seed[0]):
         vals = np.array([m[key] for m in per_seed], dtype=float)
-        out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        with np.errstate(invalid="ignore"):  # an infinite rejection (no background left) has no spread: NaN, said once here
+            out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
     return out
