@@ -707,7 +707,27 @@ def section_variants(run_dir: Path) -> str:
             "(run_all <code>VARIANTS</code>); cells: test AUC mean ± spread over seeds [95% interval of the first seed]. "
             "A difference is only a difference outside the intervals.</p>"
             + table(["variant", "arm"] + [f"AUC at {fmt(f)} of the labels" for f in fractions]
-                    + ["step3 s / epoch", "step4 s / training (100%)", "constituents (test)"], rows))
+                    + ["step3 s / epoch", "step4 s / training (100%)", "constituents (test)"], rows)
+            + variant_curves({v: ft for v, (_, ft) in found.items()}))
+
+
+def variant_curves(finetunes: dict[str, dict]) -> str:
+    """The data-efficiency curves of every variant in one plot: a colour per variant, solid fine-tuned,
+    dashed scratch; the band is the first seed's 95% interval, the points the seeds' mean."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (v, ft) in enumerate(finetunes.items()):
+        for arm, style in (("finetune", "o-"), ("scratch", "s--")):
+            pts = sorted((p for p in ft["data_efficiency"].get(arm, []) if "auc" in p), key=lambda p: p["n_labelled"])
+            if not pts:
+                continue
+            n = [p["n_labelled"] for p in pts]
+            ax.plot(n, [p["auc"] for p in pts], style, color=f"C{i}", label=f"{v} {arm}")
+            ax.fill_between(n, [p["auc_ci95"][0] for p in pts], [p["auc_ci95"][1] for p in pts], color=f"C{i}", alpha=0.08)
+    ax.set(xscale="log", xlabel="labelled training events", ylabel="test AUC (mean of seeds)", title="data efficiency per variant")
+    ax.legend(fontsize=8)
+    return fig_tag(fig, "data efficiency of every model variant (band: first seed's 95% interval)")
 
 
 # --- the one-screen summary -------------------------------------------------------------------------

@@ -118,6 +118,7 @@ def test_constituents_carry_what_the_tokens_miss(sample, tmp_path, capsys):
     html = report.build_report(tmp_path, None)  # the variants side by side
     section = html[html.index('id="variants"'):]
     assert f"{aucs['finetune_constituent']:.3f}" in section and "of jets without" in section
+    assert "data efficiency of every model variant" in section and "data:image/png;base64," in section
 
 
 def test_pretraining_with_constituents_then_finetune_and_bad_inputs(sample, tmp_path, capsys):
