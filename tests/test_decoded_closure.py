@@ -92,7 +92,7 @@ def fitted(tmp_path_factory):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # in process: no second interpreter start
         rc = step2_fit.main(["--h5", str(h5), "--out-dir", str(d / "tok"), "--objects", ",".join(OBJECTS), *QUICK,
-                             "--steps", "60", "--warmup-steps", "20", "--threads", "1"])
+                             "--steps", "60", "--warmup-steps", "20", "--threads", "1", "--workers", "1"])
     assert rc == 0
     return d, h5, out.getvalue()
 

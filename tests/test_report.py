@@ -31,7 +31,7 @@ from common.schema import TOKENIZED_OBJECTS  # noqa: E402
 SIGNAL_EVENTS = 60
 BACKGROUND_FILE = ROOT / "tests/data/physlite/PHYSLITE_example.root"  # real ATLAS MC: Z+jets (700322), 100 events
 FIT = ["--steps", "40", "--warmup-steps", "5", "--batch-size", "64", "--levels", "2", "--codebook-size", "16",
-       "--hidden", "16", "--threads", "1", "--no-plots"]
+       "--hidden", "16", "--threads", "1", "--workers", "1", "--no-plots"]  # one process: spawning workers costs more than these fits
 PRETRAIN = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--d-model", "16", "--n-heads", "2",
             "--n-layers", "1", "--d-ff", "32", "--threads", "1", "--device", "cpu", "--no-plots"]  # the report draws them
 FINETUNE = ["--arms", "scratch,finetune,counts_gbdt,standard_gbdt", "--label-fractions", "0.5,1", "--steps", "3",

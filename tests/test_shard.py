@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from step_runner import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -24,14 +24,14 @@ INPUTS = {"a_physlite.root": "physlite/PHYSLITE_example.root", "b_physlite.root"
 # what legitimately differs between a shard job and the unsharded job: its settings and its input list
 SETTINGS_KEYS = ("shard", "out_dir", "workers", "inputs", "h5")
 TINY_FIT = ["--levels", "2", "--codebook-size", "16", "--dim", "4", "--steps", "30", "--warmup-steps", "10", "--batch-size", "128",
-            "--preprocess-events", "500", "--eval-objects", "500", "--no-plots"]
+            "--preprocess-events", "500", "--eval-objects", "500", "--no-plots", "--workers", "1"]
 
 pytestmark = pytest.mark.skipif(not (ROOT / "step1_convert.py").exists() or not (ROOT / "step2_tokenize.py").exists(),
                                 reason="step1_convert.py / step2_tokenize.py not present")
 
 
 def run(*args: str, ok=(0,)) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    res = run_script(*args)
     assert res.returncode in ok, f"{args[:2]} rc={res.returncode}\n{res.stderr[-3000:]}"
     return res
 

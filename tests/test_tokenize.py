@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import step2_tokenize as step2
+from step_runner import run_script
 from common import h5io, sequences, token_parquet, tokenizer_training
 from common.schema import MISSING_INT, OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS, features_for
 from common.tokenizer import (ResidualEMAQuantizer, build_specs, fit_preprocessing, load_tokenizer, postprocess,
@@ -111,9 +111,8 @@ def write_synthetic_h5(path, n_events=2000, seed=0, experiment="atlas", process=
     return Path(path)
 
 
-def run_step(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "step2_tokenize.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def run_step(*args) -> subprocess.CompletedProcess:
+    return run_script("step2_tokenize.py", *args)
 
 
 QUICK = ["--steps", "120", "--warmup-steps", "30", "--batch-size", "256", "--levels", "2", "--no-plots",
