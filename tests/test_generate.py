@@ -17,13 +17,13 @@ import uproot
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from plotting import plot_sample as ps  # noqa: E402
+from step_runner import run_script  # noqa: E402
 
 EVENTS = {"hzz4l": 300, "zz4l": 250, "ttbar": 200, "dy": 300}
 
 
 def step0(*args, check=True):
-    res = subprocess.run([sys.executable, str(ROOT / "step0_generate.py"), *map(str, args)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = run_script("step0_generate.py", *args)
     if check:
         assert res.returncode == 0, res.stderr[-2000:]
     return res
@@ -137,8 +137,7 @@ def test_real_physlite_names_units_and_metadata(samples):
 
 
 def test_step1_reads_it_like_a_real_file(samples, tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "step1_convert.py"), str(samples["ttbar"]), "--out-dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = run_script("step1_convert.py", samples["ttbar"], "--out-dir", tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     with h5py.File(tmp_path / "ttbar.h5") as f:
         meta = dict(f["metadata"].attrs)
