@@ -56,12 +56,10 @@ COLUMNS = ("tokenizer", "object", "quantity", "name", "kind", "n_data", "n_mc", 
 # --- the inputs -----------------------------------------------------------------------------------
 
 
-def heldout_events(infos: list[dict]) -> dict[str, int]:
-    """Held-out events of each side over the inputs (object_stream.describe_file)."""
+def heldout_events(info: dict) -> dict[str, int]:
+    """Held-out events of each side in one input (object_stream.describe_file)."""
     counts = dict.fromkeys(SIDES, 0)
-    for info in infos:
-        if SIMULATION_KEY not in info["present"]:
-            continue
+    if SIMULATION_KEY in info["present"]:
         for lo, c in h5io.iter_chunks(info["path"], [SIMULATION_KEY], step=CHUNK_EVENTS):
             sim = c[SIMULATION_KEY][heldout(info["path"], lo, len(c[SIMULATION_KEY]))]
             for side, flag in SIDES.items():
@@ -70,13 +68,17 @@ def heldout_events(infos: list[dict]) -> dict[str, int]:
 
 
 def missing_side(infos: list[dict]) -> str | None:
-    """Why the inputs cannot be compared (no held-out data event, or none simulated), or None."""
-    counts = heldout_events(infos)
-    for side, what in (("data", "no data"), ("mc", "no simulation")):
-        if not counts[side]:
-            return (f"{what} among the inputs (no held-out event with {SIMULATION_KEY} = {SIDES[side]}; "
-                    f"{counts['data']} data and {counts['mc']} simulated held-out events)")
-    return None
+    """Why the inputs cannot be compared (no held-out data event, or none simulated), or None (read
+    until both sides are seen)."""
+    counts = dict.fromkeys(SIDES, 0)
+    for info in infos:
+        here = heldout_events(info)
+        counts = {s: counts[s] + here[s] for s in SIDES}
+        if all(counts.values()):
+            return None
+    side = "data" if not counts["data"] else "mc"
+    return (f"no {'data' if side == 'data' else 'simulation'} among the inputs (no held-out event with "
+            f"{SIMULATION_KEY} = {SIDES[side]}; {counts['data']} data and {counts['mc']} simulated held-out events)")
 
 
 def events_of(obj: str, keys: dict[str, str], c: dict[str, np.ndarray], events: np.ndarray) -> np.ndarray:
@@ -129,6 +131,8 @@ def chi2_two_sample(n: np.ndarray, m: np.ndarray, variance: np.ndarray | None = 
         return {"chi2": None, "ndf": max(ndf, 0), "chi2_ndf": None, "p_value": None, "design_effect": None}
     n, m = n[filled], m[filled]
     design = 1.0 if variance is None else float((np.asarray(variance, np.float64)[filled] / (n + m)).sum() / ndf)
+    if design < 1e-9:  # every event has the same shape (one event per side): nothing to measure the spread on
+        return {"chi2": None, "ndf": ndf, "chi2_ndf": None, "p_value": None, "design_effect": None}
     chi2 = float(((big_m * n - big_n * m) ** 2 / (n + m)).sum() / (big_n * big_m)) / design
     return {"chi2": chi2, "ndf": ndf, "chi2_ndf": chi2 / ndf, "p_value": float(stats.chi2.sf(chi2, ndf)),
             "design_effect": design}

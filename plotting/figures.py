@@ -10,12 +10,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110, tight: bool = True) -> Path:
-    """Lay out (tight=False: the figure's own spacing, cropped to its content), write (creating the
-    folder) and close a figure; returns its path."""
+    """Lay out (tight=False: keep the figure's own spacing), write (creating the folder) and close a
+    figure; returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if tight:
         fig.tight_layout()
-    fig.savefig(path, dpi=dpi, bbox_inches=None if tight else "tight")
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

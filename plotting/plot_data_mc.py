@@ -22,12 +22,15 @@ DISCRETE = ("flag", "category")
 RATIO_RANGE = (0.5, 1.5)
 
 
-def panels(n: int, cols: int = 4):
-    """n (main, ratio) axis pairs: a main panel with its ratio panel close below, sharing x."""
+def panels(n: int, title: str, cols: int = 4):
+    """A figure of n (main, ratio) axis pairs, each ratio panel close below its main panel, sharing x."""
     cols = min(cols, n)
     rows = (n + cols - 1) // cols
-    fig = plt.figure(figsize=(4 * cols, 3.6 * rows))
-    outer = fig.add_gridspec(rows, cols, hspace=0.45, wspace=0.35)
+    height = 3.6 * rows + 1.2  # inches: the panels, 0.8 above for the title, 0.4 below for the labels
+    fig = plt.figure(figsize=(4 * cols, height))
+    outer = fig.add_gridspec(rows, cols, hspace=0.4, wspace=0.35, left=0.07, right=0.98, bottom=0.5 / height,
+                             top=1 - 0.8 / height)
+    fig.suptitle(title, y=1 - 0.3 / height)
     pairs = []
     for i in range(n):
         inner = outer[divmod(i, cols)].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
@@ -65,7 +68,8 @@ def draw(main, ratio, x, width, h: dict, step: bool, order=slice(None)) -> None:
 
 def plot_features(c: dict, path: Path) -> Path:
     feats = c["features"]
-    fig, pairs = panels(len(feats))
+    fig, pairs = panels(len(feats), f"{c['tokenizer']}, {c['object']}: data ({c['n_data']:,}) against simulation "
+                                    f"({c['n_mc']:,}), held-out objects, unit area")
     for (main, ratio), h in zip(pairs, feats):
         name = h["name"]
         edges = np.asarray(h["edges"])
@@ -82,14 +86,13 @@ def plot_features(c: dict, path: Path) -> Path:
         main.set_ylabel("fraction / bin width" if h["kind"] not in DISCRETE else "fraction", fontsize=7)
         ratio.set_xlabel(name, fontsize=8)
     pairs[0][0].legend(fontsize=7)
-    fig.suptitle(f"{c['tokenizer']}, {c['object']}: data ({c['n_data']:,}) against simulation ({c['n_mc']:,}), "
-                 "held-out objects, unit area")
     return save_figure(fig, path, dpi=90, tight=False)
 
 
 def plot_codes(c: dict, path: Path) -> Path:
     """Per level: the codes ranked by their frequency in simulation."""
-    fig, pairs = panels(len(c["levels"]))
+    fig, pairs = panels(len(c["levels"]), f"{c['tokenizer']}, {c['object']}: code usage per level, data against "
+                                          "simulation (held-out)")
     for (main, ratio), lv in zip(pairs, c["levels"]):
         order = np.argsort(-np.asarray(lv["mc"]), kind="stable")
         x = np.arange(len(order), dtype=np.float64)
@@ -99,7 +102,6 @@ def plot_codes(c: dict, path: Path) -> Path:
         main.set_ylabel("fraction of objects", fontsize=7)
         ratio.set_xlabel("code, by frequency in simulation", fontsize=8)
     pairs[0][0].legend(fontsize=7)
-    fig.suptitle(f"{c['tokenizer']}, {c['object']}: code usage per level, data against simulation (held-out)")
     return save_figure(fig, path, dpi=90, tight=False)
 
 

@@ -1,4 +1,5 @@
-"""step2 fit/scan --data-mc (common/data_mc.py): data against simulation on held-out objects.
+"""step2_fit --data-mc (common/data_mc.py): data against simulation on held-out objects. (step2_scan
+--data-mc calls the same check and comparison; a scan's end to end run is too slow for this file.)
 
 The test files hold no collision data, so data is stood in for honestly: a real Pythia Drell-Yan
 sample (step0) converted by step1 is the simulation, and a copy of the converted file with
@@ -37,7 +38,7 @@ def as_data(src: Path, dst: Path, pt_scale: float = 1.0) -> Path:
     shutil.copy(src, dst)
     with h5py.File(dst, "r+") as f:
         f[SIMULATION_KEY][...] = 0
-        for obj in ("electrons", "muons", "jets", "tracks") if pt_scale != 1.0 else ():
+        for obj in ("electrons", "muons", "jets", "tracks"):
             f[f"common/{obj}/pt"][...] = f[f"common/{obj}/pt"][...] * pt_scale
     return dst
 
