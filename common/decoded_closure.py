@@ -73,6 +73,7 @@ def decode_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray]) -> di
 
 
 def tokenizer_features(tok: Tokenizer, obj: str) -> list[str]:
+    """The feature names of `obj` a tokenizer encodes (the combined one's without '<obj>/')."""
     if tok.obj != COMBINED:
         return tok.features
     return [n.split("/", 1)[1] for n in tok.features if n.startswith(f"{obj}/")]
