@@ -13,7 +13,9 @@ streams minibatches from the HDF5 files (memory does not grow with the number of
 quality is measured on held-out events (the `test` split of common/token_parquet.split_of) and
 written to <obj>.json; the decoded-physics closure of all tokenizers in --out-dir together (m4l,
 mll, mjj, Delta R, MET from decoded against original objects: common/decoded_closure.py) to
-closure.json. Under torchrun the model is DistributedDataParallel and the codebook
+closure.json; with --data-mc, data against simulation (the held-out objects split by
+common/event/is_simulation: features and code usage, chi2/ndf; common/data_mc.py) to data_mc.json,
+data_mc.csv and plots/data_mc/. Under torchrun the model is DistributedDataParallel and the codebook
 statistics are all-reduced. The fit runs on the CPU unless --device says otherwise.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import data_mc
 from common import distributed as D
 from common import runtime
 from common.decoded_closure import MAX_EVENTS as CLOSURE_EVENTS, write_closure
@@ -102,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-objects", type=int, default=EVAL_OBJECTS)
     p.add_argument("--closure-events", type=int, default=CLOSURE_EVENTS,
                    help="held-out events of the decoded-physics closure (closure.json; 0: none)")
+    p.add_argument("--data-mc", action="store_true",
+                   help="compare data (is_simulation 0) with simulation (1) on held-out objects, at most "
+                        "--eval-objects per side: data_mc.json/.csv, plots/data_mc/ (both must be among the inputs)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=THREADS, help="threads per process (0: the usable CPUs)")
     p.add_argument("--workers", type=int, default=WORKERS,
@@ -315,6 +321,8 @@ def main(argv=None) -> int:
     infos, errors = runtime.process_inputs(paths, describe_input)
     if not infos:
         return runtime.exit_code(errors)
+    if args.data_mc and (cause := data_mc.missing_side(infos)):
+        runtime.die(f"--data-mc: {cause}")
 
     results = fit_all(fit_targets(objs, infos, transforms, args), objs, infos, transforms, args)
     for r in results:
@@ -333,6 +341,8 @@ def main(argv=None) -> int:
             from plotting.plot_tokenizer import plot_closure
 
             plot_closure(Path(args.out_dir))
+        if args.data_mc and fitted:  # every tokenizer in out-dir
+            errors += data_mc.fit_data_mc(args.out_dir, infos, args.eval_objects, plots=not args.no_plots)
     if args.world > 1:
         import torch.distributed as dist
 

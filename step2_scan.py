@@ -15,6 +15,10 @@ independent job in <out>/configs/<id>/:
      (apply_events_per_s: whole events, every object type, reading and writing included);
   3. finetune/: step4_finetune's scratch arm, few steps, fixed seed: the downstream test AUC;
   4. result.json, written last: a rerun skips configurations that have it.
+With --data-mc (the inputs must hold data and simulation: common/event/is_simulation 0 and 1),
+each configuration's fitted tokenizer is compared, data against simulation, on held-out objects
+(common/data_mc.py: tok/data_mc.json, .csv and, unless --no-plots, tok/plots/data_mc/), and its
+largest chi2/ndf of the features and of the code usage are columns of the table.
 encode_objects_per_s is this object's encode alone, on its held-out sample, on --threads threads.
 A configuration that fails is listed with one error line and the others go on (exit 1).
 The table of every finished configuration (all shards) is <out>/scan.csv and scan.parquet:
@@ -39,7 +43,7 @@ import pandas as pd
 import step2_apply
 import step2_fit
 import step4_finetune
-from common import runtime
+from common import data_mc, runtime
 from common import tokenizer_scan as S
 from common.object_stream import describe_file
 from common.schema import TOKENIZED_OBJECTS
@@ -73,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune-eval-every", type=int, default=FINETUNE_EVAL_EVERY)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--threads", type=int, default=THREADS, help="threads of each step (0: the usable CPUs)")
+    p.add_argument("--data-mc", action="store_true",
+                   help="compare data with simulation for each configuration (common/data_mc.py)")
     p.add_argument("--table-only", action="store_true",
                    help="run nothing: gather the finished configurations into the table and plots")
     p.add_argument("--no-plots", action="store_true")
@@ -142,6 +148,9 @@ def run_config(cfg: dict, h5: list[str], task: list[dict], args) -> dict:
            "fit_seconds": fit_seconds, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
            "encode_objects_per_s": encode_speed(tok_dir / f"{obj}.pt", tok_dir / f"{obj}.eval.npz"),
            "apply_events_per_s": n_events / apply_seconds}
+    if args.data_mc:  # the fitted tokenizer only: the reference ones are the same in every configuration
+        row.update(data_mc.summary(data_mc.write_data_mc(tok_dir, [describe_file(p) for p in h5], [obj],
+                                                         plots=not args.no_plots)))
     closure = next((p for p in (d / "closure.json", tok_dir / "closure.json") if p.exists()), None)
     if closure:  # the decoded-physics closure of this tokenizer set, where the fit writes one
         row.update(S.closure_columns(json.loads(closure.read_text())))
@@ -178,6 +187,8 @@ def main(argv=None) -> int:
     task = [info for info in infos if str(info["meta"].get("process", "")) in processes]
     if not task:
         runtime.die(f"--h5: no readable HDF5 files of the task's processes ({', '.join(sorted(processes))})")
+    if args.data_mc and (cause := data_mc.missing_side(infos)):
+        runtime.die(f"--data-mc: {cause}")
     out = runtime.output_dir(args.out_dir)
 
     def one(cfg: dict) -> None:

@@ -50,24 +50,30 @@ def tokenizers_in(tok_dir: str | Path) -> dict[str, Tokenizer]:
     granularity = folder_granularity(tok_dir, KINEMATICS)
     if granularity == COMBINED:
         tok = load_tokenizer(tok_dir / f"{COMBINED}.pt")
-        return {obj: tok for obj in KINEMATICS if _names(tok, obj)}
+        return {obj: tok for obj in KINEMATICS if tokenizer_features(tok, obj)}
     if granularity == "group":
         return {obj: load_tokenizer(p) for obj in KINEMATICS
                 if (p := tok_dir / f"{tokenizer_name(obj, 'kinematics')}.pt").exists()}
     return {obj: load_tokenizer(tok_dir / f"{obj}.pt") for obj in KINEMATICS if (tok_dir / f"{obj}.pt").exists()}
 
 
-def decode_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Encode + decode flat objects of one type (the combined tokenizer takes '<obj>/<name>' + the type)."""
+def reconstruct_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(codes, decoded) of flat objects of one type (the combined tokenizer takes '<obj>/<name>' + the type)."""
     if tok.obj != COMBINED:
-        return tok.reconstruct(feats)[1]
+        return tok.reconstruct(feats)
     n = len(next(iter(feats.values())))
     named = {f"{obj}/{k}": v for k, v in feats.items()}
-    rec = tok.reconstruct({**named, TYPE_FEATURE: np.full(n, TYPE_IDS[obj])})[1]
-    return {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith(f"{obj}/")}
+    codes, rec = tok.reconstruct({**named, TYPE_FEATURE: np.full(n, TYPE_IDS[obj])})
+    return codes, {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith(f"{obj}/")}
 
 
-def _names(tok: Tokenizer, obj: str) -> list[str]:
+def decode_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Encode + decode flat objects of one type."""
+    return reconstruct_objects(tok, obj, feats)[1]
+
+
+def tokenizer_features(tok: Tokenizer, obj: str) -> list[str]:
+    """The feature names of `obj` a tokenizer encodes (the combined one's without '<obj>/')."""
     if tok.obj != COMBINED:
         return tok.features
     return [n.split("/", 1)[1] for n in tok.features if n.startswith(f"{obj}/")]
@@ -84,7 +90,7 @@ def decoded_chunk(c: dict[str, np.ndarray], toks: dict[str, Tokenizer], experime
     replaced by its decoded self (padding and masks unchanged)."""
     out = {}
     for obj, tok in toks.items():
-        keys = _keys(obj, _names(tok, obj), experiment)
+        keys = _keys(obj, tokenizer_features(tok, obj), experiment)
         if OBJECTS[obj].per_event:
             rec = decode_objects(tok, obj, {k: c[p] for k, p in keys.items()})
             out.update({f"common/{obj}/{k}": rec[k] for k in KINEMATICS[obj]})
@@ -141,7 +147,7 @@ def event_quantities(c: dict[str, np.ndarray], objects) -> dict[str, np.ndarray]
 def _read_keys(toks: dict[str, Tokenizer], experiment: str) -> list[str]:
     keys = set()
     for obj, tok in toks.items():
-        keys |= set(_keys(obj, _names(tok, obj), experiment).values())
+        keys |= set(_keys(obj, tokenizer_features(tok, obj), experiment).values())
         keys |= {f"common/{obj}/{k}" for k in KINEMATICS[obj]}
         if not OBJECTS[obj].per_event:
             keys.add(f"common/{obj}/mask")

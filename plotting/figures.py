@@ -9,11 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating the folder) and close a figure; returns its path."""
+def save_figure(fig, path: str | Path, dpi: int = 110, tight: bool = True) -> Path:
+    """Lay out (tight=False: keep the figure's own spacing), write (creating the folder) and close a
+    figure; returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -29,6 +29,8 @@ METRICS = {
     "fit_seconds": ("fit wall time [s]", False),
     "encode_objects_per_s": ("encode speed [objects/s]", True),
     "apply_events_per_s": ("apply speed, whole event [events/s]", False),
+    "data_mc_features_max_chi2_ndf": ("data against simulation: worst feature chi2/ndf", True),  # scan --data-mc
+    "data_mc_codes_max_chi2_ndf": ("data against simulation: worst level chi2/ndf", True),
 }
 
 

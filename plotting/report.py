@@ -369,6 +369,26 @@ def closure_section(run_dir: Path) -> str:
             + (png_files(pngs, run_dir) if pngs else ""))
 
 
+def data_mc_section(run_dir: Path) -> str:
+    """Data against simulation (step2 fit --data-mc: tok/data_mc.json) with its plots; nothing without it."""
+    result = load_json(run_dir / "tok" / "data_mc.json")
+    if result is None:
+        return ""
+    parts = ['<h3 id="tok-data-mc">Data against simulation (held-out objects)</h3>'
+             "<p>Every tokenized feature (as stored, and as decoded) and every level's code usage, data against "
+             "simulation, both normalised to unit area (common/data_mc.py). chi2/ndf is about 1 when both come from "
+             "one distribution; the design effect corrects it for objects of one event that are not independent "
+             f"(the tracks of an event share its vertex). {esc(result['definition'])}.</p>"]
+    for c in result["comparisons"]:
+        rows = [[r["quantity"], r["name"], r["kind"], r["chi2"], r["ndf"], r["chi2_ndf"], r["p_value"], r["design_effect"],
+                 r["chi2_ndf_decoded"]] for r in result["rows"] if (r["tokenizer"], r["object"]) == (c["tokenizer"], c["object"])]
+        parts.append(f"<h4>{esc(c['tokenizer'])}, {esc(c['object'])}: {fmt(c['n_data'])} data and {fmt(c['n_mc'])} "
+                     "simulated objects</h4>" + table(["quantity", "feature or level", "kind", "chi2", "ndf", "chi2/ndf",
+                                                      "p-value", "design effect", "chi2/ndf decoded"], rows))
+    pngs = plots_in(run_dir / "tok" / "plots" / "data_mc")
+    return "".join(parts) + (png_files(pngs, run_dir) if pngs else missing("no data/simulation plots"))
+
+
 def goals_line(side: dict) -> str:
     marks = [f"{esc(k)}: {'pass' if v else 'FAIL'}" for k, v in side["quality"]["goals"]["pass"].items() if v is not None]
     return f"<p><b>goals:</b> {'; '.join(marks)}</p>" if marks else ""
@@ -401,8 +421,11 @@ def section_tokenizers(run_dir: Path) -> str:
             [o for o in sides if o not in TOKENIZED_OBJECTS and o != "combined"]
     parts = [summary_tokenizers(sides, order)]
     parts.append('<p class="note">' + " ".join(f'<a href="#tok-{esc(o)}">{esc(o)}</a>' for o in order)
-                 + ' <a href="#tok-closure">closure</a></p>')
+                 + ' <a href="#tok-closure">closure</a>'
+                 + (' <a href="#tok-data-mc">data against simulation</a>' if (run_dir / "tok" / "data_mc.json").exists() else "")
+                 + "</p>")
     parts.append(closure_section(run_dir))
+    parts.append(data_mc_section(run_dir))
     for obj in order:
         side = sides[obj]
         parts.append(f'<h3 id="tok-{esc(obj)}">{esc(obj)}</h3>')
@@ -433,7 +456,9 @@ def summary_tokenizers(sides: dict, order: list[str]) -> str:
 SCAN_COLUMNS = (("config", "configuration"), ("bits_per_object", "bits"), ("auc", "AUC (scratch)"),
                 ("pt_resolution", "pT rel. resolution"), ("pt_worst_bin_resolution", "worst pT bin"),
                 ("min_used_fraction", "codes used (worst level)"), ("perplexity_L0", "perplexity L0"),
-                ("fit_seconds", "fit [s]"), ("encode_objects_per_s", "encode [obj/s]"))
+                ("fit_seconds", "fit [s]"), ("encode_objects_per_s", "encode [obj/s]"),
+                ("data_mc_features_max_chi2_ndf", "data/sim. chi2/ndf: worst feature"),
+                ("data_mc_codes_max_chi2_ndf", "data/sim. chi2/ndf: worst level"))
 
 
 def section_scan(run_dir: Path) -> str:
