@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -24,6 +22,7 @@ import step1_convert
 import step2_fit
 from common.data_mc import SIMULATION_KEY, bin_sums, chi2_two_sample, compared
 from plotting import plot_data_mc, report
+from step_runner import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
@@ -46,9 +45,8 @@ def as_data(src: Path, dst: Path, pt_scale: float = 1.0) -> Path:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("data_mc")
-    res = subprocess.run([sys.executable, str(ROOT / "step0_generate.py"), "--process", "dy", "--events", str(EVENTS),
-                          "--seed", "3", "--workers", "1", "--block", "300", "--out", str(d / "dy.root")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = run_script("step0_generate.py", "--process", "dy", "--events", EVENTS, "--seed", 3, "--workers", 1,
+                     "--block", 300, "--out", d / "dy.root")
     assert res.returncode == 0, res.stderr[-2000:]
     assert step1_convert.main([str(d / "dy.root"), "--out-dir", str(d / "h5"), "--workers", "1"]) == 0
     mc = d / "h5" / "dy.h5"
