@@ -24,7 +24,6 @@ from common.data_mc import SIMULATION_KEY, bin_sums, chi2_two_sample, compared
 from plotting import plot_data_mc, report
 from step_runner import run_script
 
-ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
 EVENTS = 600  # Drell-Yan: about 2 500 held-out tracks and 100 held-out jets per side
 PT_SCALE = 1.2
