@@ -235,9 +235,8 @@ def event_minibatches(stream_factory, specs, d_in, batch_size, rng, cache_bytes=
                 cache.append((x, ev))
                 cached += x.nbytes + ev.nbytes
                 cache = cache if cached <= cache_bytes else None
-            offset = int(carry_ev.max()) + 1 if len(carry_ev) else 0  # the carry's events stay apart
-            batches, carry_x, carry_ev = _whole_event_batches(np.concatenate([carry_x, x]),
-                                                              np.concatenate([carry_ev, ev - ev.min() + offset if len(ev) else ev]),
+            ev = ev - ev[0] + len(carry_ev) if len(ev) else ev  # apart from the carry's events (numbered 0..)
+            batches, carry_x, carry_ev = _whole_event_batches(np.concatenate([carry_x, x]), np.concatenate([carry_ev, ev]),
                                                               batch_size, rng)
             produced = produced or bool(batches)
             yield from batches

@@ -12,10 +12,11 @@ Feature kinds (common/schema.py) decide the preprocessing and the loss:
 
 Encoders (settings "encoder"; a checkpoint without the key is "mlp"):
   mlp          each object alone
-  transformer  the object's MLP embedding attends (one layer, CONTEXT_HEADS heads) over the
-               embeddings of the leading CONTEXT_OBJECTS objects of the same type in its event
-               (itself among them), so a code can carry context; encode() then needs each
-               object's event. The decoder stays per object, from the object's own codes.
+  transformer  the mlp encoder's latent plus an attention term: the object's MLP embedding
+               attends (one layer, CONTEXT_HEADS heads) over the embeddings of the leading
+               CONTEXT_OBJECTS objects of the same type in its event (itself among them), so a
+               code can carry context; encode() then needs each object's event. The decoder
+               stays per object, from the object's own codes.
 
 A checkpoint is a plain dict of tensors, numbers and strings (torch.load(weights_only=True))
 plus a JSON sidecar with the features, kinds, settings and quality metrics.
@@ -426,21 +427,23 @@ def context_set(e: torch.Tensor, events: torch.Tensor, k: int = CONTEXT_OBJECTS)
 
 
 class ContextEncoder(nn.Module):
-    """The transformer encoder: an MLP embedding of each object (the query) attends over the
-    embeddings of its event's leading objects of the same type; an MLP maps (embedding, attended
-    context) to the latent. Memory: (objects x CONTEXT_OBJECTS x CONTEXT_DIM) per call."""
+    """The transformer encoder: the mlp encoder's latent of each object plus what its attention
+    brings, where a small MLP embedding of the object (the query) attends over the embeddings of
+    its event's leading objects of the same type. Memory: objects x CONTEXT_OBJECTS x CONTEXT_DIM
+    per call."""
 
     def __init__(self, d_in: int, hidden: int, dim: int, depth: int):
         super().__init__()
-        self.embed = mlp(d_in, hidden, CONTEXT_DIM, depth)
+        self.own = mlp(d_in, hidden, dim, depth)  # the mlp encoder: the object alone
+        self.embed = mlp(d_in, hidden, CONTEXT_DIM, 1)
         self.attention = nn.MultiheadAttention(CONTEXT_DIM, CONTEXT_HEADS, batch_first=True)
-        self.out = mlp(2 * CONTEXT_DIM, hidden, dim, 1)
+        self.out = nn.Linear(CONTEXT_DIM, dim)
 
     def forward(self, x: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
         e = self.embed(x)
         keys, padding = context_set(e, events)
         context = self.attention(e[:, None], keys, keys, key_padding_mask=padding, need_weights=False)[0][:, 0]
-        return self.out(torch.cat([e, context], 1))
+        return self.own(x) + self.out(context)
 
 
 class VQAutoencoder(nn.Module):

@@ -59,7 +59,8 @@ def train(model: VQAutoencoder, specs: list[dict], batches, *, steps: int, warmu
     """Warm-up as a plain autoencoder for `warmup_steps`, k-means init of the codebooks (seeded
     with `seed`), then VQ training with EMA codebooks and dead-code resets (none after
     RESETS_UNTIL of the steps). `batches`: an endless iterator of (batch_size, d_in) tensors, or of
-    (x, events) pairs of whole events for the transformer encoder; `ddp_model`: the DistributedDataParallel wrapper under torchrun. Returns the loss history."""
+    (x, events) pairs of whole events for the transformer encoder; `ddp_model`: the
+    DistributedDataParallel wrapper under torchrun. Returns the loss history."""
     ddp_model = model if ddp_model is None else ddp_model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=LR_RISE_FRACTION)
