@@ -210,8 +210,8 @@ def minibatches(stream_factory, specs, d_in, batch_size, rng, cache_bytes=None):
 
 
 def _whole_event_batches(x: np.ndarray, ev: np.ndarray, batch_size: int, rng):
-    """Shuffle whole events (ev: contiguous event numbers per object); batches of whole events of
-    at least batch_size objects (x, events) and the rest (x, event numbers 0..)."""
+    """Shuffle whole events (ev: contiguous event numbers per object); batches (x, events) cut at
+    the first event end after each multiple of batch_size objects, and the rest (x, events 0..)."""
     ev = np.r_[0, np.cumsum(np.diff(ev) != 0)] if len(ev) else ev  # 0, 1, .. per event
     order = np.argsort(rng.permutation(int(ev[-1]) + 1 if len(ev) else 0)[ev], kind="stable")
     x, ev = x[order], ev[order]

@@ -17,7 +17,8 @@ import step2_fit
 from common import token_parquet
 from common import tokenizer as T
 from common import tokenizer_scan as S
-from common.schema import SEQUENCE_OBJECTS, TYPE_IDS
+from common.object_stream import event_minibatches
+from common.schema import OBJECTS, SEQUENCE_OBJECTS, TYPE_IDS
 
 torch.set_num_threads(1)
 FIT = ["--steps", "40", "--warmup-steps", "10", "--batch-size", "64", "--codebook-size", "16", "--levels", "2",
@@ -109,6 +110,41 @@ def test_apply_writes_valid_tokens_whatever_the_caps(fitted, tmp_path):
     rows = np.nonzero(has)[0]
     assert np.array_equal(tables["all"]["input_ids"][rows, lead["all"][rows]],
                           tables["one"]["input_ids"][rows, lead["one"][rows]])
+
+
+@pytest.mark.parametrize("cache_bytes", [None, 1000])  # in memory after the first pass, or streamed every pass
+def test_minibatches_of_whole_events(cache_bytes):
+    """Chunks of events with 0-5 objects, pt = a unique object id: every batch holds whole events
+    (cut between events near the batch size), the passes cover the objects, in a new order each."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 6, 1500)
+    event_of = np.repeat(np.arange(len(counts)), counts)  # each object's event
+    specs = T.build_specs([OBJECTS["jets"].feature("pt")])
+    T.fit_preprocessing(specs, {"pt": np.arange(1, len(event_of) + 1, dtype=float)})
+    to_id = dict(zip(T.preprocess(specs, {"pt": np.arange(1, len(event_of) + 1, dtype=float)}, 1)[:, 0].tolist(),
+                     range(len(event_of))))
+
+    def stream():
+        for lo in range(0, len(counts), 400):  # chunks of 400 events, numbered over the stream
+            rows = (event_of >= lo) & (event_of < lo + 400)
+            yield {"pt": np.flatnonzero(rows) + 1.0, T.EVENT_KEY: event_of[rows]}
+
+    gen = event_minibatches(stream, specs, 1, 64, np.random.default_rng(1), cache_bytes=cache_bytes)
+    passes = []
+    for _ in range(3):
+        seen = []
+        while sum(len(b[0]) for b in seen) < len(event_of) - 2 * 64:  # a pass, less what the carry may hold
+            seen.append(next(gen))
+        passes.append(seen)
+        for x, ev in seen:
+            ids = np.array([to_id[v] for v in x[:, 0].tolist()])
+            assert abs(len(x) - 64) <= counts.max() and len(ids) == len(ev)  # cut between events
+            events = event_of[ids]
+            assert np.array_equal(np.r_[True, events[1:] != events[:-1]], np.r_[True, ev.numpy()[1:] != ev.numpy()[:-1]])
+            assert np.array_equal(np.bincount(events, minlength=len(counts))[np.unique(events)], counts[np.unique(events)])
+    order = [np.concatenate([b[0][:, 0].numpy() for b in seen]) for seen in passes]
+    assert len(np.unique(np.concatenate(order))) >= 0.97 * len(event_of)  # every pass leaves out a rest at most
+    assert not np.array_equal(order[1][:200], order[2][:200])  # a new order of the events each pass
 
 
 def test_bad_usage_is_one_line_and_exit_2(fitted, tmp_path, capsys):
