@@ -5,7 +5,8 @@
 
 One Parquet file per HDF5 file (common/token_parquet.py) with the sequences of
 common/sequences.py: each type keeps its first --cap objects, the event at most --max-length
-positions; objects that the caps or the length drop are not encoded at all, and the truncation
+positions; objects that the caps or the length drop are not encoded (a tokenizer of step2 fit
+--encoder transformer still reads each event's leading objects as their context), and the truncation
 is counted in the vocabulary metadata. A folder of group tokenizers (step2 fit --granularity group,
 <obj>.<group>.pt) gives each object position the concatenation of its groups' level codes.
 Encoding and code search run on a GPU when there is one.
@@ -28,8 +29,8 @@ from common import distributed as D
 from common import h5io, runtime, sequences, token_parquet
 from common.object_stream import describe_file, flatten_objects, object_keys
 from common.schema import SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS
-from common.tokenizer import (COMBINED, TYPE_FEATURE, GroupedTokenizer, Tokenizer, folder_granularity, load_grouped,
-                              load_tokenizer)
+from common.tokenizer import (COMBINED, CONTEXT_OBJECTS, EVENT_KEY, TYPE_FEATURE, GroupedTokenizer, Tokenizer,
+                              folder_granularity, load_grouped, load_tokenizer)
 
 MAX_LENGTH = 128
 CHUNK_EVENTS = 8192
@@ -127,12 +128,23 @@ def check_contract(info: dict, toks: dict[str, Tokenizer], combined: bool) -> No
 
 
 def encode_chunk(obj: str, tok: Tokenizer, feats: dict, combined: bool) -> np.ndarray:
+    events = feats.pop(EVENT_KEY, None)  # the transformer encoder's context; the others ignore it
     if combined:
         n = len(next(iter(feats.values()))) if feats else 0
         feats = {**{f"{obj}/{k}": v for k, v in feats.items()}, TYPE_FEATURE: np.full(n, TYPE_IDS[obj])}
     if not len(next(iter(feats.values()))):
         return np.zeros((0, tok.levels), np.int32)
-    return tok.encode(feats)
+    return tok.encode(feats, events)
+
+
+def encode_kept(obj: str, tok: Tokenizer, keys: dict, arrays: dict, stored: np.ndarray, kept: np.ndarray,
+                combined: bool) -> np.ndarray:
+    """Codes of the kept objects. A transformer encoder's context is the event's leading
+    CONTEXT_OBJECTS stored objects, as in the fit, so those are encoded too, dropped or not."""
+    events = np.arange(len(stored))
+    mask = kept | (stored & (sequences.slot_of(stored) < CONTEXT_OBJECTS)) if tok.context else kept
+    codes = encode_chunk(obj, tok, flatten_objects(obj, keys, arrays, events, mask, with_events=True), combined)
+    return codes[kept[mask]] if tok.context else codes
 
 
 # --- one HDF5 file -> one Parquet file ------------------------------------------------------------
@@ -158,9 +170,9 @@ def apply_one(path: str, toks, combined, vocab_base, args) -> str:
             events = np.arange(n)
             stored = {o: arrays[keys[o]["__mask__"]].astype(bool) for o in SEQUENCE_OBJECTS}
             masks = sequences.kept_masks(stored, vocab["caps"], vocab["max_length"])  # truncated: not encoded
-            codes = {o: encode_chunk(o, toks[o], flatten_objects(o, keys[o], arrays, events, masks[o]), combined)
-                     for o in SEQUENCE_OBJECTS}
-            met = encode_chunk("met", toks["met"], flatten_objects("met", keys["met"], arrays, events), combined)
+            codes = {o: encode_kept(o, toks[o], keys[o], arrays, stored[o], masks[o], combined) for o in SEQUENCE_OBJECTS}
+            met = encode_chunk("met", toks["met"], flatten_objects("met", keys["met"], arrays, events, with_events=True),
+                               combined)
             ids, types, lengths = sequences.build_sequences(masks, codes, met, arrays["common/event/mu"], vocab)
             bar.update(n)
             yield token_parquet.sequences_table(ids, types, lengths, np.arange(lo, lo + n), path,

@@ -8,6 +8,8 @@ For every object type a residual EMA VQ-VAE (common/tokenizer.py) on the schema'
 tokenize=True features present in all inputs (`--mode combined`: one over all object types;
 `--granularity group`: one per (object type, feature group of common/schema.TOKEN_GROUPS) over
 that group's features, written as <obj>.<group>.pt; apply concatenates their codes).
+`--encoder transformer`: each object's encoder also attends over the leading objects of the same
+type in its event (common/tokenizer.ContextEncoder); minibatches are then whole events.
 Preprocessing is fitted on a bounded sample of events drawn uniformly from all inputs; training
 streams minibatches from the HDF5 files (memory does not grow with the number of events); the
 quality is measured on held-out events (the `test` split of common/token_parquet.split_of) and
@@ -38,9 +40,9 @@ from common import distributed as D
 from common import runtime
 from common.decoded_closure import MAX_EVENTS as CLOSURE_EVENTS, write_closure
 from common.object_stream import (combined_stream, common_features, count_objects, describe_file, dropped_features,
-                                  minibatches, preprocessing_sample, stream_objects)
+                                  event_minibatches, minibatches, preprocessing_sample, stream_objects)
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS, token_groups
-from common.tokenizer import (COMBINED, GRANULARITIES, MAX_LEVELS, Tokenizer, build_specs, combined_specs,
+from common.tokenizer import (COMBINED, ENCODERS, GRANULARITIES, MAX_LEVELS, Tokenizer, build_specs, combined_specs,
                               fit_preprocessing, tokenizer_name)
 from common.tokenizer_quality import btag_cuts, evaluate, save_eval_sample
 from common.tokenizer_training import (KMEANS_FACTOR, choose_codebook_size, choose_levels, ranks_digests, train,
@@ -52,6 +54,7 @@ LEVELS = "auto"  # auto: 4, more where few objects cap the codebook (common/toke
 CODEBOOK_SIZE = "auto"  # auto: a power of two near (training objects / 32), 64 to 2048 (common/tokenizer_training.py)
 HIDDEN = 128
 DEPTH = 2
+ENCODER = "mlp"  # transformer: the encoder also sees the event's other objects of the type (per-object mode)
 DECAY = 0.99
 DEAD_FRACTION = 0.1  # a code is dead with fewer hits than this x the mean hits per code in a window
 #                      (0.03 left rare codes alive: 90% of muon codes used on held-out events, 0.1: 94%)
@@ -89,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--codebook-size", default=CODEBOOK_SIZE, help="int or 'auto'")
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--depth", type=int, default=DEPTH)
+    p.add_argument("--encoder", choices=ENCODERS, default=ENCODER,
+                   help="transformer: each object's code also sees the leading objects of its type in its event")
     p.add_argument("--decay", type=float, default=DECAY, help="EMA decay of the codebooks")
     p.add_argument("--cosine", action="store_true", help="cosine-similarity code search")
     p.add_argument("--dead-fraction", type=float, default=DEAD_FRACTION)
@@ -175,8 +180,11 @@ def fit_data(obj: str, group: str | None, objs: list[str], infos: list[dict], tr
         raise runtime.InputError(f"{tokenizer_name(obj, group)}: no tokenizable features present in all inputs")
     names = [f.name for f in features]
     sample = preprocessing_sample(obj, names, infos, args.preprocess_events, rng)
-    train_stream = lambda: stream_objects(obj, names, infos, split="train", rng=rng, rank=args.rank, world=args.world)  # noqa: E731
-    return specs, names, sample, count_objects(obj, infos)[0], train_stream, stream_objects(obj, names, infos, split="test", rng=None)
+    context = args.encoder != "mlp"  # the streams carry each object's event
+    train_stream = lambda: stream_objects(obj, names, infos, split="train", rng=rng, rank=args.rank, world=args.world,  # noqa: E731
+                                          context=context)
+    test_stream = stream_objects(obj, names, infos, split="test", rng=None, context=context)
+    return specs, names, sample, count_objects(obj, infos)[0], train_stream, test_stream
 
 
 def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict, args) -> dict:
@@ -202,6 +210,8 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
                 "warmup_steps": args.warmup_steps, "lr": args.lr, "commit_weight": args.commit_weight,
                 "discrete_weight": args.discrete_weight, "pt_weight": args.pt_weight, "kmeans_buffer": KMEANS_FACTOR,
                 "seed": args.seed, "mode": args.mode, "n_train_objects": n_train}
+    if args.encoder != "mlp":  # absent: mlp (the default fit's checkpoints stay as they were)
+        settings["encoder"] = args.encoder
     if group is not None:  # apply checks that every group fitted for the object is in the folder
         settings.update(granularity="group", group=group, object_groups=list(args.groups[obj]))
     tok = Tokenizer(obj, specs, settings)
@@ -211,8 +221,12 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
     model = tok.model.to(device)
     model.train()
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if args.world > 1 else model
-    batches = (x.to(device) for x in minibatches(train_stream, specs, tok.d_in, args.batch_size,
-                                                  np.random.default_rng(args.seed + args.rank)))
+    batch_rng = np.random.default_rng(args.seed + args.rank)
+    if tok.model.context:  # whole events, with each object's event
+        batches = ((x.to(device), ev.to(device)) for x, ev in event_minibatches(train_stream, specs, tok.d_in,
+                                                                                 args.batch_size, batch_rng))
+    else:
+        batches = (x.to(device) for x in minibatches(train_stream, specs, tok.d_in, args.batch_size, batch_rng))
     history = train(model, specs, batches, steps=args.steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                     lr=args.lr, commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
                     ddp_model=ddp_model, label=name, progress=args.rank == 0 and args.progress)
@@ -224,7 +238,7 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
 
     # held-out quality, then the outputs: <name>.pt, <name>.json, <name>.eval.npz (name: <obj> or <obj>.<group>)
     cuts = btag_cuts(sample, specs)
-    orig, reco, codes, q = evaluate(tok, test_stream, args.eval_objects, cuts)
+    orig, reco, codes, q, events = evaluate(tok, test_stream, args.eval_objects, cuts)
     sidecar = {"quality": q, "btag_cuts": cuts, "history": history,
                "ddp": {"world_size": args.world, "codebook_sha256_per_rank": digests,
                        "identical": len(set(digests)) == 1},
@@ -234,7 +248,7 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
                                    if obj != COMBINED else {},
                "provenance": runtime.provenance("step2_fit.py", args, [i["path"] for i in infos])}
     sha = tok.save(ckpt, sidecar)
-    save_eval_sample(out_dir / f"{name}.eval.npz", orig, reco, codes)
+    save_eval_sample(out_dir / f"{name}.eval.npz", orig, reco, codes, events=events)
     if not args.no_plots:  # here, so the plots of one type are drawn while the next types train
         from plotting.plot_tokenizer import plot_object
 
@@ -312,6 +326,8 @@ def main(argv=None) -> int:
         runtime.die(f"--objects: unknown object type(s) {', '.join(bad)}; choose from {', '.join(TOKENIZED_OBJECTS)}")
     if args.mode == "combined" and args.granularity == "group":
         runtime.die("--granularity group needs --mode per-object (one tokenizer per object and feature group)")
+    if args.mode == "combined" and args.encoder != "mlp":
+        runtime.die(f"--encoder {args.encoder} needs --mode per-object (its context is the objects of the same type)")
     if str(args.levels) != "auto" and not (str(args.levels).isdigit() and 1 <= int(args.levels) <= MAX_LEVELS):
         runtime.die(f"--levels must be 1..{MAX_LEVELS} or auto, got {args.levels}")
     transforms = parse_transforms(args.transform)

@@ -4,7 +4,7 @@
       --reference-tokenizers runs/default/tok --out-dir runs/default/scan [--shard K/N]
 
 The grid ({axis: [values]}, common/tokenizer_scan.AXES: codebook_size, levels, dim, hidden, depth,
-cosine, decay, commit_weight, pt_weight, transform) is given as a JSON file and/or --axis flags;
+cosine, decay, commit_weight, pt_weight, transform, encoder) is given as a JSON file and/or --axis flags;
 every object type of --objects is scanned over all of its points. Each configuration is one
 independent job in <out>/configs/<id>/:
   1. tok/: the reference tokenizers (.pt, .json) of the other object types, and step2_fit of this
@@ -105,14 +105,15 @@ def fit_warmup(steps: int) -> int:
 
 def encode_speed(tok_path: Path, eval_path: Path) -> float:
     """Objects per second of the tokenizer's encode on its held-out sample (--threads threads; the
-    compiled code search warmed up first)."""
+    compiled code search warmed up first; a transformer encoder with the sample's events)."""
     tok = load_tokenizer(tok_path)
     with np.load(eval_path) as z:
         feats = {k: z[f"orig/{k}"] for k in tok.features}
+        events = z["events"] if "events" in z.files else None
     n = len(next(iter(feats.values())))
-    tok.encode({k: v[:64] for k, v in feats.items()})
+    tok.encode({k: v[:64] for k, v in feats.items()}, None if events is None else events[:64])
     t0 = time.perf_counter()
-    tok.encode(feats)
+    tok.encode(feats, events)
     return n / (time.perf_counter() - t0)
 
 

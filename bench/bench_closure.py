@@ -37,7 +37,7 @@ def worst_bins(tok_dir: Path, infos: list[dict]) -> dict:
         if not (tok_dir / f"{obj}.pt").exists():
             continue
         tok, side = load_tokenizer(tok_dir / f"{obj}.pt"), json.loads((tok_dir / f"{obj}.json").read_text())
-        stream = stream_objects(obj, side["features_used"], infos, split="test", rng=None)
+        stream = stream_objects(obj, side["features_used"], infos, split="test", rng=None, context=True)
         q = evaluate(tok, stream, EVAL_OBJECTS, side["btag_cuts"])[3]
         out[obj] = {"pt": q["features"]["pt"], "goals": q["goals"],
                     "fit_pt_relative_resolution": side["quality"]["goals"]["pt_relative_resolution"]}

@@ -188,7 +188,7 @@ def compare(tok: Tokenizer, name: str, obj: str, infos: list[dict], max_objects:
     sample = heldout_by_side(obj, names, infos, max_objects)  # side: (features, events)
     if not all(len(events) for _, events in sample.values()):
         return None
-    reco = {s: reconstruct_objects(tok, obj, feats) for s, (feats, _) in sample.items()}  # side: (codes, decoded)
+    reco = {s: reconstruct_objects(tok, obj, feats, ev) for s, (feats, ev) in sample.items()}  # side: (codes, decoded)
     events = {s: e for s, (_, e) in sample.items()}
     prefix = f"{obj}/" if tok.obj == COMBINED else ""  # the combined tokenizer's names: '<obj>/<name>'
     kinds = {n: sp["kind"] for sp in tok.specs for n in sp["names"]}

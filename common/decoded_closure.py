@@ -57,19 +57,21 @@ def tokenizers_in(tok_dir: str | Path) -> dict[str, Tokenizer]:
     return {obj: load_tokenizer(tok_dir / f"{obj}.pt") for obj in KINEMATICS if (tok_dir / f"{obj}.pt").exists()}
 
 
-def reconstruct_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(codes, decoded) of flat objects of one type (the combined tokenizer takes '<obj>/<name>' + the type)."""
+def reconstruct_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray],
+                        events: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(codes, decoded) of flat objects of one type, each object's event given (the context of a
+    transformer encoder); the combined tokenizer takes '<obj>/<name>' + the type."""
     if tok.obj != COMBINED:
-        return tok.reconstruct(feats)
+        return tok.reconstruct(feats, events)
     n = len(next(iter(feats.values())))
     named = {f"{obj}/{k}": v for k, v in feats.items()}
     codes, rec = tok.reconstruct({**named, TYPE_FEATURE: np.full(n, TYPE_IDS[obj])})
     return codes, {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith(f"{obj}/")}
 
 
-def decode_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def decode_objects(tok: Tokenizer, obj: str, feats: dict[str, np.ndarray], events: np.ndarray) -> dict[str, np.ndarray]:
     """Encode + decode flat objects of one type."""
-    return reconstruct_objects(tok, obj, feats)[1]
+    return reconstruct_objects(tok, obj, feats, events)[1]
 
 
 def tokenizer_features(tok: Tokenizer, obj: str) -> list[str]:
@@ -92,11 +94,11 @@ def decoded_chunk(c: dict[str, np.ndarray], toks: dict[str, Tokenizer], experime
     for obj, tok in toks.items():
         keys = _keys(obj, tokenizer_features(tok, obj), experiment)
         if OBJECTS[obj].per_event:
-            rec = decode_objects(tok, obj, {k: c[p] for k, p in keys.items()})
+            rec = decode_objects(tok, obj, {k: c[p] for k, p in keys.items()}, np.arange(len(c[f"common/{obj}/pt"])))
             out.update({f"common/{obj}/{k}": rec[k] for k in KINEMATICS[obj]})
             continue
         mask = c[f"common/{obj}/mask"].astype(bool)
-        rec = decode_objects(tok, obj, {k: c[p][mask] for k, p in keys.items()})
+        rec = decode_objects(tok, obj, {k: c[p][mask] for k, p in keys.items()}, np.nonzero(mask)[0])
         for k in KINEMATICS[obj]:
             a = np.zeros(mask.shape, np.float64)
             a[mask] = rec[k]

@@ -3,7 +3,9 @@ the benchmarks): what a file holds, the features every input holds, the held-out
 bounded preprocessing sample, the training and held-out streams and the training minibatches.
 
 An object stream yields {feature name: 1-D array over the objects of a chunk of events}
-(row-major: event by event, each event's objects in pT order); memory holds one chunk.
+(row-major: event by event, each event's objects in pT order); memory holds one chunk. With
+context=True each dict also holds EVENT_KEY, every object's event number in the stream: the
+context of the transformer encoder (common/tokenizer.py), whose minibatches are whole events.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from common import h5io, runtime, token_parquet
 from common.schema import OBJECTS, TYPE_IDS, Feature, dataset_path
-from common.tokenizer import TYPE_FEATURE, preprocess, usable_features
+from common.tokenizer import EVENT_KEY, TYPE_FEATURE, preprocess, usable_features
 
 CHUNK_EVENTS = 8192  # events per chunk of the training and held-out streams
 SAMPLE_BLOCK_EVENTS = 256  # events per random block of the preprocessing sample
@@ -85,19 +87,23 @@ def object_keys(obj: str, features: list[str], info: dict) -> dict[str, str]:
 
 
 def flatten_objects(obj: str, keys: dict[str, str], arrays: dict[str, np.ndarray], events: np.ndarray,
-                    mask: np.ndarray | None = None) -> dict:
+                    mask: np.ndarray | None = None, with_events: bool = False) -> dict:
     """Chunk arrays -> {feature: 1-D over the stored objects of the selected events} (row-major);
-    `mask` (events x slots) selects fewer objects than the stored ones."""
+    `mask` (events x slots) selects fewer objects than the stored ones; with_events adds
+    EVENT_KEY, each object's place in `events`."""
     if OBJECTS[obj].per_event:
-        return {name: arrays[k][events] for name, k in keys.items()}
+        out = {name: arrays[k][events] for name, k in keys.items()}
+        return {**out, EVENT_KEY: np.arange(len(events))} if with_events else out
     mask = arrays[keys["__mask__"]][events].astype(bool) if mask is None else mask
-    return {name: arrays[k][events][mask] for name, k in keys.items() if name != "__mask__"}
+    out = {name: arrays[k][events][mask] for name, k in keys.items() if name != "__mask__"}
+    return {**out, EVENT_KEY: np.nonzero(mask)[0]} if with_events else out
 
 
 def stream_objects(obj: str, features: list[str], infos: list[dict], *, split: str, rng: np.random.Generator | None,
-                   rank: int = 0, world: int = 1, max_events: int | None = None):
+                   rank: int = 0, world: int = 1, max_events: int | None = None, context: bool = False):
     """Yield object feature dicts chunk by chunk. split: 'train' (not held out) or 'test'.
-    With rng the chunks come in random order (a new order each pass); ranks take every world-th."""
+    With rng the chunks come in random order (a new order each pass); ranks take every world-th.
+    context: each dict also holds EVENT_KEY, the objects' event numbers (counted over the stream)."""
     chunks = [(i, lo) for i, info in enumerate(infos) for lo in range(0, info["n_events"], CHUNK_EVENTS)]
     if rng is not None:
         chunks = [chunks[j] for j in rng.permutation(len(chunks))]
@@ -117,8 +123,11 @@ def stream_objects(obj: str, features: list[str], infos: list[dict], *, split: s
             events = events[: max(0, max_events - seen)]
             if not len(events):
                 return
+        feats = flatten_objects(obj, keys, arrays, events, with_events=context)
+        if context:
+            feats[EVENT_KEY] = feats[EVENT_KEY] + seen
         seen += len(events)
-        yield flatten_objects(obj, keys, arrays, events)
+        yield feats
 
 
 def combined_stream(objs, features, infos, split, rng, rank=0, world=1, max_events=None):
@@ -198,3 +207,48 @@ def minibatches(stream_factory, specs, d_in, batch_size, rng, cache_bytes=None):
         perm = rng.permutation(len(x))
         for b in range(max(1, len(x) // batch_size)):
             yield torch.from_numpy(x[perm[b * batch_size : (b + 1) * batch_size]])
+
+
+def _whole_event_batches(x: np.ndarray, ev: np.ndarray, batch_size: int, rng):
+    """Shuffle whole events (ev: contiguous event numbers per object); batches (x, events) cut at
+    the first event end after each multiple of batch_size objects, and the rest (x, events 0..)."""
+    ev = np.r_[0, np.cumsum(np.diff(ev) != 0)] if len(ev) else ev  # 0, 1, .. per event
+    order = np.argsort(rng.permutation(int(ev[-1]) + 1 if len(ev) else 0)[ev], kind="stable")
+    x, ev = x[order], ev[order]
+    ends = np.r_[np.flatnonzero(np.diff(ev)) + 1, len(ev)]
+    cuts = np.unique(np.r_[0, ends[np.searchsorted(ends, np.arange(batch_size, len(ev) + 1, batch_size))]])
+    batches = [(torch.from_numpy(x[a:b]), torch.from_numpy(ev[a:b])) for a, b in zip(cuts[:-1], cuts[1:])]
+    return batches, x[cuts[-1]:], ev[cuts[-1]:]
+
+
+def event_minibatches(stream_factory, specs, d_in, batch_size, rng, cache_bytes=None):
+    """minibatches for the transformer encoder: endless shuffled batches (x, events) of whole events
+    (about batch_size objects), from a stream made with context=True; the same caching."""
+    cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
+    carry_x, carry_ev = np.zeros((0, d_in), np.float32), np.zeros(0, np.int64)
+    cache, cached = [], 0
+    while True:
+        produced = False
+        for feats in stream_factory():
+            x, ev = preprocess(specs, feats, d_in), np.asarray(feats[EVENT_KEY], np.int64)
+            if cache is not None:
+                cache.append((x, ev))
+                cached += x.nbytes + ev.nbytes
+                cache = cache if cached <= cache_bytes else None
+            ev = ev - ev[0] + len(carry_ev) if len(ev) else ev  # apart from the carry's events (numbered 0..)
+            batches, carry_x, carry_ev = _whole_event_batches(np.concatenate([carry_x, x]), np.concatenate([carry_ev, ev]),
+                                                              batch_size, rng)
+            produced = produced or bool(batches)
+            yield from batches
+        if cache is not None:
+            break
+        if not produced:
+            if not len(carry_x):
+                raise ValueError("no training objects in the inputs")
+            yield torch.from_numpy(carry_x), torch.from_numpy(carry_ev)  # fewer objects than one batch
+    if not cache or not sum(len(x) for x, _ in cache):
+        raise ValueError("no training objects in the inputs")
+    x, ev = np.concatenate([x for x, _ in cache]), np.concatenate([e for _, e in cache])  # one pass: events apart
+    while True:  # in memory: a new order of the events per pass
+        batches, rest_x, rest_ev = _whole_event_batches(x, ev, batch_size, rng)
+        yield from batches or [(torch.from_numpy(rest_x), torch.from_numpy(rest_ev))]

@@ -10,6 +10,14 @@ Feature kinds (common/schema.py) decide the preprocessing and the loss:
   flag        +-1 in, one logit out;  BCE
   category    one-hot in, logits out; cross-entropy
 
+Encoders (settings "encoder"; a checkpoint without the key is "mlp"):
+  mlp          each object alone
+  transformer  the mlp encoder's latent plus an attention term: the object's MLP embedding
+               attends (one layer, CONTEXT_HEADS heads) over the embeddings of the leading
+               CONTEXT_OBJECTS objects of the same type in its event (itself among them), so a
+               code can carry context; encode() then needs each object's event. The decoder
+               stays per object, from the object's own codes.
+
 A checkpoint is a plain dict of tensors, numbers and strings (torch.load(weights_only=True))
 plus a JSON sidecar with the features, kinds, settings and quality metrics.
 """
@@ -37,6 +45,11 @@ SEARCH_BLOCK = 512  # rows per nearest-code matmul block: the distance block sta
 COMPILED_SEARCH_ON_CPU = True  # CPU code search with common.code_search (False: the torch matmul search)
 MAX_LEVELS = 8  # residual levels a quantizer may have
 KMEANS_ITERS = 15  # Lloyd iterations of the codebook initialisation
+ENCODERS = ("mlp", "transformer")
+CONTEXT_OBJECTS = 16  # the transformer encoder's context: the event's leading objects of the type (pT order)
+CONTEXT_DIM = 32  # width of the embeddings the attention works on
+CONTEXT_HEADS = 2
+EVENT_KEY = "__event__"  # an object stream's per-object event number (common/object_stream.py, context=True)
 
 # ----------------------------------------------------------------------------------------------
 # Preprocessing
@@ -397,18 +410,66 @@ def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool, generator: torch.G
     return centers
 
 
+def context_set(e: torch.Tensor, events: torch.Tensor, k: int = CONTEXT_OBJECTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each object's context as padded tensors: the rows of the first `k` objects of its event
+    ((n, k, c), row-major objects: an event's objects are contiguous) and the padding mask (n, k)."""
+    n = len(e)
+    first = torch.ones(n, dtype=torch.bool, device=e.device)
+    first[1:] = events[1:] != events[:-1]
+    ev = torch.cumsum(first.long(), 0) - 1  # 0.. per event of the batch
+    pos = torch.arange(n, device=e.device) - torch.nonzero(first)[:, 0][ev]  # place in its event
+    keep = pos < k
+    keys = e.new_zeros(int(ev[-1]) + 1 if n else 0, k, e.shape[1])
+    filled = torch.zeros(keys.shape[:2], dtype=torch.bool, device=e.device)
+    keys[ev[keep], pos[keep]] = e[keep]
+    filled[ev[keep], pos[keep]] = True
+    return keys[ev], ~filled[ev]
+
+
+class ContextEncoder(nn.Module):
+    """The transformer encoder: the mlp encoder's latent of each object plus what its attention
+    brings, where a small MLP embedding of the object (the query) attends over the embeddings of
+    its event's leading objects of the same type. Memory: objects x CONTEXT_OBJECTS x CONTEXT_DIM
+    per call."""
+
+    def __init__(self, d_in: int, hidden: int, dim: int, depth: int):
+        super().__init__()
+        self.own = mlp(d_in, hidden, dim, depth)  # the mlp encoder: the object alone
+        self.embed = mlp(d_in, hidden, CONTEXT_DIM, 1)
+        self.attention = nn.MultiheadAttention(CONTEXT_DIM, CONTEXT_HEADS, batch_first=True)
+        self.out = nn.Linear(CONTEXT_DIM, dim)
+
+    def forward(self, x: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
+        e = self.embed(x)
+        keys, padding = context_set(e, events)
+        context = self.attention(e[:, None], keys, keys, key_padding_mask=padding, need_weights=False)[0][:, 0]
+        return self.own(x) + self.out(context)
+
+
 class VQAutoencoder(nn.Module):
-    """MLP encoder -> residual EMA quantizer -> MLP decoder."""
+    """Encoder (MLP, or the context-aware ContextEncoder) -> residual EMA quantizer -> MLP decoder."""
 
     def __init__(self, d_in: int, d_out: int, dim: int, levels: int, codebook_size: int, hidden: int = 128,
-                 depth: int = 2, decay: float = 0.99, cosine: bool = False, dead_fraction: float = 0.1):
+                 depth: int = 2, decay: float = 0.99, cosine: bool = False, dead_fraction: float = 0.1,
+                 encoder: str = "mlp"):
         super().__init__()
-        self.encoder = mlp(d_in, hidden, dim, depth)
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+        self.context = encoder == "transformer"
+        self.encoder = ContextEncoder(d_in, hidden, dim, depth) if self.context else mlp(d_in, hidden, dim, depth)
         self.decoder = mlp(dim, hidden, d_out, depth)
         self.quantizer = ResidualEMAQuantizer(levels, codebook_size, dim, decay, cosine, dead_fraction)
 
-    def forward(self, x: torch.Tensor, quantize: bool = True):
-        z = self.encoder(x)
+    def encode_z(self, x: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
+        """The latents of a batch; the transformer encoder needs each object's event (whole events)."""
+        if not self.context:
+            return self.encoder(x)
+        if events is None:
+            raise ValueError("the transformer encoder needs each object's event (events=...)")
+        return self.encoder(x, events)
+
+    def forward(self, x: torch.Tensor, quantize: bool = True, events: torch.Tensor | None = None):
+        z = self.encode_z(x, events)
         if not quantize:  # warm-up: a plain autoencoder before the codebooks are initialised
             return self.decoder(z), None, z.new_zeros(())
         zq, codes, commit = self.quantizer(z)
@@ -423,6 +484,15 @@ ENCODE_BATCH = 65536  # objects per quantizer call
 ENCODER_BATCH = 4096  # objects per encoder call: its activations stay in cache
 
 
+def spans(n: int, size: int, events: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of about `size` rows; with per-object events, cut only between events."""
+    if events is None:
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+    ends = np.r_[np.flatnonzero(np.diff(events)) + 1, n]  # where each event ends
+    cuts = np.unique(np.r_[0, ends[np.searchsorted(ends, np.arange(size, n, size))], n])
+    return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+
+
 class Tokenizer:
     """A fitted tokenizer of one object type: specs (features, kinds, preprocessing) + model."""
 
@@ -432,7 +502,8 @@ class Tokenizer:
         self.d_out = sum(s["n_out"] for s in specs)
         self.model = model or VQAutoencoder(self.d_in, self.d_out, settings["dim"], settings["levels"],
                                             settings["codebook_size"], settings["hidden"], settings["depth"],
-                                            settings["decay"], settings["cosine"], settings["dead_fraction"])
+                                            settings["decay"], settings["cosine"], settings["dead_fraction"],
+                                            settings.get("encoder", "mlp"))
         self.model.eval()
 
     @property
@@ -442,6 +513,11 @@ class Tokenizer:
     @property
     def levels(self) -> int:
         return self.settings["levels"]
+
+    @property
+    def context(self) -> bool:
+        """Whether encode reads the event's other objects (the transformer encoder)."""
+        return self.model.context
 
     @property
     def codebook_size(self) -> int:
@@ -454,14 +530,23 @@ class Tokenizer:
         return preprocess(self.specs, feats, self.d_in)
 
     @torch.inference_mode()
-    def encode(self, feats: dict[str, np.ndarray]) -> np.ndarray:
+    def encode(self, feats: dict[str, np.ndarray], events: np.ndarray | None = None) -> np.ndarray:
+        """Codes (n, levels) of flat objects. `events`: each object's event number (row-major: an
+        event's objects contiguous, in pT order), the context of the transformer encoder; the mlp
+        encoder ignores it."""
         x = torch.from_numpy(self.preprocess(feats))
         out = np.empty((len(x), self.levels), dtype=np.int32)
         device = self.model.quantizer.codebooks.device
-        for i in range(0, len(x), ENCODE_BATCH):
-            xb = x[i : i + ENCODE_BATCH].to(device)
-            z = torch.cat([self.model.encoder(xb[j : j + ENCODER_BATCH]) for j in range(0, len(xb), ENCODER_BATCH)])
-            out[i : i + ENCODE_BATCH] = self.model.quantizer.quantize(z)[1].cpu().numpy()
+        if not self.model.context:
+            events = None
+        elif events is None or len(events) != len(x):
+            raise ValueError(f"tokenizer {self.obj} has a transformer encoder: encode needs each object's event")
+        events = None if events is None else np.asarray(events, np.int64)
+        for i, i_end in spans(len(x), ENCODE_BATCH, events):
+            xb, eb = x[i:i_end].to(device), None if events is None else events[i:i_end]
+            z = torch.cat([self.model.encode_z(xb[j:j_end], None if eb is None else torch.from_numpy(eb[j:j_end]).to(device))
+                           for j, j_end in spans(len(xb), ENCODER_BATCH, eb)])
+            out[i:i_end] = self.model.quantizer.quantize(z)[1].cpu().numpy()
         return out
 
     @torch.inference_mode()
@@ -471,8 +556,9 @@ class Tokenizer:
         zq = sum(q.codebooks[l][codes[:, l]] for l in range(q.levels))
         return postprocess(self.specs, self.model.decoder(zq).numpy())
 
-    def reconstruct(self, feats: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        codes = self.encode(feats)
+    def reconstruct(self, feats: dict[str, np.ndarray], events: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        codes = self.encode(feats, events)
         return codes, self.decode(codes)
 
     # --- checkpoint ----------------------------------------------------------------------------
@@ -566,6 +652,10 @@ class GroupedTokenizer:
         return sum(t.levels for t in self.groups.values())
 
     @property
+    def context(self) -> bool:
+        return any(t.context for t in self.groups.values())
+
+    @property
     def layout(self) -> list[list]:
         """[[group, levels], ...] in slot order."""
         return [[g, t.levels] for g, t in self.groups.items()]
@@ -573,8 +663,8 @@ class GroupedTokenizer:
     def preprocess(self, feats: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([t.preprocess(feats) for t in self.groups.values()], 1)
 
-    def encode(self, feats: dict[str, np.ndarray]) -> np.ndarray:
-        return np.concatenate([t.encode(feats) for t in self.groups.values()], 1)
+    def encode(self, feats: dict[str, np.ndarray], events: np.ndarray | None = None) -> np.ndarray:
+        return np.concatenate([t.encode(feats, events) for t in self.groups.values()], 1)
 
 
 def load_grouped(tok_dir: str | Path, obj: str) -> GroupedTokenizer:

@@ -11,7 +11,7 @@ import numpy as np
 
 from common import runtime
 from common.physics import btag_discriminant
-from common.tokenizer import TYPE_FEATURE, Tokenizer, perplexity
+from common.tokenizer import EVENT_KEY, TYPE_FEATURE, Tokenizer, perplexity
 
 PT_BINS = (0, 10, 20, 30, 50, 75, 100, 150, 250, 500, np.inf)  # GeV, truth-pT bins of the resolution
 MIN_OBJECTS_PER_BIN = 20  # a pT bin with fewer held-out objects is left out
@@ -128,8 +128,9 @@ def goals(q: dict) -> dict:
 def evaluate(tok: Tokenizer, stream, max_objects: int, cuts: dict):
     """Reconstruct up to max_objects held-out objects. The combined tokenizer's stream mixes
     object types (different feature names): each type is reconstructed and measured on its own,
-    then the per-feature entries (prefixed '<obj>/') are merged and the codes pooled.
-    Returns (originals, reconstructions, codes, quality)."""
+    then the per-feature entries (prefixed '<obj>/') are merged and the codes pooled. A stream
+    made with context=True gives the transformer encoder each object's event.
+    Returns (originals, reconstructions, codes, quality, event numbers or None)."""
     groups: dict[tuple, list] = {}
     n = 0
     for feats in stream:
@@ -139,10 +140,11 @@ def evaluate(tok: Tokenizer, stream, max_objects: int, cuts: dict):
             break
     if not groups:
         raise ValueError("no held-out objects to evaluate on")
-    orig, reco, codes, qs = {}, {}, [], []
+    orig, reco, codes, qs, events = {}, {}, [], [], None
     for keys, parts in groups.items():
         o = {k: np.concatenate([p[k] for p in parts])[:max_objects] for k in keys}
-        c, r = tok.reconstruct(o)
+        events = o.pop(EVENT_KEY, None)
+        c, r = tok.reconstruct(o, events)
         specs = [sp for sp in tok.specs if all(nm in o for nm in sp["names"])]
         qs.append(quality(tok, o, r, c, cuts, specs))
         keep = [k for k in o if k != TYPE_FEATURE]  # combined: the decoder also outputs other types' blocks
@@ -154,14 +156,18 @@ def evaluate(tok: Tokenizer, stream, max_objects: int, cuts: dict):
     q["features"] = {k: v for qq in qs for k, v in qq["features"].items()}
     q["btag_working_points"] = {k: v for qq in qs for k, v in qq["btag_working_points"].items()}
     q["goals"] = goals(q)
-    return orig, reco, codes, q
+    return orig, reco, codes, q, events
 
 
-def save_eval_sample(path: Path, orig: dict, reco: dict, codes: np.ndarray, n_max: int = EVAL_SAMPLE_OBJECTS) -> None:
-    """Held-out originals, reconstructions and codes for the diagnostics (plain arrays only)."""
+def save_eval_sample(path: Path, orig: dict, reco: dict, codes: np.ndarray, n_max: int = EVAL_SAMPLE_OBJECTS,
+                     events: np.ndarray | None = None) -> None:
+    """Held-out originals, reconstructions and codes for the diagnostics (plain arrays only), and the
+    objects' event numbers where the encoder uses them."""
     arrays = {f"orig/{k}": np.asarray(v)[:n_max] for k, v in orig.items()}
     arrays.update({f"reco/{k}": np.asarray(v)[:n_max] for k, v in reco.items()})
     arrays["codes"] = codes[:n_max]
+    if events is not None:
+        arrays["events"] = np.asarray(events)[:n_max]
     with runtime.atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)

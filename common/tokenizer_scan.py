@@ -16,7 +16,7 @@ import numpy as np
 
 from common import tokenizer_quality
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
-from common.tokenizer import MAX_LEVELS
+from common.tokenizer import ENCODERS, MAX_LEVELS
 
 
 def _integer(lo: int, hi: int | None = None, why: str = ""):
@@ -38,6 +38,12 @@ def _number(ok, what: str):
 def _flag(v):
     if not isinstance(v, bool):
         raise ValueError("true or false")
+    return v
+
+
+def _encoder(v):
+    if v not in ENCODERS:
+        raise ValueError(f"one of {', '.join(ENCODERS)}")
     return v
 
 
@@ -70,6 +76,7 @@ AXES = {
     "commit_weight": ("--commit-weight", _number(lambda v: v >= 0, "a number >= 0"), "cw"),
     "pt_weight": ("--pt-weight", _number(lambda v: v >= 0, "a number >= 0"), "ptw"),
     "transform": ("--transform", _transform, "tf"),
+    "encoder": ("--encoder", _encoder, "enc"),
 }
 
 

@@ -58,8 +58,9 @@ def train(model: VQAutoencoder, specs: list[dict], batches, *, steps: int, warmu
           progress: bool = True) -> list[dict]:
     """Warm-up as a plain autoencoder for `warmup_steps`, k-means init of the codebooks (seeded
     with `seed`), then VQ training with EMA codebooks and dead-code resets (none after
-    RESETS_UNTIL of the steps). `batches`: an endless iterator of (batch_size, d_in) tensors;
-    `ddp_model`: the DistributedDataParallel wrapper under torchrun. Returns the loss history."""
+    RESETS_UNTIL of the steps). `batches`: an endless iterator of (batch_size, d_in) tensors, or of
+    (x, events) pairs of whole events for the transformer encoder; `ddp_model`: the
+    DistributedDataParallel wrapper under torchrun. Returns the loss history."""
     ddp_model = model if ddp_model is None else ddp_model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=LR_RISE_FRACTION)
@@ -71,8 +72,8 @@ def train(model: VQAutoencoder, specs: list[dict], batches, *, steps: int, warmu
         if step == warmup_steps or (step == 0 and warmup_steps <= 0):
             init_codebooks(model, batches, q.size * KMEANS_FACTOR, seed)
         quantize = bool(q.initialised)
-        x = next(batches)
-        out, codes, commit = ddp_model(x, quantize=quantize)
+        x, events = split_batch(next(batches))
+        out, codes, commit = ddp_model(x, quantize=quantize, events=events)
         recon, parts = reconstruction_loss(specs, out, x, discrete_weight)
         loss = recon + commit_weight * commit
         opt.zero_grad(set_to_none=True)
@@ -81,7 +82,7 @@ def train(model: VQAutoencoder, specs: list[dict], batches, *, steps: int, warmu
         sched.step()
         if quantize and step % reset_every == reset_every - 1 and step < RESETS_UNTIL * steps:
             with torch.no_grad():
-                _, _, residuals = q.quantize(model.encoder(x))
+                _, _, residuals = q.quantize(model.encode_z(x, events))
             q.reset_dead_codes(residuals)
         if step % HISTORY_EVERY == 0 or step == steps - 1:
             history.append({"step": step, "loss": loss.item(), "recon": recon.item(), "commit": commit.item(),
@@ -91,12 +92,17 @@ def train(model: VQAutoencoder, specs: list[dict], batches, *, steps: int, warmu
     return history
 
 
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, events) of a minibatch: a plain tensor has no events (the mlp encoder)."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
+
 @torch.no_grad()
 def init_codebooks(model: VQAutoencoder, batches, n_vectors: int, seed: int) -> None:
     """k-means on >= n_vectors encoder outputs streamed from the data (not the first batch)."""
     buf, have = [], 0
     while have < n_vectors:
-        z = model.encoder(next(batches))
+        z = model.encode_z(*split_batch(next(batches)))
         buf.append(z)
         have += len(z)
     g = torch.Generator().manual_seed(seed)
