@@ -3,6 +3,8 @@ the table of what each configuration recorded (reconstruction, code usage, downs
 
 A grid is {axis: [values]}; its configurations are the Cartesian product, for every object type
 scanned. The axes are step2_fit options; a configuration leaves the others at step2_fit's defaults.
+Every point must be a possible fit (e.g. quantizer fsq has one level, FSQ knows only the codebook
+sizes of common.tokenizer.FSQ_LEVELS): the grid check names the first that is not.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from common import tokenizer_quality
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
-from common.tokenizer import MAX_LEVELS
+from common.tokenizer import FSQ_LEVELS, MAX_LEVELS, QUANTIZERS, quantizer_problem
 
 
 def _integer(lo: int, hi: int | None = None, why: str = ""):
@@ -38,6 +40,12 @@ def _number(ok, what: str):
 def _flag(v):
     if not isinstance(v, bool):
         raise ValueError("true or false")
+    return v
+
+
+def _quantizer(v):
+    if v not in QUANTIZERS:
+        raise ValueError(f"one of {', '.join(QUANTIZERS)}")
     return v
 
 
@@ -70,6 +78,7 @@ AXES = {
     "commit_weight": ("--commit-weight", _number(lambda v: v >= 0, "a number >= 0"), "cw"),
     "pt_weight": ("--pt-weight", _number(lambda v: v >= 0, "a number >= 0"), "ptw"),
     "transform": ("--transform", _transform, "tf"),
+    "quantizer": ("--quantizer", _quantizer, "q"),
 }
 
 
@@ -92,7 +101,21 @@ def check_grid(grid: dict) -> dict[str, list]:
             except ValueError as exc:
                 raise ValueError(f"axis {axis}: {v!r} is not {exc}") from None
         out[axis] = checked
+    for point in itertools.product(*out.values()):
+        problem = point_problem(dict(zip(out, point)))
+        if problem:
+            raise ValueError(f"the grid point {json.dumps(dict(zip(out, point)))}: {problem}")
     return out
+
+
+def point_problem(settings: dict) -> str | None:
+    """Why step2_fit could not fit one grid point (the quantizer kind with its other settings); None if it can."""
+    kind = settings.get("quantizer", "vq")
+    problem = quantizer_problem(kind, settings.get("levels", "auto"), None, settings.get("cosine", False))
+    if problem is None and kind != "vq" and settings.get("codebook_size", "auto") not in (*FSQ_LEVELS, "auto"):
+        problem = (f"quantizer {kind} takes a codebook size of {', '.join(map(str, FSQ_LEVELS))}, "
+                   f"not {settings['codebook_size']}")
+    return problem
 
 
 def parse_axis_flag(text: str) -> tuple[str, list]:
@@ -202,8 +225,11 @@ def quality_columns(sidecar: dict) -> dict:
     fit's table; pT also relative), the worst pT bin, and codes used, dead and perplexity per level,
     all measured on held-out events."""
     q = sidecar["quality"]
-    row = {"codebook_size": sidecar["settings"]["codebook_size"], "levels": sidecar["settings"]["levels"],
+    row = {"quantizer": sidecar["settings"].get("quantizer", "vq"),
+           "codebook_size": sidecar["settings"]["codebook_size"], "levels": sidecar["settings"]["levels"],
            "n_eval_objects": q.get("n_objects"), "pt_resolution": q["goals"].get("pt_relative_resolution")}
+    if "fsq_levels" in sidecar["settings"]:
+        row["fsq_levels"] = "x".join(map(str, sidecar["settings"]["fsq_levels"]))
     for name, f in q["features"].items():
         for key in ("resolution", "bias", "exact_match"):
             if isinstance(f.get(key), (int, float)):
