@@ -472,15 +472,12 @@ class FiniteScalarQuantizer(nn.Module):
         projection's bias is split evenly over the levels, so the sum over levels of a code's
         vectors is the latent the decoder reads."""
         if self.kind == "fsq":
-            return self.fsq.indices_to_codes(torch.arange(self.size, device=self._device()))[None]
+            return self.fsq.indices_to_codes(torch.arange(self.size, device=next(self.buffers()).device))[None]
         grids = self.fsq.codebooks * self.fsq.scales[:, None, :]  # (levels, size, len(fsq_levels))
         out = self.fsq.project_out
         if not isinstance(out, nn.Linear):  # dim == len(fsq_levels): no projection
             return grids
         return grids @ out.weight.t() + out.bias / self.levels
-
-    def _device(self) -> torch.device:
-        return self.fsq._levels.device if self.kind == "fsq" else self.fsq.scales.device
 
 
 def make_quantizer(kind: str, levels: int, codebook_size: int, dim: int, decay: float = 0.99, cosine: bool = False,
