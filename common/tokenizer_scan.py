@@ -49,6 +49,17 @@ def _quantizer(v):
     return v
 
 
+def _fsq_levels(v):
+    """FSQ levels per dimension: a list of integers, or text '8x5x5x5' (an --axis flag's value)."""
+    try:
+        levels = [int(x) for x in v.split("x")] if isinstance(v, str) else list(v)
+    except (TypeError, ValueError):
+        levels = None
+    if not levels or any(isinstance(x, bool) or not isinstance(x, int) or x < 2 for x in levels):
+        raise ValueError("levels per dimension of at least 2, as [8, 5, 5, 5] or '8x5x5x5'")
+    return levels
+
+
 def _transform(v):
     """'OBJ.FEATURE=T' (step2_fit's --transform) checked against the schema, or a list of them."""
     items = [v] if isinstance(v, str) else v
@@ -79,6 +90,7 @@ AXES = {
     "pt_weight": ("--pt-weight", _number(lambda v: v >= 0, "a number >= 0"), "ptw"),
     "transform": ("--transform", _transform, "tf"),
     "quantizer": ("--quantizer", _quantizer, "q"),
+    "fsq_levels": ("--fsq-levels", _fsq_levels, "fsq"),
 }
 
 
@@ -111,8 +123,9 @@ def check_grid(grid: dict) -> dict[str, list]:
 def point_problem(settings: dict) -> str | None:
     """Why step2_fit could not fit one grid point (the quantizer kind with its other settings); None if it can."""
     kind = settings.get("quantizer", "vq")
-    problem = quantizer_problem(kind, settings.get("levels", "auto"), None, settings.get("cosine", False))
-    if problem is None and kind != "vq" and settings.get("codebook_size", "auto") not in (*FSQ_LEVELS, "auto"):
+    problem = quantizer_problem(kind, settings.get("levels", "auto"), settings.get("fsq_levels"), settings.get("cosine", False))
+    if problem is None and kind != "vq" and "fsq_levels" not in settings \
+            and settings.get("codebook_size", "auto") not in (*FSQ_LEVELS, "auto"):
         problem = (f"quantizer {kind} takes a codebook size of {', '.join(map(str, FSQ_LEVELS))}, "
                    f"not {settings['codebook_size']}")
     return problem
@@ -172,6 +185,8 @@ def config_id(obj: str, settings: dict) -> str:
         short = AXES[axis][2]
         if axis == "cosine":
             parts.append(short if v else f"no{short}")
+        elif axis == "fsq_levels":
+            parts.append(short + "x".join(map(str, v)))
         elif axis != "transform":  # too long for a name: the hash tells transforms apart
             parts.append(f"{short}{v:g}" if isinstance(v, float) else f"{short}{v}")
     return "-".join([obj, *parts, digest])
@@ -186,6 +201,8 @@ def fit_flags(settings: dict) -> list[str]:
             argv += [flag] if v else []
         elif axis == "transform":
             argv += [x for t in v for x in (flag, t)]
+        elif axis == "fsq_levels":
+            argv += [flag, ",".join(map(str, v))]
         else:
             argv += [flag, str(v)]
     return argv

@@ -23,7 +23,7 @@ import step1_convert  # noqa: E402
 import step2_fit  # noqa: E402
 import step2_apply  # noqa: E402
 import step2_scan  # noqa: E402
-from common import token_parquet  # noqa: E402
+from common import token_parquet, tokenizer_scan  # noqa: E402
 from common.runtime import set_threads  # noqa: E402
 from common.schema import TOKENIZED_OBJECTS  # noqa: E402
 from common.tokenizer import FSQ_LEVELS, fsq_levels_for, load_tokenizer  # noqa: E402
@@ -192,7 +192,17 @@ SCAN_BAD = [
     (["quantizer=vq,rfsq", "codebook_size=1024,1000"], "not 1000"),
     (["quantizer=pq"], "one of vq, fsq, rfsq"),
     (["quantizer=fsq", "cosine=true"], "--cosine"),
+    (["quantizer=vq", "fsq_levels=3x2"], "--quantizer fsq or rfsq"),
+    (["quantizer=rfsq", "fsq_levels=3x1"], "at least 2"),
 ]
+
+
+def test_scan_quantizer_axes_become_fit_flags():
+    grid = tokenizer_scan.load_grid(None, ["quantizer=rfsq,fsq", "levels=1", "fsq_levels=3x3x2"])
+    cfgs = tokenizer_scan.configurations(grid, ["jets"])
+    assert [tokenizer_scan.fit_flags(c["settings"]) for c in cfgs] == [
+        ["--levels", "1", "--quantizer", q, "--fsq-levels", "3,3,2"] for q in ("rfsq", "fsq")]  # the grid's order
+    assert len({c["id"] for c in cfgs}) == 2 and all("fsq3x3x2" in c["id"] for c in cfgs)
 
 
 @pytest.mark.parametrize("axes,says", SCAN_BAD)
