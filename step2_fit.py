@@ -40,7 +40,7 @@ from common.object_stream import (combined_stream, common_features, count_object
                                   minibatches, preprocessing_sample, stream_objects)
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS, token_groups
 from common.tokenizer import (COMBINED, FSQ_LEVELS, GRANULARITIES, MAX_LEVELS, QUANTIZERS, Tokenizer, build_specs,
-                              combined_specs, fit_preprocessing, fsq_levels_for, quantizer_problem, tokenizer_name)
+                              combined_specs, fit_preprocessing, quantizer_problem, tokenizer_name)
 from common.tokenizer_quality import btag_cuts, evaluate, save_eval_sample
 from common.tokenizer_training import (KMEANS_FACTOR, choose_codebook_size, choose_fsq_levels, choose_levels,
                                        ranks_digests, train, weight_pt)
@@ -150,18 +150,11 @@ def check_quantizer(args, objs: list[str]) -> None:
             args.fsq_levels = [int(v) for v in args.fsq_levels.split(",")]
         except ValueError:
             runtime.die(f"--fsq-levels {args.fsq_levels!r}: expected integers, e.g. 8,5,5,5")
-    problem = quantizer_problem(args.quantizer, args.levels, args.fsq_levels, args.cosine)
-    if problem:
-        runtime.die(f"--quantizer {args.quantizer}: {problem}")
-    if args.quantizer == "vq" or args.fsq_levels:
-        return
-    sizes = [args.codebook_size] + ([args.codebook_size_tracks] if args.codebook_size_tracks and "tracks" in objs else [])
-    for k in sizes:
-        if str(k) != "auto":
-            try:
-                fsq_levels_for(int(k))
-            except ValueError as exc:
-                runtime.die(f"--codebook-size {k}: {exc}")
+    tracks = [(args.codebook_size_tracks, " (the preset's size for tracks)")] if args.codebook_size_tracks and "tracks" in objs else []
+    for size, which in [(args.codebook_size, ""), *tracks]:
+        problem = quantizer_problem(args.quantizer, args.levels, size, args.fsq_levels, args.cosine)
+        if problem:
+            runtime.die(f"--quantizer {args.quantizer}: {problem}{which}")
 
 
 def describe_input(path: str) -> dict:

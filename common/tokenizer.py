@@ -419,14 +419,16 @@ def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool, generator: torch.G
 
 def fsq_levels_for(codebook_size: int) -> list[int]:
     """The FSQ levels per dimension of a codebook size (FSQ_LEVELS); ValueError names the sizes known."""
-    if codebook_size not in FSQ_LEVELS:
-        raise ValueError(f"FSQ has no level rule for codebook size {codebook_size}; use one of "
-                         f"{', '.join(str(k) for k in FSQ_LEVELS)} or give its levels (--fsq-levels 8,5,5,5)")
+    problem = quantizer_problem("fsq", 1, codebook_size)
+    if problem:
+        raise ValueError(problem)
     return list(FSQ_LEVELS[codebook_size])
 
 
-def quantizer_problem(kind: str, levels, fsq_levels: list[int] | None = None, cosine: bool = False) -> str | None:
-    """Why a quantizer kind cannot take these settings (None: it can). `levels` may be 'auto'."""
+def quantizer_problem(kind: str, levels, codebook_size="auto", fsq_levels: list[int] | None = None,
+                      cosine: bool = False) -> str | None:
+    """Why a quantizer kind cannot take these settings (None: it can). `levels` and `codebook_size`
+    may be 'auto'; FSQ levels given replace the codebook size."""
     if kind not in QUANTIZERS:
         return f"unknown quantizer {kind!r}; choose from {', '.join(QUANTIZERS)}"
     if kind == "vq":
@@ -437,6 +439,10 @@ def quantizer_problem(kind: str, levels, fsq_levels: list[int] | None = None, co
         return f"quantizer fsq has one level, not {levels} (residual levels of FSQ: --quantizer rfsq)"
     if cosine:
         return f"quantizer {kind} has no code search: --cosine is for vq"
+    size = str(codebook_size)
+    if not fsq_levels and size != "auto" and not (size.isdigit() and int(size) in FSQ_LEVELS):
+        return (f"FSQ has no level rule for codebook size {codebook_size}; use one of "
+                f"{', '.join(str(k) for k in FSQ_LEVELS)} or give its levels (--fsq-levels 8,5,5,5)")
     return None
 
 
@@ -483,7 +489,7 @@ class FiniteScalarQuantizer(nn.Module):
 def make_quantizer(kind: str, levels: int, codebook_size: int, dim: int, decay: float = 0.99, cosine: bool = False,
                    dead_fraction: float = 0.1, fsq_levels: list[int] | None = None) -> nn.Module:
     """The quantizer of a kind (QUANTIZERS); FSQ kinds take fsq_levels, or the rule's for codebook_size."""
-    problem = quantizer_problem(kind, levels, fsq_levels, cosine)
+    problem = quantizer_problem(kind, levels, codebook_size, fsq_levels, cosine)
     if problem:
         raise ValueError(problem)
     if kind == "vq":

@@ -18,7 +18,7 @@ import numpy as np
 
 from common import tokenizer_quality
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
-from common.tokenizer import FSQ_LEVELS, MAX_LEVELS, QUANTIZERS, quantizer_problem
+from common.tokenizer import MAX_LEVELS, QUANTIZERS, quantizer_problem
 
 
 def _integer(lo: int, hi: int | None = None, why: str = ""):
@@ -113,22 +113,13 @@ def check_grid(grid: dict) -> dict[str, list]:
             except ValueError as exc:
                 raise ValueError(f"axis {axis}: {v!r} is not {exc}") from None
         out[axis] = checked
-    for point in itertools.product(*out.values()):
-        problem = point_problem(dict(zip(out, point)))
+    for point in itertools.product(*out.values()):  # the quantizer kind with the other settings
+        s = dict(zip(out, point))
+        problem = quantizer_problem(s.get("quantizer", "vq"), s.get("levels", "auto"), s.get("codebook_size", "auto"),
+                                    s.get("fsq_levels"), s.get("cosine", False))
         if problem:
-            raise ValueError(f"the grid point {json.dumps(dict(zip(out, point)))}: {problem}")
+            raise ValueError(f"the grid point {json.dumps(s)}: {problem}")
     return out
-
-
-def point_problem(settings: dict) -> str | None:
-    """Why step2_fit could not fit one grid point (the quantizer kind with its other settings); None if it can."""
-    kind = settings.get("quantizer", "vq")
-    problem = quantizer_problem(kind, settings.get("levels", "auto"), settings.get("fsq_levels"), settings.get("cosine", False))
-    if problem is None and kind != "vq" and "fsq_levels" not in settings \
-            and settings.get("codebook_size", "auto") not in (*FSQ_LEVELS, "auto"):
-        problem = (f"quantizer {kind} takes a codebook size of {', '.join(map(str, FSQ_LEVELS))}, "
-                   f"not {settings['codebook_size']}")
-    return problem
 
 
 def parse_axis_flag(text: str) -> tuple[str, list]:

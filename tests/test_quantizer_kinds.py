@@ -189,7 +189,7 @@ def test_fit_bad_quantizer_settings(argv, says, tmp_path, capsys):
 
 SCAN_BAD = [
     (["quantizer=fsq", "levels=1,4"], "one level"),
-    (["quantizer=vq,rfsq", "codebook_size=1024,1000"], "not 1000"),
+    (["quantizer=vq,rfsq", "codebook_size=1024,1000"], "codebook size 1000; use one of 256, 1024"),
     (["quantizer=pq"], "one of vq, fsq, rfsq"),
     (["quantizer=fsq", "cosine=true"], "--cosine"),
     (["quantizer=vq", "fsq_levels=3x2"], "--quantizer fsq or rfsq"),
