@@ -149,6 +149,22 @@ def test_apply_vocabulary_and_code_table_with_fsq(sample, kind, tmp_path):
     assert np.allclose(table[jets].sum(1), expected.numpy(), atol=1e-5)
 
 
+def test_pretrain_latent_objective_on_rfsq_tokens(sample, tmp_path):
+    """step3 reads an FSQ tokenizer's code vectors (code geometry, latent targets) and trains."""
+    import step3_pretrain
+
+    assert call_main(step2_apply.main, "--h5", sample["h5"], "--tokenizers", sample["dirs"]["rfsq"], "--out-dir",
+                     tmp_path / "tokens", "--threads", "1", "--device", "cpu") == 0
+    assert call_main(step3_pretrain.main, "--parquet", tmp_path / "tokens" / "dy.parquet", "--out-dir", tmp_path / "pre",
+                     "--objective", "latent", "--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--d-model", "16",
+                     "--n-heads", "2", "--n-layers", "1", "--d-ff", "32", "--threads", "1", "--device", "cpu",
+                     "--no-plots") == 0
+    metrics = json.loads((tmp_path / "pre" / "metrics.json").read_text())
+    assert metrics["objectives"] == ["latent"]
+    gains = metrics["context_gain"]  # per type: the latent targets came from the code table, baseline MSE > 0
+    assert "jets" in gains and all(np.isfinite(g["mse"]) and g["baseline_mse"] > 0 for g in gains.values())
+
+
 def test_fsq_levels_rule():
     assert fsq_levels_for(1024) == [8, 5, 5, 5] and fsq_levels_for(2**16) == [8, 8, 8, 5, 5, 5]
     assert all(abs(math.log2(math.prod(v)) - math.log2(k)) < 0.1 for k, v in FSQ_LEVELS.items())  # near the size
