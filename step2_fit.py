@@ -4,7 +4,8 @@
   python step2_fit.py --h5 data/h5/*.h5 --out-dir runs/tok --preset production [--device cuda]
   torchrun --nproc_per_node N step2_fit.py --h5 data/h5/*.h5 --out-dir runs/tok
 
-For every object type a residual EMA VQ-VAE (common/tokenizer.py) on the schema's
+For every object type a residual EMA VQ-VAE (common/tokenizer.py; `--quantizer fsq|rfsq`: finite
+scalar quantisation, one level or residual levels, instead of the learned codebooks) on the schema's
 tokenize=True features present in all inputs (`--mode combined`: one over all object types;
 `--granularity group`: one per (object type, feature group of common/schema.TOKEN_GROUPS) over
 that group's features, written as <obj>.<group>.pt; apply concatenates their codes).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import common  # noqa: F401  (first: sets the OpenMP wait policy before torch and numba load)
 
 import argparse
+import math
 import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -42,13 +44,14 @@ from common.decoded_closure import MAX_EVENTS as CLOSURE_EVENTS, write_closure
 from common.object_stream import (combined_stream, common_features, count_objects, describe_file, dropped_features,
                                   event_minibatches, minibatches, preprocessing_sample, stream_objects)
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS, token_groups
-from common.tokenizer import (COMBINED, ENCODERS, GRANULARITIES, MAX_LEVELS, Tokenizer, build_specs, combined_specs,
-                              fit_preprocessing, tokenizer_name)
+from common.tokenizer import (COMBINED, ENCODERS, FSQ_LEVELS, GRANULARITIES, MAX_LEVELS, QUANTIZERS, Tokenizer,
+                              build_specs, combined_specs, fit_preprocessing, quantizer_problem, tokenizer_name)
 from common.tokenizer_quality import btag_cuts, evaluate, save_eval_sample
-from common.tokenizer_training import (KMEANS_FACTOR, choose_codebook_size, choose_levels, ranks_digests, train,
-                                       weight_pt)
+from common.tokenizer_training import (KMEANS_FACTOR, choose_codebook_size, choose_fsq_levels, choose_levels,
+                                       ranks_digests, train, weight_pt)
 
 # --- fit defaults (quick: the run_all sample); `--preset production` is the long fit's setting ---
+QUANTIZER = "vq"  # vq: residual EMA VQ; fsq: finite scalar quantisation, one level; rfsq: residual FSQ
 DIM = 8
 LEVELS = "auto"  # auto: 4, more where few objects cap the codebook (common/tokenizer_training.AUTO_BITS per object)
 CODEBOOK_SIZE = "auto"  # auto: a power of two near (training objects / 32), 64 to 2048 (common/tokenizer_training.py)
@@ -87,8 +90,13 @@ def parse_args(argv=None):
     p.add_argument("--granularity", choices=GRANULARITIES, default="object",
                    help="group: one tokenizer per (object, feature group), <obj>.<group>.pt (per-object mode only)")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="production: dim 8, 4 levels, 4096 codes (8192 tracks)")
+    p.add_argument("--quantizer", choices=QUANTIZERS, default=QUANTIZER,
+                   help="vq: residual EMA VQ; fsq: FSQ, one level of prod(levels) codes; rfsq: --levels residual FSQ levels")
+    p.add_argument("--fsq-levels", default=None, metavar="8,5,5,5",
+                   help="FSQ levels per dimension (fsq, rfsq); default from --codebook-size: "
+                        + ", ".join(f"{k} -> {'x'.join(map(str, v))}" for k, v in FSQ_LEVELS.items()))
     p.add_argument("--dim", type=int, default=DIM)
-    p.add_argument("--levels", default=LEVELS, help=f"1-{MAX_LEVELS} or 'auto'")
+    p.add_argument("--levels", default=LEVELS, help=f"1-{MAX_LEVELS} or 'auto' (fsq: 1)")
     p.add_argument("--codebook-size", default=CODEBOOK_SIZE, help="int or 'auto'")
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--depth", type=int, default=DEPTH)
@@ -99,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--dead-fraction", type=float, default=DEAD_FRACTION)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS)
+    p.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="vq only: plain autoencoder steps")
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--commit-weight", type=float, default=COMMIT_WEIGHT)
     p.add_argument("--discrete-weight", type=float, default=DISCRETE_WEIGHT, help="loss weight of flags/categories")
@@ -143,6 +151,21 @@ def parse_transforms(items: list[str]) -> dict[str, dict[str, str]]:
             runtime.die(f"--transform {text!r}: only continuous features, transform one of {TRANSFORMS}")
         out.setdefault(obj, {})[name] = transform
     return out
+
+
+def check_quantizer(args, objs: list[str]) -> None:
+    """--quantizer with --levels, --cosine, --fsq-levels and the codebook sizes asked for: possible,
+    or one error line (exit 2). Parses --fsq-levels into a list."""
+    if args.fsq_levels is not None:
+        try:
+            args.fsq_levels = [int(v) for v in args.fsq_levels.split(",")]
+        except ValueError:
+            runtime.die(f"--fsq-levels {args.fsq_levels!r}: expected integers, e.g. 8,5,5,5")
+    tracks = [(args.codebook_size_tracks, " (the preset's size for tracks)")] if args.codebook_size_tracks and "tracks" in objs else []
+    for size, which in [(args.codebook_size, ""), *tracks]:
+        problem = quantizer_problem(args.quantizer, args.levels, size, args.fsq_levels, args.cosine)
+        if problem:
+            runtime.die(f"--quantizer {args.quantizer}: {problem}{which}")
 
 
 def describe_input(path: str) -> dict:
@@ -203,8 +226,10 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
     fit_preprocessing(specs, sample)
     weight_pt(specs, args.pt_weight)
     requested = args.codebook_size_tracks if obj == "tracks" and args.codebook_size_tracks else args.codebook_size
-    codebook_size = choose_codebook_size(requested, n_train)
-    settings = {"dim": args.dim, "levels": choose_levels(args.levels, codebook_size), "codebook_size": codebook_size,
+    fsq = None if args.quantizer == "vq" else (args.fsq_levels or choose_fsq_levels(requested, n_train))
+    codebook_size = choose_codebook_size(requested, n_train) if fsq is None else math.prod(fsq)
+    levels = 1 if args.quantizer == "fsq" else choose_levels(args.levels, codebook_size)
+    settings = {"dim": args.dim, "levels": levels, "codebook_size": codebook_size,
                 "hidden": args.hidden, "depth": args.depth, "decay": args.decay, "cosine": bool(args.cosine),
                 "dead_fraction": args.dead_fraction, "batch_size": args.batch_size, "steps": args.steps,
                 "warmup_steps": args.warmup_steps, "lr": args.lr, "commit_weight": args.commit_weight,
@@ -212,6 +237,8 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
                 "seed": args.seed, "mode": args.mode, "n_train_objects": n_train}
     if args.encoder != "mlp":  # absent: mlp (the default fit's checkpoints stay as they were)
         settings["encoder"] = args.encoder
+    if fsq is not None:  # absent: a vq (so a default fit writes the files it always wrote)
+        settings.update(quantizer=args.quantizer, fsq_levels=fsq)
     if group is not None:  # apply checks that every group fitted for the object is in the folder
         settings.update(granularity="group", group=group, object_groups=list(args.groups[obj]))
     tok = Tokenizer(obj, specs, settings)
@@ -330,6 +357,7 @@ def main(argv=None) -> int:
         runtime.die(f"--encoder {args.encoder} needs --mode per-object (its context is the objects of the same type)")
     if str(args.levels) != "auto" and not (str(args.levels).isdigit() and 1 <= int(args.levels) <= MAX_LEVELS):
         runtime.die(f"--levels must be 1..{MAX_LEVELS} or auto, got {args.levels}")
+    check_quantizer(args, objs)
     transforms = parse_transforms(args.transform)
     paths = runtime.input_files(args.h5)
     if not paths:
@@ -349,7 +377,8 @@ def main(argv=None) -> int:
     if args.rank == 0:
         for r in results:
             if "goals" in r:
-                print(f"[fit] {r['object']}: codes={r['settings']['codebook_size']} levels={r['settings']['levels']} goals={r['goals']['pass']}")
+                print(f"[fit] {r['object']}: {r['settings'].get('quantizer', 'vq')} codes={r['settings']['codebook_size']} "
+                      f"levels={r['settings']['levels']} goals={r['goals']['pass']}")
         fitted = any("sha256" in r for r in results)
         if args.closure_events > 0 and fitted:  # every tokenizer in out-dir, together
             errors += closure(args.out_dir, infos, args.closure_events)

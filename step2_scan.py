@@ -4,7 +4,7 @@
       --reference-tokenizers runs/default/tok --out-dir runs/default/scan [--shard K/N]
 
 The grid ({axis: [values]}, common/tokenizer_scan.AXES: codebook_size, levels, dim, hidden, depth,
-cosine, decay, commit_weight, pt_weight, transform, encoder) is given as a JSON file and/or --axis flags;
+cosine, decay, commit_weight, pt_weight, transform, encoder, quantizer, fsq_levels) is given as a JSON file and/or --axis flags;
 every object type of --objects is scanned over all of its points. Each configuration is one
 independent job in <out>/configs/<id>/:
   1. tok/: the reference tokenizers (.pt, .json) of the other object types, and step2_fit of this

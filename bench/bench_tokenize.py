@@ -10,16 +10,21 @@
      file with the matmul search too (the reference: the speed-up measured under the same load);
      where torch sees a GPU, also with encoder and search on it;
   3. peak memory (ru_maxrss of a child `step2_apply.py`) as the input grows 10x;
-  4. fit throughput (training objects/s of the VQ-VAE at batch 4096).
+  4. fit throughput (training objects/s of the VQ-VAE at batch 4096);
+  5. apply throughput of each quantizer kind of --quantizer (default vq,fsq,rfsq) on the big file,
+     every type with the same kind at about the production preset's size: vq 4 levels x 4096 codes,
+     rfsq 4 levels x 7x5x5x5x5 = 4375 codes, fsq one level of 8x8x8x5x5x5 = 64000 codes.
 
-  python bench/bench_tokenize.py [--events 5000] [--scale 10] [--threads 2]
+  python bench/bench_tokenize.py [--events 5000] [--scale 10] [--threads 2] [--quantizer vq,fsq,rfsq]
 
 The tokenizers here have production shapes but are not trained to convergence (preprocessing
-fitted, codebooks from encoded samples): the cost of encoding does not depend on the training.
+fitted, codebooks from encoded samples; FSQ projections as initialised): the cost of encoding
+does not depend on the training.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import subprocess
@@ -46,13 +51,15 @@ from test_tokenize import write_synthetic_h5  # noqa: E402
 EVENTS = 5000
 SCALE = 10
 DIM, LEVELS, CODES, CODES_TRACKS = 8, 4, 4096, 8192
+KINDS = {"vq": (LEVELS, CODES), "rfsq": (LEVELS, 4096), "fsq": (1, 65536)}  # quantizer kind: levels, size (its rule's)
 REPEATS = 3  # apply runs per setting: the median is quoted (a shared virtual machine is noisy)
 MEMORY_CHUNK_EVENTS = 1024  # both inputs span many chunks, so the comparison shows the streaming
 OUT = ROOT / "bench" / "out" / "tokenize"
 
 
-def make_tokenizers(h5: Path, out_dir: Path, seed: int, codes_tracks: int) -> None:
-    """Production-shaped tokenizers: preprocessing fitted on the file, codebooks = encoded samples."""
+def make_tokenizers(h5: Path, out_dir: Path, seed: int, codes_tracks: int, kind: str = "vq") -> None:
+    """Production-shaped tokenizers: preprocessing fitted on the file, codebooks = encoded samples
+    (vq), or an FSQ kind at KINDS' size."""
     info = object_stream.describe_file(str(h5))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -65,7 +72,14 @@ def make_tokenizers(h5: Path, out_dir: Path, seed: int, codes_tracks: int) -> No
         k = codes_tracks if obj == "tracks" else CODES
         settings = {"dim": DIM, "levels": LEVELS, "codebook_size": k, "hidden": 128, "depth": 2, "decay": 0.99,
                     "cosine": False, "dead_fraction": 0.03}
+        if kind != "vq":
+            levels, size = KINDS[kind]
+            fsq = tokenizer.fsq_levels_for(size)
+            settings.update(levels=levels, codebook_size=math.prod(fsq), quantizer=kind, fsq_levels=fsq)
         tok = Tokenizer(obj, specs, settings)
+        if kind != "vq":
+            tok.save(out_dir / f"{obj}.pt", {"bench": True})
+            continue
         with torch.no_grad():
             z = tok.model.encoder(torch.from_numpy(tok.preprocess(sample)))
             tok.model.quantizer.codebooks.copy_(sample_codebooks(z, k))
@@ -188,6 +202,7 @@ def main() -> int:
     p.add_argument("--scale", type=int, default=SCALE)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--skip-fit", action="store_true")
+    p.add_argument("--quantizer", default="vq,fsq,rfsq", help="quantizer kinds whose apply speed is compared ('': none)")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     small, big = OUT / "small.h5", OUT / "big.h5"
@@ -223,6 +238,15 @@ def main() -> int:
         a = bench_apply(big, tok4096, OUT / "tokens", args.threads, repeats=REPEATS, device="cuda")
         print(f"[bench] apply big on {torch.cuda.get_device_name()} (all types {CODES} codes): {a['objects']:,} objects "
               f"in {a['seconds']:.1f} s -> {a['objects_per_s']:,.0f} obj/s, median of {REPEATS}")
+    for kind in [k for k in args.quantizer.split(",") if k]:  # the quantizer kinds side by side
+        toks = tok4096 if kind == "vq" else OUT / f"tok_{kind}"
+        if kind != "vq":
+            make_tokenizers(small, toks, 1, CODES, kind)
+        a = bench_apply(big, toks, OUT / "tokens", args.threads, repeats=REPEATS)
+        levels, size = KINDS[kind]
+        codes = size if kind == "vq" else math.prod(tokenizer.fsq_levels_for(size))
+        print(f"[bench] apply big, quantizer {kind} ({levels} level(s) x {codes} codes, every type): {a['objects']:,} "
+              f"objects in {a['seconds']:.1f} s -> {a['objects_per_s']:,.0f} obj/s, median of {REPEATS}")
     print(f"[bench] load average at end {os.getloadavg()[0]:.2f}")
     rss = {name: child_peak_rss_mb(h5, tok_dir, OUT / "tokens", args.threads) for name, h5 in (("small", small), ("big", big))}
     print(f"[bench] apply peak RSS (--chunk-events {MEMORY_CHUNK_EVENTS}): {rss['small']:.0f} MB ({args.events} events) -> {rss['big']:.0f} MB "

@@ -1,5 +1,16 @@
-"""Per-object tokenizers: feature preprocessing by kind, an MLP autoencoder and a residual EMA
-vector quantizer. Used by step2 (fit, apply), the diagnostics and step4 (continuous baseline).
+"""Per-object tokenizers: feature preprocessing by kind, an MLP autoencoder and a quantizer (a
+residual EMA vector quantizer, or finite scalar quantisation). Used by step2 (fit, apply), the
+diagnostics and step4 (continuous baseline).
+
+Quantizer kinds (settings "quantizer"; a checkpoint without the key is a vq):
+  vq    `levels` residual levels of a learned codebook of `codebook_size` codes (EMA, k-means init)
+  fsq   finite scalar quantisation (Mentzer et al. 2023, arXiv:2309.15505): the latent is projected
+        to len(fsq_levels) dimensions, each bounded and rounded to its number of levels; one level,
+        an implicit codebook of prod(fsq_levels) codes (the grid), nothing learned but the projections
+  rfsq  `levels` residual levels of FSQ (vector-quantize-pytorch's ResidualFSQ), each prod(fsq_levels) codes
+For every kind codebook_size is the codes per level (for FSQ the product of its levels), and
+code_vectors() gives the (levels, codebook_size, dim) latent vector of every code, whose sum over
+levels is the quantised latent the decoder reads.
 
 Feature kinds (common/schema.py) decide the preprocessing and the loss:
   continuous  quantile -> normal (default), log1p + standard, or standard;  MSE
@@ -44,6 +55,11 @@ SCORE_EPS = 1e-6  # floor of a score before its log-ratio
 SEARCH_BLOCK = 512  # rows per nearest-code matmul block: the distance block stays in cache
 COMPILED_SEARCH_ON_CPU = True  # CPU code search with common.code_search (False: the torch matmul search)
 MAX_LEVELS = 8  # residual levels a quantizer may have
+QUANTIZERS = ("vq", "fsq", "rfsq")
+# FSQ levels per dimension for a codebook size: the sets recommended by Mentzer et al. 2023 (table 1);
+# the implicit codebook, their product, is near the size (2^10 -> 8x5x5x5 = 1000 codes)
+FSQ_LEVELS = {2**8: [8, 6, 5], 2**10: [8, 5, 5, 5], 2**12: [7, 5, 5, 5, 5], 2**14: [8, 8, 8, 6, 5],
+              2**16: [8, 8, 8, 5, 5, 5]}
 KMEANS_ITERS = 15  # Lloyd iterations of the codebook initialisation
 ENCODERS = ("mlp", "transformer")
 CONTEXT_OBJECTS = 16  # the transformer encoder's context: the event's leading objects of the type (pT order)
@@ -322,6 +338,10 @@ class ResidualEMAQuantizer(nn.Module):
             residual = residual - q
         return total, torch.stack(codes, 1), residuals
 
+    def code_vectors(self) -> torch.Tensor:
+        """(levels, size, dim): the codebooks."""
+        return self.codebooks
+
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             quant, codes, residuals = self.quantize(z.detach())
@@ -446,19 +466,100 @@ class ContextEncoder(nn.Module):
         return self.own(x) + self.out(context)
 
 
+def fsq_levels_for(codebook_size: int) -> list[int]:
+    """The FSQ levels per dimension of a codebook size (FSQ_LEVELS); ValueError names the sizes known."""
+    problem = quantizer_problem("fsq", 1, codebook_size)
+    if problem:
+        raise ValueError(problem)
+    return list(FSQ_LEVELS[codebook_size])
+
+
+def quantizer_problem(kind: str, levels, codebook_size="auto", fsq_levels: list[int] | None = None,
+                      cosine: bool = False) -> str | None:
+    """Why a quantizer kind cannot take these settings (None: it can). `levels` and `codebook_size`
+    may be 'auto'; FSQ levels given replace the codebook size."""
+    if kind not in QUANTIZERS:
+        return f"unknown quantizer {kind!r}; choose from {', '.join(QUANTIZERS)}"
+    if kind == "vq":
+        return "FSQ levels need --quantizer fsq or rfsq" if fsq_levels else None
+    if fsq_levels is not None and (not fsq_levels or min(fsq_levels) < 2):
+        return f"FSQ levels {fsq_levels}: every dimension needs at least 2 levels"
+    if kind == "fsq" and str(levels) not in ("auto", "1"):
+        return f"quantizer fsq has one level, not {levels} (residual levels of FSQ: --quantizer rfsq)"
+    if cosine:
+        return f"quantizer {kind} has no code search: --cosine is for vq"
+    size = str(codebook_size)
+    if not fsq_levels and size != "auto" and not (size.isdigit() and int(size) in FSQ_LEVELS):
+        return (f"FSQ has no level rule for codebook size {codebook_size}; use one of "
+                f"{', '.join(str(k) for k in FSQ_LEVELS)} or give its levels (--fsq-levels 8,5,5,5)")
+    return None
+
+
+class FiniteScalarQuantizer(nn.Module):
+    """fsq: FSQ (one level, prod(fsq_levels) codes); rfsq: `levels` residual levels of FSQ. The
+    vector-quantize-pytorch modules: linear projections dim <-> len(fsq_levels) around the grid (no
+    codebook to learn, initialise or reset, and no commitment loss: every grid point stays reachable)."""
+
+    def __init__(self, kind: str, levels: int, fsq_levels: list[int], dim: int):
+        super().__init__()
+        from vector_quantize_pytorch import FSQ, ResidualFSQ  # here: its import takes seconds
+
+        self.kind, self.dim, self.fsq_levels = kind, dim, list(fsq_levels)
+        self.levels = 1 if kind == "fsq" else levels
+        self.size = math.prod(fsq_levels)
+        if kind == "fsq":  # 2 levels in a dimension: only the symmetric variant has them
+            self.fsq = FSQ(levels=self.fsq_levels, dim=dim, preserve_symmetry=2 in self.fsq_levels)
+        else:
+            self.fsq = ResidualFSQ(levels=self.fsq_levels, num_quantizers=levels, dim=dim)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """z (n, dim) -> (quantised latent, codes (n, levels), []) as ResidualEMAQuantizer.quantize."""
+        zq, codes = self.fsq(z.unsqueeze(0))
+        return zq[0], codes[0].reshape(len(z), self.levels).long(), []
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zq, codes, _ = self.quantize(z)  # straight-through gradients inside
+        return zq, codes, z.new_zeros(())
+
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """(levels, size, dim): each level's grid points through the output projection; the
+        projection's bias is split evenly over the levels, so the sum over levels of a code's
+        vectors is the latent the decoder reads."""
+        if self.kind == "fsq":
+            return self.fsq.indices_to_codes(torch.arange(self.size, device=next(self.buffers()).device))[None]
+        grids = self.fsq.codebooks * self.fsq.scales[:, None, :]  # (levels, size, len(fsq_levels))
+        out = self.fsq.project_out
+        if not isinstance(out, nn.Linear):  # dim == len(fsq_levels): no projection
+            return grids
+        return grids @ out.weight.t() + out.bias / self.levels
+
+
+def make_quantizer(kind: str, levels: int, codebook_size: int, dim: int, decay: float = 0.99, cosine: bool = False,
+                   dead_fraction: float = 0.1, fsq_levels: list[int] | None = None) -> nn.Module:
+    """The quantizer of a kind (QUANTIZERS); FSQ kinds take fsq_levels, or the rule's for codebook_size."""
+    problem = quantizer_problem(kind, levels, codebook_size, fsq_levels, cosine)
+    if problem:
+        raise ValueError(problem)
+    if kind == "vq":
+        return ResidualEMAQuantizer(levels, codebook_size, dim, decay, cosine, dead_fraction)
+    return FiniteScalarQuantizer(kind, levels, fsq_levels or fsq_levels_for(codebook_size), dim)
+
+
 class VQAutoencoder(nn.Module):
-    """Encoder (MLP, or the context-aware ContextEncoder) -> residual EMA quantizer -> MLP decoder."""
+    """Encoder (MLP, or the context-aware ContextEncoder) -> quantizer (residual EMA VQ, FSQ or residual
+    FSQ) -> MLP decoder."""
 
     def __init__(self, d_in: int, d_out: int, dim: int, levels: int, codebook_size: int, hidden: int = 128,
                  depth: int = 2, decay: float = 0.99, cosine: bool = False, dead_fraction: float = 0.1,
-                 encoder: str = "mlp"):
+                 encoder: str = "mlp", quantizer: str = "vq", fsq_levels: list[int] | None = None):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
         self.context = encoder == "transformer"
         self.encoder = ContextEncoder(d_in, hidden, dim, depth) if self.context else mlp(d_in, hidden, dim, depth)
         self.decoder = mlp(dim, hidden, d_out, depth)
-        self.quantizer = ResidualEMAQuantizer(levels, codebook_size, dim, decay, cosine, dead_fraction)
+        self.quantizer = make_quantizer(quantizer, levels, codebook_size, dim, decay, cosine, dead_fraction, fsq_levels)
 
     def encode_z(self, x: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
         """The latents of a batch; the transformer encoder needs each object's event (whole events)."""
@@ -503,12 +604,17 @@ class Tokenizer:
         self.model = model or VQAutoencoder(self.d_in, self.d_out, settings["dim"], settings["levels"],
                                             settings["codebook_size"], settings["hidden"], settings["depth"],
                                             settings["decay"], settings["cosine"], settings["dead_fraction"],
-                                            settings.get("encoder", "mlp"))
+                                            settings.get("encoder", "mlp"), self.quantizer_kind,
+                                            settings.get("fsq_levels"))
         self.model.eval()
 
     @property
     def features(self) -> list[str]:
         return [n for s in self.specs for n in s["names"]]
+
+    @property
+    def quantizer_kind(self) -> str:
+        return self.settings.get("quantizer", "vq")  # written only for the FSQ kinds
 
     @property
     def levels(self) -> int:
@@ -536,7 +642,7 @@ class Tokenizer:
         encoder ignores it."""
         x = torch.from_numpy(self.preprocess(feats))
         out = np.empty((len(x), self.levels), dtype=np.int32)
-        device = self.model.quantizer.codebooks.device
+        device = next(self.model.decoder.parameters()).device
         if not self.model.context:
             events = None
         elif events is None or len(events) != len(x):
@@ -552,8 +658,8 @@ class Tokenizer:
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> dict[str, np.ndarray]:
         codes = torch.as_tensor(np.asarray(codes, dtype=np.int64))
-        q = self.model.quantizer
-        zq = sum(q.codebooks[l][codes[:, l]] for l in range(q.levels))
+        table = self.model.quantizer.code_vectors()
+        zq = sum(table[l][codes[:, l]] for l in range(len(table)))
         return postprocess(self.specs, self.model.decoder(zq).numpy())
 
     def reconstruct(self, feats: dict[str, np.ndarray], events: np.ndarray | None = None

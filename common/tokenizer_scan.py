@@ -3,6 +3,8 @@ the table of what each configuration recorded (reconstruction, code usage, downs
 
 A grid is {axis: [values]}; its configurations are the Cartesian product, for every object type
 scanned. The axes are step2_fit options; a configuration leaves the others at step2_fit's defaults.
+Every point must be a possible fit (e.g. quantizer fsq has one level, FSQ knows only the codebook
+sizes of common.tokenizer.FSQ_LEVELS): the grid check names the first that is not.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from common import tokenizer_quality
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
-from common.tokenizer import ENCODERS, MAX_LEVELS
+from common.tokenizer import ENCODERS, MAX_LEVELS, QUANTIZERS, quantizer_problem
 
 
 def _integer(lo: int, hi: int | None = None, why: str = ""):
@@ -45,6 +47,23 @@ def _encoder(v):
     if v not in ENCODERS:
         raise ValueError(f"one of {', '.join(ENCODERS)}")
     return v
+
+
+def _quantizer(v):
+    if v not in QUANTIZERS:
+        raise ValueError(f"one of {', '.join(QUANTIZERS)}")
+    return v
+
+
+def _fsq_levels(v):
+    """FSQ levels per dimension: a list of integers, or text '8x5x5x5' (an --axis flag's value)."""
+    try:
+        levels = [int(x) for x in v.split("x")] if isinstance(v, str) else list(v)
+    except (TypeError, ValueError):
+        levels = None
+    if not levels or any(isinstance(x, bool) or not isinstance(x, int) or x < 2 for x in levels):
+        raise ValueError("levels per dimension of at least 2, as [8, 5, 5, 5] or '8x5x5x5'")
+    return levels
 
 
 def _transform(v):
@@ -77,6 +96,8 @@ AXES = {
     "pt_weight": ("--pt-weight", _number(lambda v: v >= 0, "a number >= 0"), "ptw"),
     "transform": ("--transform", _transform, "tf"),
     "encoder": ("--encoder", _encoder, "enc"),
+    "quantizer": ("--quantizer", _quantizer, "q"),
+    "fsq_levels": ("--fsq-levels", _fsq_levels, "fsq"),
 }
 
 
@@ -99,6 +120,12 @@ def check_grid(grid: dict) -> dict[str, list]:
             except ValueError as exc:
                 raise ValueError(f"axis {axis}: {v!r} is not {exc}") from None
         out[axis] = checked
+    for point in itertools.product(*out.values()):  # the quantizer kind with the other settings
+        s = dict(zip(out, point))
+        problem = quantizer_problem(s.get("quantizer", "vq"), s.get("levels", "auto"), s.get("codebook_size", "auto"),
+                                    s.get("fsq_levels"), s.get("cosine", False))
+        if problem:
+            raise ValueError(f"the grid point {json.dumps(s)}: {problem}")
     return out
 
 
@@ -156,6 +183,8 @@ def config_id(obj: str, settings: dict) -> str:
         short = AXES[axis][2]
         if axis == "cosine":
             parts.append(short if v else f"no{short}")
+        elif axis == "fsq_levels":
+            parts.append(short + "x".join(map(str, v)))
         elif axis != "transform":  # too long for a name: the hash tells transforms apart
             parts.append(f"{short}{v:g}" if isinstance(v, float) else f"{short}{v}")
     return "-".join([obj, *parts, digest])
@@ -170,6 +199,8 @@ def fit_flags(settings: dict) -> list[str]:
             argv += [flag] if v else []
         elif axis == "transform":
             argv += [x for t in v for x in (flag, t)]
+        elif axis == "fsq_levels":
+            argv += [flag, ",".join(map(str, v))]
         else:
             argv += [flag, str(v)]
     return argv
@@ -209,8 +240,11 @@ def quality_columns(sidecar: dict) -> dict:
     fit's table; pT also relative), the worst pT bin, and codes used, dead and perplexity per level,
     all measured on held-out events."""
     q = sidecar["quality"]
-    row = {"codebook_size": sidecar["settings"]["codebook_size"], "levels": sidecar["settings"]["levels"],
+    row = {"quantizer": sidecar["settings"].get("quantizer", "vq"),
+           "codebook_size": sidecar["settings"]["codebook_size"], "levels": sidecar["settings"]["levels"],
            "n_eval_objects": q.get("n_objects"), "pt_resolution": q["goals"].get("pt_relative_resolution")}
+    if "fsq_levels" in sidecar["settings"]:
+        row["fsq_levels"] = "x".join(map(str, sidecar["settings"]["fsq_levels"]))
     for name, f in q["features"].items():
         for key in ("resolution", "bias", "exact_match"):
             if isinstance(f.get(key), (int, float)):

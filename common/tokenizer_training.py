@@ -1,7 +1,8 @@
 """Training of a tokenizer's VQ-VAE (step2 fit, the benchmarks): codebook size and levels from
-the amount of training data, the pT loss weight, the training loop (plain autoencoder warm-up,
-k-means initialisation of the codebooks, VQ training with EMA codebooks and dead-code resets)
-and the codebook checksums that show every torchrun rank ends with the same codebooks."""
+the amount of training data, the pT loss weight, the training loop (vq: plain autoencoder warm-up,
+k-means initialisation of the codebooks, VQ training with EMA codebooks and dead-code resets;
+the FSQ kinds: a fixed grid, trained end to end from the first step) and the codebook checksums
+that show every torchrun rank ends with the same codebooks."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.tokenizer import KMEANS_ITERS, MAX_LEVELS, VQAutoencoder, reconstruction_loss
+from common.tokenizer import (FSQ_LEVELS, KMEANS_ITERS, MAX_LEVELS, ResidualEMAQuantizer, VQAutoencoder,
+                              fsq_levels_for, reconstruction_loss)
 
 # --- codebook size and levels ('auto') ----------------------------------------------------------
 AUTO_OBJECTS_PER_CODE = 32  # 64 left e, mu, jet pT at 2.3-2.4%, 128 at 4-8%: each doubling buys ~30%
@@ -46,6 +48,16 @@ def choose_levels(requested: str | int, codebook_size: int) -> int:
     return min(MAX_LEVELS, max(AUTO_MIN_LEVELS, math.ceil(AUTO_BITS / math.log2(max(codebook_size, 2)))))
 
 
+def choose_fsq_levels(requested: str | int, n_train: int) -> list[int]:
+    """FSQ levels per dimension for --codebook-size: an explicit size the rule knows
+    (common.tokenizer.FSQ_LEVELS), or 'auto': the largest size of the rule not above vq's auto
+    size (the smallest, 2^8, where that is below it)."""
+    if str(requested) != "auto":
+        return fsq_levels_for(int(requested))
+    k = choose_codebook_size("auto", n_train)
+    return list(FSQ_LEVELS[max((s for s in FSQ_LEVELS if s <= k), default=min(FSQ_LEVELS))])
+
+
 def weight_pt(specs: list[dict], weight: float) -> None:
     """pT (and MET sumet) get a larger reconstruction weight: the bits of the codes go where analyses need them."""
     for s in specs:
@@ -56,22 +68,24 @@ def weight_pt(specs: list[dict], weight: float) -> None:
 def train(model: VQAutoencoder, specs: list[dict], batches, *, steps: int, warmup_steps: int, batch_size: int,
           lr: float, commit_weight: float, discrete_weight: float, seed: int, ddp_model=None, label: str = "",
           progress: bool = True) -> list[dict]:
-    """Warm-up as a plain autoencoder for `warmup_steps`, k-means init of the codebooks (seeded
+    """vq: warm-up as a plain autoencoder for `warmup_steps`, k-means init of the codebooks (seeded
     with `seed`), then VQ training with EMA codebooks and dead-code resets (none after
-    RESETS_UNTIL of the steps). `batches`: an endless iterator of (batch_size, d_in) tensors, or of
+    RESETS_UNTIL of the steps). The FSQ kinds: quantised from the first step (nothing to
+    initialise or reset). `batches`: an endless iterator of (batch_size, d_in) tensors, or of
     (x, events) pairs of whole events for the transformer encoder; `ddp_model`: the
     DistributedDataParallel wrapper under torchrun. Returns the loss history."""
     ddp_model = model if ddp_model is None else ddp_model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=LR_RISE_FRACTION)
     q = model.quantizer
+    vq = isinstance(q, ResidualEMAQuantizer)
     reset_every = max(1, math.ceil(RESET_WINDOW_HITS * q.size / batch_size))
     history, t0 = [], time.time()
     bar = tqdm(range(steps), desc=f"fit {label}", disable=not progress, mininterval=1.0)
     for step in bar:
-        if step == warmup_steps or (step == 0 and warmup_steps <= 0):
+        if vq and (step == warmup_steps or (step == 0 and warmup_steps <= 0)):
             init_codebooks(model, batches, q.size * KMEANS_FACTOR, seed)
-        quantize = bool(q.initialised)
+        quantize = bool(q.initialised) if vq else True
         x, events = split_batch(next(batches))
         out, codes, commit = ddp_model(x, quantize=quantize, events=events)
         recon, parts = reconstruction_loss(specs, out, x, discrete_weight)
@@ -80,7 +94,7 @@ def train(model: VQAutoencoder, specs: list[dict], batches, *, steps: int, warmu
         loss.backward()
         opt.step()
         sched.step()
-        if quantize and step % reset_every == reset_every - 1 and step < RESETS_UNTIL * steps:
+        if vq and quantize and step % reset_every == reset_every - 1 and step < RESETS_UNTIL * steps:
             with torch.no_grad():
                 _, _, residuals = q.quantize(model.encode_z(x, events))
             q.reset_dead_codes(residuals)
@@ -110,7 +124,7 @@ def init_codebooks(model: VQAutoencoder, batches, n_vectors: int, seed: int) -> 
 
 
 def codebook_digest(model: VQAutoencoder) -> str:
-    return hashlib.sha256(model.quantizer.codebooks.cpu().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(model.quantizer.code_vectors().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def ranks_digests(model: VQAutoencoder, world: int) -> list[str]:
@@ -120,7 +134,7 @@ def ranks_digests(model: VQAutoencoder, world: int) -> list[str]:
         return [digest]
     import torch.distributed as dist
 
-    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=model.quantizer.codebooks.device)
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=next(model.decoder.parameters()).device)
     out = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(out, mine)
     return [bytes(t.tolist()).hex() for t in out]

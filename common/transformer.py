@@ -226,7 +226,7 @@ def codebook_table(vocab: dict, tok_dir: str | os.PathLike) -> np.ndarray:
             tok = load_tokenizer(path)
             if tok.sha256 != vocab["tokenizers"][name]["sha256"]:
                 raise ValueError(f"{path}: not the tokenizer that made these token files (checksum differs)")
-            books = tok.model.quantizer.codebooks.numpy()
+            books = tok.model.quantizer.code_vectors().numpy()  # (levels, codes, dim), every quantizer kind
             dim = books.shape[-1]
             if table is None:
                 width = dim * max(len(groups) for groups in layout.values())
