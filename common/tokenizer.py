@@ -383,7 +383,8 @@ class ResidualEMAQuantizer(nn.Module):
                 continue
             r = residuals[level]
             pick = torch.randint(len(r), (k,), device=r.device)
-            new = r[pick] + 0.01 * r.std(0, keepdim=True) * torch.randn(k, self.dim, device=r.device)
+            spread = r.std(0, keepdim=True) if len(r) > 1 else torch.zeros_like(r[:1])  # one residual: no NaN spread
+            new = r[pick] + 0.01 * spread * torch.randn(k, self.dim, device=r.device)
             if _distributed():
                 dist.broadcast(new, 0)
             new = self._norm(new)
