@@ -27,8 +27,12 @@ WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 2)}"  # processes of step0, step
 OVERWRITE="${OVERWRITE:-0}"
 TRACKS_IN_SEQUENCE="${TRACKS_IN_SEQUENCE:-10}"  # leading tracks per event in the token sequence
 LABEL_FRACTIONS="${LABEL_FRACTIONS:-0.01,0.1,1}"  # data-efficiency protocol
-FRACTION_ARMS="${FRACTION_ARMS:-scratch,finetune,frozen,counts_gbdt,standard_gbdt}"  # the arms also run below
-#                                   100% of the labels (add continuous: two more trainings per seed)
+ARMS="${ARMS:-scratch,finetune,frozen,counts_gbdt,standard_gbdt}"  # step4 arms at 100% of the labels (add
+#                                   continuous, the continuous-input transformer: one more training, ~35 s per seed)
+FRACTION_ARMS="${FRACTION_ARMS:-scratch,finetune,frozen,counts_gbdt,standard_gbdt}"  # those of ARMS also run below
+#                                   100% of the labels
+GENERALISATION="${GENERALISATION:-0}"  # 1: also the generalisation protocol, trained against the first background
+#                                   only and tested on every background (two more trainings, ~75 s per seed)
 TASKS="${TASKS:-binary}"            # binary and/or multiclass (the Higgs production modes; generates them too)
 CLASSES="${CLASSES:-ggF=hzz4l;VBF=vbfh4l;VH=whh4l,zhh4l;ttH=tthh4l}"  # the multiclass task's classes
 WEIGHTING="${WEIGHTING:-events}"    # events | xsec (cross-section x generator weight / sum of weights)
@@ -111,6 +115,12 @@ for p in "${all_processes[@]}"; do h5+=("$RUN/h5/$p.h5"); done
 run_step step1_convert "$(first_missing "${h5[@]}")" \
     python step1_convert.py "${raw[@]}" --out-dir "$RUN/h5" --workers "$WORKERS" --seed "$SEED" "${overwrite[@]}"
 
+# the sample's plots need only the ROOT files: drawn in the background, on the core the tokenizer fit leaves
+# idle at its end (the report waits for them)
+run_step plot_sample "$RUN/plots/sample/m4l.png" \
+    python plotting/plot_sample.py "${raw[@]}" --out-dir "$RUN/plots/sample" &
+plot_sample_pid=$!
+
 # 2. tokenizers, then token sequences
 run_step step2_fit "$RUN/tok/met.json" \
     python step2_tokenize.py fit --h5 "${h5[@]}" --out-dir "$RUN/tok" --seed "$SEED" --workers "$WORKERS"
@@ -128,20 +138,22 @@ run_step step3_pretrain "$RUN/pretrain/metrics.json" \
         --out-dir "$RUN/pretrain" --seed "$SEED" --device "$DEVICE"
 
 # 4. fine-tuning and baselines on the main task, with the data-efficiency protocol;
-#    then the generalisation protocol: trained against the first background only, tested on all
+#    then (GENERALISATION=1) the generalisation protocol: trained against the first background only, tested on all
 if [[ " $TASKS " == *" binary "* ]]; then
     run_step step4_finetune "$RUN/finetune/metrics.json" \
         python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$BACKGROUND" \
             --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
-            --label-fractions "$LABEL_FRACTIONS" --fraction-arms "$FRACTION_ARMS" --out-dir "$RUN/finetune" \
+            --arms "$ARMS" --label-fractions "$LABEL_FRACTIONS" --fraction-arms "$FRACTION_ARMS" --out-dir "$RUN/finetune" \
             --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" --weighting "$WEIGHTING"
     first_bkg="${BACKGROUND%%,*}"
-    run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
-        python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
-            --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt --seeds "$SEEDS" \
-            --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
-            --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" \
-            --weighting "$WEIGHTING"
+    if [ "$GENERALISATION" = 1 ]; then
+        run_step step4_generalisation "$RUN/finetune_generalisation/metrics.json" \
+            python step4_finetune.py --parquet "${task_parquet[@]}" --signal "$SIGNAL" --background "$first_bkg" \
+                --test-background "$BACKGROUND" --arms scratch,finetune,counts_gbdt,standard_gbdt --seeds "$SEEDS" \
+                --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" \
+                --out-dir "$RUN/finetune_generalisation" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" \
+                --weighting "$WEIGHTING"
+    fi
 fi
 
 # 4a. the model variants (VARIANTS): feature-group sub-tokens and/or jet constituents, each pretrained on the same
@@ -178,13 +190,12 @@ if [[ " $TASKS " == *" multiclass "* ]]; then
     run_step step4_multiclass "$RUN/finetune_multiclass/metrics.json" \
         python step4_finetune.py --parquet "${class_parquet[@]}" --classes "$CLASSES" \
             --init "$RUN/pretrain/backbone.pt" --h5-dir "$RUN/h5" --tokenizers "$RUN/tok" --seeds "$SEEDS" \
-            --label-fractions "$LABEL_FRACTIONS" --fraction-arms "$FRACTION_ARMS" \
+            --arms "$ARMS" --label-fractions "$LABEL_FRACTIONS" --fraction-arms "$FRACTION_ARMS" \
             --out-dir "$RUN/finetune_multiclass" --seed "$SEED" --device "$DEVICE" --workers "$WORKERS" --weighting "$WEIGHTING"
 fi
 
-# plots of the sample, then the report (always rebuilt: it is cheap)
-run_step plot_sample "$RUN/plots/sample/m4l.png" \
-    python plotting/plot_sample.py "${raw[@]}" --out-dir "$RUN/plots/sample"
+# the report (always rebuilt: it is cheap), once the sample's plots (drawn beside step2) are there
+wait "$plot_sample_pid" || exit 1  # its FAILED line is printed already
 run_step report "" \
     python plotting/report.py --run-dir "$RUN" --sample-dir "$SAMPLE_DIR" --out "$RUN/report.html"
 
