@@ -10,13 +10,13 @@
 # and names the step and its log.
 set -euo pipefail
 
-EVENTS="${EVENTS:-4000}"            # events generated per process of the labelled task
+EVENTS="${EVENTS:-3000}"            # events generated per process of the labelled task
 SEED="${SEED:-1}"
 PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"  # the labelled task's processes
 SIGNAL="${SIGNAL:-hzz4l}"
 BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
 PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz}"  # unlabelled corpus, beside the task's own events
-PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-1500}"  # events generated per corpus process
+PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-1200}"  # events generated per corpus process
 SEEDS="${SEEDS:-1}"                 # every classifier training is repeated with these seeds (1,2,3: the
                                     # seed spread of every figure, about 3x step4's time: README.md)
 RUN="${RUN:-runs/default}"          # output folder of this run
@@ -115,10 +115,10 @@ for p in "${all_processes[@]}"; do h5+=("$RUN/h5/$p.h5"); done
 run_step step1_convert "$(first_missing "${h5[@]}")" \
     python step1_convert.py "${raw[@]}" --out-dir "$RUN/h5" --workers "$WORKERS" --seed "$SEED" "${overwrite[@]}"
 
-# the sample's plots need only the ROOT files: drawn in the background, on the core the tokenizer fit leaves
-# idle at its end (the report waits for them)
+# the sample's plots need only the ROOT files: drawn in the background at the lowest priority, so they take
+# the core the tokenizer fit leaves idle at its end, not one it uses (the report waits for them)
 run_step plot_sample "$RUN/plots/sample/m4l.png" \
-    python plotting/plot_sample.py "${raw[@]}" --out-dir "$RUN/plots/sample" &
+    nice -n 19 python plotting/plot_sample.py "${raw[@]}" --out-dir "$RUN/plots/sample" &
 plot_sample_pid=$!
 
 # 2. tokenizers, then token sequences
