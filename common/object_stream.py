@@ -17,7 +17,7 @@ import torch
 
 from common import h5io, runtime, token_parquet
 from common.schema import OBJECTS, TYPE_IDS, Feature, dataset_path
-from common.tokenizer import EVENT_KEY, TYPE_FEATURE, preprocess, usable_features
+from common.tokenizer import EVENT_KEY, TYPE_FEATURE, event_cuts, preprocess, usable_features
 
 CHUNK_EVENTS = 8192  # events per chunk of the training and held-out streams
 SAMPLE_BLOCK_EVENTS = 256  # events per random block of the preprocessing sample
@@ -215,8 +215,7 @@ def _whole_event_batches(x: np.ndarray, ev: np.ndarray, batch_size: int, rng):
     ev = np.r_[0, np.cumsum(np.diff(ev) != 0)] if len(ev) else ev  # 0, 1, .. per event
     order = np.argsort(rng.permutation(int(ev[-1]) + 1 if len(ev) else 0)[ev], kind="stable")
     x, ev = x[order], ev[order]
-    ends = np.r_[np.flatnonzero(np.diff(ev)) + 1, len(ev)]
-    cuts = np.unique(np.r_[0, ends[np.searchsorted(ends, np.arange(batch_size, len(ev) + 1, batch_size))]])
+    cuts = np.unique(np.r_[0, event_cuts(ev, batch_size)])
     batches = [(torch.from_numpy(x[a:b]), torch.from_numpy(ev[a:b])) for a, b in zip(cuts[:-1], cuts[1:])]
     return batches, x[cuts[-1]:], ev[cuts[-1]:]
 

@@ -586,12 +586,18 @@ ENCODE_BATCH = 65536  # objects per quantizer call
 ENCODER_BATCH = 4096  # objects per encoder call: its activations stay in cache
 
 
+def event_cuts(events: np.ndarray, size: int) -> np.ndarray:
+    """Where batches of about `size` rows of per-object events end, cutting only between events: the
+    first event end at or after each multiple of `size` (contiguous events)."""
+    ends = np.r_[np.flatnonzero(np.diff(events)) + 1, len(events)]  # where each event ends
+    return ends[np.searchsorted(ends, np.arange(size, len(events) + 1, size))]
+
+
 def spans(n: int, size: int, events: np.ndarray | None = None) -> list[tuple[int, int]]:
     """[lo, hi) ranges of about `size` rows; with per-object events, cut only between events."""
     if events is None:
         return [(i, min(i + size, n)) for i in range(0, n, size)]
-    ends = np.r_[np.flatnonzero(np.diff(events)) + 1, n]  # where each event ends
-    cuts = np.unique(np.r_[0, ends[np.searchsorted(ends, np.arange(size, n, size))], n])
+    cuts = np.unique(np.r_[0, event_cuts(events, size), n])
     return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
 
 

@@ -43,16 +43,12 @@ def _flag(v):
     return v
 
 
-def _encoder(v):
-    if v not in ENCODERS:
-        raise ValueError(f"one of {', '.join(ENCODERS)}")
-    return v
-
-
-def _quantizer(v):
-    if v not in QUANTIZERS:
-        raise ValueError(f"one of {', '.join(QUANTIZERS)}")
-    return v
+def _one_of(choices: tuple[str, ...]):
+    def check(v):
+        if v not in choices:
+            raise ValueError(f"one of {', '.join(choices)}")
+        return v
+    return check
 
 
 def _fsq_levels(v):
@@ -95,8 +91,8 @@ AXES = {
     "commit_weight": ("--commit-weight", _number(lambda v: v >= 0, "a number >= 0"), "cw"),
     "pt_weight": ("--pt-weight", _number(lambda v: v >= 0, "a number >= 0"), "ptw"),
     "transform": ("--transform", _transform, "tf"),
-    "encoder": ("--encoder", _encoder, "enc"),
-    "quantizer": ("--quantizer", _quantizer, "q"),
+    "encoder": ("--encoder", _one_of(ENCODERS), "enc"),
+    "quantizer": ("--quantizer", _one_of(QUANTIZERS), "q"),
     "fsq_levels": ("--fsq-levels", _fsq_levels, "fsq"),
 }
 
