@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -75,6 +77,20 @@ def test_bad_grid_is_one_error_line(sample, tmp_path, capsys, grid, cause):
     assert scan(sample, tmp_path / "out", "--grid", tmp_path / "grid.json") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and cause in err[0], err
+    assert not (tmp_path / "out" / "configs").exists()
+
+
+def test_data_mc_without_data_is_one_error_line(sample, tmp_path, capsys):
+    """Task files that are all simulation: --data-mc stops before any configuration is fitted."""
+    for src in (sample / "h5").glob("*.h5"):
+        shutil.copy(src, tmp_path / src.name)
+        with h5py.File(tmp_path / src.name, "r+") as f:
+            f["common/event/is_simulation"][...] = 1
+    assert call_main(step2_scan.main, "--h5", tmp_path, "--reference-tokenizers", sample / "ref", "--out-dir",
+                     tmp_path / "out", "--signal", "hzz4l", "--background", "zz4l", *TINY_SCAN, "--axis", "levels=2",
+                     "--data-mc") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data-mc: no data among the inputs" in err[0], err
     assert not (tmp_path / "out" / "configs").exists()
 
 
