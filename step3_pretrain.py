@@ -57,6 +57,7 @@ BATCH_SIZE = 128
 LR = 1e-3
 MASK_PROB = 0.15
 SHUFFLE_BUFFER = 16384
+BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
 SCALER_BATCHES = 20  # training batches that fix the standardisation of the regression targets
 SEED = 1
 CODE_GEOMETRY = True  # embed each object's quantised latent (from the step2 codebooks) beside its code ids
@@ -80,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-fraction", type=float, default=T.WARMUP_FRACTION)
     p.add_argument("--grad-clip", type=float, default=T.GRAD_CLIP)
     p.add_argument("--mask-prob", type=float, default=MASK_PROB)
+    p.add_argument("--balance-types", action="store_true", default=BALANCE_TYPES,
+                   help="masked-object regression loss: the mean of each object type's error, not of all objects")
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="events held for shuffling")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
     T.add_runtime_args(p)
@@ -241,7 +244,7 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
                 loss = loss + stats[name].add(ev_types, out[name], z * valid, valid)
             else:
                 z, valid = ctx["scalers"][name].standardise(m_types, targets[name])
-                loss = loss + stats[name].add(m_types, out[name], z, valid)
+                loss = loss + stats[name].add(m_types, out[name], z, valid, args.balance_types)
         if train:
             T.optimiser_step(loss, model, opt, sched, args.grad_clip)
         n_events += len(ids)

@@ -78,6 +78,8 @@ PATIENCE = 4  # validation AUCs without improvement before stopping
 BATCH_SIZE = 64
 LR = 1e-3  # head, and the whole model for scratch / continuous
 BACKBONE_LR = 1e-3  # the pretrained backbone in finetune mode (3e-4 left it below scratch: bench/README.md)
+HEAD_FIRST = 0.5  # finetune: the fraction of the steps in which the new head trains alone on the frozen backbone before
+#                  both train (probe, then fine-tune): +0.02 AUC at 1% and 10% of the labels (bench/README.md)
 WARMUP_FRACTION = 0.1
 PROBE_C = 1.0  # inverse L2 strength of the frozen probe (on standardised features)
 SHUFFLE_BUFFER = 16384
@@ -120,6 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--backbone-lr", type=float, default=BACKBONE_LR)
+    p.add_argument("--head-first", type=float, default=HEAD_FIRST, metavar="FRACTION",
+                   help="finetune: the fraction of --steps in which the new head trains alone on the frozen backbone")
     p.add_argument("--weight-decay", type=float, default=T.WEIGHT_DECAY)
     p.add_argument("--warmup-fraction", type=float, default=WARMUP_FRACTION)
     p.add_argument("--grad-clip", type=float, default=T.GRAD_CLIP)
@@ -152,6 +156,8 @@ def parse_args(argv=None):
         p.error(f"--seeds / --label-fractions: {exc}")
     if any(not 0 < f <= 1 for f in args.fractions):
         p.error("--label-fractions must lie in (0, 1]")
+    if not 0 <= args.head_first < 1:
+        p.error(f"--head-first {args.head_first} must lie in [0, 1)")
     if min(args.gbdt_trees, args.bootstrap, args.steps, args.eval_every, args.patience) < 1:
         p.error("--gbdt-trees, --bootstrap, --steps, --eval-every and --patience must be at least 1")
     T.check_model_args(p, args)
@@ -242,7 +248,8 @@ def train_network(arm, ctx, fraction, seed, desc=""):
     groups = [{"params": list(model.head.parameters()), "lr": args.lr},
               {"params": list(model.backbone.parameters()), "lr": args.backbone_lr if arm == "finetune" else args.lr}]
     opt = T.adamw(groups, weight_decay=args.weight_decay)
-    sched = T.warmup_cosine(opt, args.steps, args.warmup_fraction)
+    backbone_waits = int(args.head_first * args.steps) if arm == "finetune" else 0
+    sched = T.warmup_cosine(opt, args.steps, args.warmup_fraction, hold=[0, backbone_waits])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
     amp, feats = T.use_amp(args.amp, dist.device), (lambda b: b["features"]) if cont else None
     bars = ctx["progress"]

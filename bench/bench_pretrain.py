@@ -57,6 +57,17 @@ def child_epoch(paths, out, args) -> tuple[float, float, float]:
     return hist["events_per_s"], int(r.stdout.strip().splitlines()[-1]) / 1024, wall
 
 
+def forward_seconds(model, stream, mode: str, args) -> float:
+    """Seconds of the forward passes alone over the stream's batches (read beforehand), no gradients."""
+    batches = [T.to_device(b, args.device) for b in stream.batches(max_steps=args.max_steps)]
+    model.train(mode == "train")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for b in batches:
+            model(*b)
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parquet", nargs="*", default=None)
@@ -83,21 +94,18 @@ def main() -> int:
                 n_train, n_batches, tokens = n_train + len(b["length"]), n_batches + 1, tokens + int(b["attention_mask"].sum())
             train_eps, peak_mb, wall = child_epoch(paths, Path(tmp) / f"pre{k}", args)
 
-            # reference: the same model size, forward only, the same batches, this process
-            model = EventTransformer(ModelConfig.from_vocab(vocab)).to(args.device).eval()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for b in stream.batches(max_steps=args.max_steps):
-                    model(*T.to_device(b, args.device))
-            fwd_eps = n_train / (time.perf_counter() - t0)
+            # reference: the same model size, forward only, the same batches, this process; in eval mode
+            # (torch's fused inference kernel, no dropout) and in train mode (the kernels a training step runs)
+            model = EventTransformer(ModelConfig.from_vocab(vocab)).to(args.device)
+            fwd_eps = {mode: n_train / forward_seconds(model, stream, mode, args) for mode in ("eval", "train")}
             rows.append((scale, n_train, tokens / n_train, train_eps, fwd_eps, peak_mb, wall))
     print(f"device {args.device}, 1 torch thread, objective {args.objective}, batch {args.batch_size}")
-    print("| corpus | train events read | mean length | step3 train events/s | tokens/s | forward-only events/s | "
-          "train / forward | peak RSS (MB) | peak / first |")
+    print("| corpus | train events read | mean length | step3 train events/s | tokens/s | forward-only events/s, eval "
+          "/ train mode | train / forward, eval / train mode | peak RSS (MB) | peak / first |")
     print("|---|---|---|---|---|---|---|---|---|")
     for scale, n, length, tr, fw, peak, wall in rows:
-        print(f"| {scale}x | {n} | {length:.1f} | {tr:.0f} | {tr * length:.0f} | {fw:.0f} | {tr / fw:.2f} | {peak:.0f} | "
-              f"{peak / rows[0][5]:.2f} |")
+        print(f"| {scale}x | {n} | {length:.1f} | {tr:.0f} | {tr * length:.0f} | {fw['eval']:.0f} / {fw['train']:.0f} | "
+              f"{tr / fw['eval']:.2f} / {tr / fw['train']:.2f} | {peak:.0f} | {peak / rows[0][5]:.2f} |")
     return 0
 
 

@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 from common import constituent_model, highlevel
 from common.runtime import InputError
 from common.schema import MASK, PAD
-from common.token_parquet import (REQUIRED_COLUMNS, _splitmix64, batch_to_numpy, check_columns, iter_batches,
-                                  read_vocab, split_of)
+from common.token_parquet import (REQUIRED_COLUMNS, _splitmix64, batch_to_numpy, check_columns, interleaved_batches,
+                                  iter_batches, read_vocab, split_of)
 from common.transformer import vocab_checksum
 
 LIGHT_COLUMNS = ("event_index", "source_file", "process", "dsid", "weight")
@@ -95,11 +95,15 @@ class SequenceStream:
         return keep
 
     def _tables(self, epoch: int, columns: Sequence[str]) -> Iterator[pa.Table]:
-        paths = list(self.paths)
-        if self.shuffle_buffer:
-            np.random.default_rng([self.seed, epoch, 1]).shuffle(paths)
-        for _, batch in iter_batches(paths, self.read_rows, columns=list(dict.fromkeys(list(columns) + list(LIGHT_COLUMNS))),
-                                     failed=self.failed):
+        paths, columns = list(self.paths), list(dict.fromkeys(list(columns) + list(LIGHT_COLUMNS)))
+        if self.shuffle_buffer:  # the files interleaved in chunks of 1/16 of the buffer, so a buffer mixes them
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            rng.shuffle(paths)
+            rows = max(64, min(self.read_rows, self.shuffle_buffer // 16))
+            chunks = interleaved_batches(paths, rows, rng, columns=columns, failed=self.failed)
+        else:
+            chunks = iter_batches(paths, self.read_rows, columns=columns, failed=self.failed)
+        for _, batch in chunks:
             keep = self._keep(batch)
             if keep.any():
                 table = pa.Table.from_batches([batch]).filter(pa.array(keep))

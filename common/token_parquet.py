@@ -37,6 +37,7 @@ REQUIRED_COLUMNS = ("input_ids", "token_type_ids", "attention_mask", "event_inde
                     "process", "dsid", "weight")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)  # train, val, test
+INTERLEAVE_FILES = 16  # files a shuffled stream reads from at once (open handles stay bounded with many files)
 
 
 # --- splits ----------------------------------------------------------------------------------
@@ -191,6 +192,39 @@ def batch_to_numpy(batch: pa.RecordBatch | pa.Table, q: int) -> dict[str, np.nda
             c = cols[name]
             out[name] = c.to_numpy(zero_copy_only=False) if hasattr(c, "to_numpy") else np.asarray(c)
     return out
+
+
+def interleaved_batches(paths: Sequence[str | os.PathLike], batch_size: int, rng: np.random.Generator,
+                        columns: Sequence[str] = REQUIRED_COLUMNS, failed: dict | None = None,
+                        width: int = INTERLEAVE_FILES) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """iter_batches over up to `width` files open at a time, each next batch from one of them picked at
+    random in proportion to its unread rows: a shuffle buffer then holds a mix of every file, not one
+    process after another (which is what reading the files in turn gives once they outgrow the buffer)."""
+    pending, active = iter(paths), []  # active: [batch iterator, rows not yet read]
+
+    def open_next() -> None:
+        for path in pending:
+            if failed is not None and str(path) in failed:
+                continue
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except (OSError, pa.ArrowException):
+                rows = 1  # iter_batches meets the same error on reading and reports it
+            active.append([iter_batches([path], batch_size, columns, failed), rows])
+            return
+
+    for _ in range(width):
+        open_next()
+    while active:
+        left = np.array([max(a[1], 1) for a in active], dtype=np.float64)
+        k = int(rng.choice(len(active), p=left / left.sum()))
+        item = next(active[k][0], None)
+        if item is None:
+            active.pop(k)
+            open_next()
+            continue
+        active[k][1] -= item[1].num_rows
+        yield item
 
 
 def iter_batches(paths: Sequence[str | os.PathLike], batch_size: int, columns: Sequence[str] = REQUIRED_COLUMNS,

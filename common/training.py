@@ -4,6 +4,7 @@ step with clipping, and the pooled event representation of a sequence."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -80,15 +81,24 @@ def adamw(params, lr: float = 1e-3, weight_decay: float = WEIGHT_DECAY) -> torch
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def warmup_cosine(optimizer, total_steps: int, warmup_fraction: float = WARMUP_FRACTION):
-    """Linear warm-up over warmup_fraction of the steps, then cosine decay to zero."""
-    warmup = max(1, int(warmup_fraction * total_steps))
+def warmup_cosine(optimizer, total_steps: int, warmup_fraction: float = WARMUP_FRACTION, hold: Sequence[int] = ()):
+    """Linear warm-up over warmup_fraction of the steps, then cosine decay to zero. `hold`: per
+    parameter group, steps at lr 0 before that group's own warm-up and decay over the steps left."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def schedule(start: int):
+        span = max(1, total_steps - start)
+        warmup = max(1, int(warmup_fraction * span))
+
+        def factor(step: int) -> float:
+            step -= start
+            if step < 0:
+                return 0.0
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, span - warmup))))
+        return factor
+    starts = list(hold) + [0] * (len(optimizer.param_groups) - len(hold))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule(s) for s in starts])
 
 
 def to_device(batch: dict, device, keys=SEQUENCE_KEYS) -> tuple[torch.Tensor, ...]:
@@ -123,7 +133,10 @@ class TargetScaler:
         self.valid = n > 0
         self.mean = np.divide(s, n, out=np.zeros_like(s), where=self.valid)
         var = np.divide(s2, n, out=np.zeros_like(s), where=self.valid) - self.mean**2
-        self.std = np.sqrt(np.where(var > 1e-12, var, 1.0))
+        # a spread needs 2 values and must exceed float32 round-off (targets are squared in float32), else 1:
+        # a column with a single valid value got the round-off as its spread (2e-4) and values of 1e4 sigma
+        spread = (n >= 2) & (var > 1e-6 * (1 + self.mean**2))
+        self.std = np.sqrt(np.where(spread, var, 1.0))
         return self
 
     def state(self) -> dict:
@@ -144,13 +157,20 @@ class RegressionStats:
     def __init__(self, n_types: int, device):
         self.sums = torch.zeros(4, n_types, dtype=torch.float64, device=device)  # objects, values, model, baseline
 
-    def add(self, types, pred, z, valid) -> torch.Tensor:
-        """Accumulates and returns the mean squared error of this batch (the loss)."""
+    def add(self, types, pred, z, valid, balanced: bool = False) -> torch.Tensor:
+        """Accumulates and returns the mean squared error of this batch (the loss): over all values,
+        or (balanced) the mean over the types present of each type's mean squared error."""
         sq = (pred - z) ** 2 * valid
         t = types.long()
         for k, v in enumerate((torch.ones_like(t, dtype=torch.float64), valid.sum(1), sq.sum(1), (z**2 * valid).sum(1))):
             self.sums[k].index_add_(0, t, v.detach().double())
-        return sq.sum() / valid.sum().clamp(min=1)
+        if not balanced:
+            return sq.sum() / valid.sum().clamp(min=1)
+        per_type = torch.zeros(2, len(self.sums[0]), dtype=sq.dtype, device=sq.device)
+        per_type[0].index_add_(0, t, sq.sum(1))
+        per_type[1].index_add_(0, t, valid.sum(1).to(sq.dtype))
+        present = per_type[1] > 0
+        return (per_type[0][present] / per_type[1][present]).mean()
 
     def summary(self, vocab: dict, reduce=lambda t: t) -> dict:
         n, values, model, base = reduce(self.sums).cpu().numpy()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,6 +23,7 @@ from finetune_fixtures import call_main, make_sample, make_vocab, shared_sample 
 import step4_finetune  # noqa: E402
 
 from common import highlevel  # noqa: E402
+from common import training as T  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
 
 SMALL = ["--batch-size", "64", "--steps", "20", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
@@ -65,6 +67,23 @@ def test_z_candidates_standard_pairing():
     # the production-mode variables: the two leading jets back to back, 1 apart in eta; no lepton beyond the four
     assert x["m_jj"][0] == pytest.approx(np.sqrt(2 * 60 * 40 * (np.cosh(1) + 1)), rel=1e-4) and x["deta_jj"][0] == pytest.approx(1)
     assert np.isnan(x["m_jj"][1]) and x["jet2_pt"][0] == 40 and x["n_extra_leptons"][0] == 0
+
+
+def test_schedule_holds_a_group_then_warms_it_up():
+    """--head-first: the backbone's lr is 0 while the head trains alone, then warms up and decays
+    over the steps left; without a hold every group follows the plain warm-up + cosine."""
+    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": 1.0} for _ in range(2)]
+    opt = torch.optim.AdamW(groups)
+    sched = T.warmup_cosine(opt, 100, 0.1, hold=[0, 40])
+    lrs = []
+    for _ in range(100):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    head, backbone = np.array(lrs).T
+    assert head[9] == 1.0 and head[0] == pytest.approx(0.1) and head[-1] < 0.01
+    assert (backbone[:40] == 0).all() and backbone[40] == pytest.approx(1 / 6) and backbone[45] == 1.0
+    assert np.all(np.diff(backbone[46:]) <= 0) and backbone[-1] < 0.01
 
 
 def test_binary_metrics():
@@ -168,6 +187,8 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     assert code == 1 and "split holds no" in err and len(err.strip().splitlines()) == 1
     code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "hzz4l", "--background", "zz4l", "--bootstrap", "0", *base)
     assert code == 2 and "--bootstrap, --steps, --eval-every and --patience must be at least 1" in err
+    code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "hzz4l", "--background", "zz4l", "--head-first", "1", *base)
+    assert code == 2 and "--head-first 1.0 must lie in [0, 1)" in err
     assert not (tmp_path / "o").exists(), "no output from a failed run"
 
 

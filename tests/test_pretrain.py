@@ -90,6 +90,12 @@ def test_stream_splits_and_rank_shards(sample):
     again = [(f, i) for b in shards[0].batches(3) for f, i in zip(b["source_file"], b["event_index"])]
     other = [(f, i) for b in shards[0].batches(4) for f, i in zip(b["source_file"], b["event_index"])]
     assert again == ev[0] and other != ev[0], "shuffling is seeded per epoch"
+    # a buffer smaller than the corpus: the batches hold all 4 processes (reading the files in turn: 3 batches of 56)
+    big = SequenceStream(paths, 2, 50, split=0, shuffle_buffer=1600, seed=7)
+    batches = list(big.batches())
+    assert sorted((f, i) for b in batches for f, i in zip(b["source_file"], b["event_index"])) == sorted(seen["train"])
+    mixed = [len(set(b["process"])) for b in batches]
+    assert min(mixed[:-1]) >= 3 and mixed.count(4) >= 0.9 * len(mixed), mixed
 
 
 def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, capsys):
@@ -119,7 +125,7 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     code, stdout, _ = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, *SMALL)
     assert code == 0 and "skipping" in stdout
     code, stdout, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "6",
-                            "--resume", "--lr", "3e-3", "--mask-prob", "0.3", "--max-steps", "4", *SMALL,
+                            "--resume", "--lr", "3e-3", "--mask-prob", "0.3", "--max-steps", "4", "--balance-types", *SMALL,
                             "--objective", "features,tokens,event")
     assert code == 0 and "resuming after epoch 4" in stdout, err[-1500:]
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1, 2, 3, 4, 5]
@@ -222,3 +228,17 @@ def test_damaged_inputs_skip_the_file_and_keep_the_run(sample, tmp_path, capsys)
     torch.save({"model": argparse.Namespace(a=1)}, out / "checkpoint.pt")
     code, _, err = run(capsys, "--parquet", *good, "--out-dir", out, "--resume", "--epochs", "2", *SMALL)
     assert code == 1 and "refusing to unpickle" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_balanced_regression_loss_weighs_every_type_alike():
+    """--balance-types: the mean of each type's MSE, so 4 easy tracks do not outvote 1 hard electron;
+    the statistics (context gain) are the same either way."""
+    from common.training import RegressionStats
+    types = torch.tensor([0, 0, 0, 0, 2])
+    pred = torch.zeros(5, 2)
+    z = torch.tensor([[1.0, 9.0]] * 4 + [[3.0, 3.0]])
+    valid = torch.tensor([[1.0, 0.0]] * 4 + [[1.0, 1.0]])  # the 9s are not valid columns
+    plain, balanced = RegressionStats(3, "cpu"), RegressionStats(3, "cpu")
+    assert plain.add(types, pred, z, valid).item() == pytest.approx((4 * 1 + 2 * 9) / 6)
+    assert balanced.add(types, pred, z, valid, balanced=True).item() == pytest.approx((1 + 9) / 2)
+    assert torch.equal(plain.sums, balanced.sums)

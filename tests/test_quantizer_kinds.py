@@ -29,6 +29,7 @@ from common.schema import TOKENIZED_OBJECTS  # noqa: E402
 from common.tokenizer import FSQ_LEVELS, fsq_levels_for, load_tokenizer  # noqa: E402
 from common.tokenizer_training import choose_fsq_levels  # noqa: E402
 from common.transformer import codebook_table  # noqa: E402
+from plotting.report import summary_tokenizers  # noqa: E402
 
 REAL_FILE = ROOT / "tests/data/physlite/PHYSLITE_example.root"  # real ATLAS MC, 100 events, ~880 jets
 TINY = ["--steps", "60", "--warmup-steps", "10", "--batch-size", "64", "--hidden", "16", "--preprocess-events", "500",
@@ -83,6 +84,8 @@ def test_fit_records_kind_codes_and_quality(sample, kind):
     assert side["quality"]["features"]["pt"]["relative"]["resolution"] < 1.0  # trained, not noise
     tok = load_tokenizer(sample["dirs"][kind] / "jets.pt")
     assert (tok.quantizer_kind, tok.levels, tok.codebook_size) == (s.get("quantizer", "vq"), levels, size)
+    shown = "vq" if kind == "vq" else f'{kind} ({"x".join(map(str, s["fsq_levels"]))})'
+    assert f"<td>jets</td><td>{shown}</td><td>mlp</td>" in summary_tokenizers({"jets": side}, ["jets"])  # the report
 
 
 @pytest.mark.parametrize("kind", ["fsq", "rfsq"])
