@@ -446,10 +446,12 @@ def summary_tokenizers(sides: dict, order: list[str]) -> str:
         s, q = sides[obj]["settings"], sides[obj]["quality"]
         kind = s.get("quantizer", "vq") + (f' ({"x".join(map(str, s["fsq_levels"]))})' if "fsq_levels" in s else "")
         rows.append([obj, kind, s.get("encoder", "mlp"), s["levels"], s["codebook_size"], s["dim"], s["n_train_objects"],
-                     q["n_objects"], ", ".join(fmt(c["used_fraction"]) for c in q["codes"]), q["goals"]["pt_relative_resolution"],
-                     q["goals"].get("pt_worst_bin_resolution", ""), q["goals"].get("pt_worst_bin_abs_bias", "")])
-    return table(["tokenizer", "quantizer", "encoder", "levels", "codebook size", "dim", "training objects", "held-out objects",
-                  "used fraction per level", "pT rel. resolution", "worst pT bin: resolution", "worst pT bin: |bias|"], rows)
+                     q["n_objects"], ", ".join(fmt(c["used_fraction"]) for c in q["codes"]),
+                     q["goals"]["pt_relative_resolution"], q["goals"].get("pt_worst_bin_resolution", ""),
+                     q["goals"].get("pt_worst_bin_abs_bias", "")])
+    return table(["tokenizer", "quantizer", "encoder", "levels", "codebook size", "dim", "training objects",
+                  "held-out objects", "used fraction per level", "pT rel. resolution", "worst pT bin: resolution",
+                  "worst pT bin: |bias|"], rows)
 
 
 # --- tokenizer scan (step2_scan.py's scan/ folder) -------------------------------------------------
