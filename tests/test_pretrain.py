@@ -242,3 +242,15 @@ def test_balanced_regression_loss_weighs_every_type_alike():
     assert plain.add(types, pred, z, valid).item() == pytest.approx((4 * 1 + 2 * 9) / 6)
     assert balanced.add(types, pred, z, valid, balanced=True).item() == pytest.approx((1 + 9) / 2)
     assert torch.equal(plain.sums, balanced.sums)
+
+
+def test_target_scale_needs_two_values_above_round_off():
+    """A column seen once (one four-lepton event among the scaler's batches) keeps a spread of 1, not
+    the float32 round-off of x**2 - x**2, which standardised the other events to 1e4 sigma."""
+    from common.training import TargetScaler
+    x = np.array([[2.87, 1.0], [0.0, 3.0], [0.0, 5.0]], dtype=np.float32)  # 2.87**2 rounds up in float32
+    valid = np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    s = TargetScaler(1, 2)
+    s.add(np.zeros(3, dtype=np.int64), x, valid)
+    s.finish()
+    assert s.mean[0] == pytest.approx([2.87, 3.0]) and s.std[0] == pytest.approx([1.0, np.sqrt(8 / 3)])
