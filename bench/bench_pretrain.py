@@ -57,9 +57,8 @@ def child_epoch(paths, out, args) -> tuple[float, float, float]:
     return hist["events_per_s"], int(r.stdout.strip().splitlines()[-1]) / 1024, wall
 
 
-def forward_seconds(model, stream, mode: str, args) -> float:
-    """Seconds of the forward passes alone over the stream's batches (read beforehand), no gradients."""
-    batches = [T.to_device(b, args.device) for b in stream.batches(max_steps=args.max_steps)]
+def forward_seconds(model, batches, mode: str) -> float:
+    """Seconds of the forward passes alone over batches already on the device, no gradients."""
     model.train(mode == "train")
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -89,15 +88,16 @@ def main() -> int:
             paths = args.parquet or synthetic(Path(tmp) / f"x{scale}", args.events * scale)
             vocab, paths, _ = open_sequences(paths)
             stream = SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS["train"])
-            n_train, n_batches, tokens = 0, 0, 0
-            for b in stream.batches(max_steps=args.max_steps):
-                n_train, n_batches, tokens = n_train + len(b["length"]), n_batches + 1, tokens + int(b["attention_mask"].sum())
+            batches = list(stream.batches(max_steps=args.max_steps))  # the epoch the child trains on
+            n_train = sum(len(b["length"]) for b in batches)
+            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             train_eps, peak_mb, wall = child_epoch(paths, Path(tmp) / f"pre{k}", args)
 
             # reference: the same model size, forward only, the same batches, this process; in eval mode
             # (torch's fused inference kernel, no dropout) and in train mode (the kernels a training step runs)
             model = EventTransformer(ModelConfig.from_vocab(vocab)).to(args.device)
-            fwd_eps = {mode: n_train / forward_seconds(model, stream, mode, args) for mode in ("eval", "train")}
+            on_device = [T.to_device(b, args.device) for b in batches]
+            fwd_eps = {mode: n_train / forward_seconds(model, on_device, mode) for mode in ("eval", "train")}
             rows.append((scale, n_train, tokens / n_train, train_eps, fwd_eps, peak_mb, wall))
     print(f"device {args.device}, 1 torch thread, objective {args.objective}, batch {args.batch_size}")
     print("| corpus | train events read | mean length | step3 train events/s | tokens/s | forward-only events/s, eval "

@@ -203,9 +203,7 @@ def interleaved_batches(paths: Sequence[str | os.PathLike], batch_size: int, rng
     pending, active = iter(paths), []  # active: [batch iterator, rows not yet read]
 
     def open_next() -> None:
-        for path in pending:
-            if failed is not None and str(path) in failed:
-                continue
+        for path in pending:  # a file already in `failed` yields nothing from iter_batches and is dropped
             try:
                 rows = pq.ParquetFile(path).metadata.num_rows
             except (OSError, pa.ArrowException):
