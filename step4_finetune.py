@@ -61,6 +61,7 @@ from common.classifier_task import (WEIGHTINGS, binary_task, csv_list, multiclas
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
 from common.constituent_model import open_reader
+from common.pair_kinematics import open_kinematics
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
                             set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
@@ -189,7 +190,8 @@ def task_members(task) -> dict:
 
 def inputs(batch, device, feats=None):
     return [*T.to_device(batch, device), torch.from_numpy(feats(batch)).to(device) if feats else None,
-            T.constituent_tensors(batch, device)]
+            T.constituent_tensors(batch, device),
+            torch.from_numpy(batch["kinematics"]).to(device) if "kinematics" in batch else None]
 
 
 @torch.no_grad()
@@ -339,7 +341,7 @@ def gbdt_data(arm: str, ctx) -> dict:
     if arm not in ctx["cache"]:
         vocab = ctx["vocab"]
         fn = (lambda b: count_features(b, vocab)) if arm == "counts_gbdt" else (lambda b: np.zeros((len(b["weight"]), 0)))
-        data = {sp: collect(ctx[sp], fn) for sp in ("train_all", "val", "test")}
+        data = {sp: collect(replace(ctx[sp], kinematics=None), fn) for sp in ("train_all", "val", "test")}
         if arm == "standard_gbdt":
             for d in data.values():
                 d["x"] = highlevel.for_events(d["source_file"], d["event_index"], ctx["h5_files"])
@@ -484,11 +486,14 @@ def prepare(args, dist) -> dict:
     labelled, test_bkg = task.labelled, task.test_background
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     constituents = open_reader(paths, args.h5_dir, args.constituent_fallback) if cfg.constituent_dim else None
+    # a backbone with a pair bias: every network arm's batches carry their decoded kinematics
+    kinematics = open_kinematics(vocab, args.tokenizers or recorded_tokenizers(paths[0]),
+                                 f"{args.init}: the backbone's pair bias") if cfg.pair_bias else None
     make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
         rank=dist.rank if shard else 0, world=dist.world if shard else 1, features=features, failed=failed,
-        constituents=constituents)
+        constituents=constituents, kinematics=kinematics)
     split_totals = {}
     for split, procs in (("train", labelled), ("val", labelled), ("test", labelled + test_bkg)):
         split_totals[split] = make(split, procs, False).totals()
