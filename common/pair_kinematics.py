@@ -94,8 +94,8 @@ def is_object(kin: torch.Tensor) -> torch.Tensor:
 
 
 def pair_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The PAIR_FEATURES (..., 4) of objects a and b (..., 4) (broadcast), in their dtype (float64: m^2 is a
-    difference of large squares)."""
+    """The PAIR_FEATURES (..., 4) of objects a and b (..., 4) (broadcast), in their dtype: the callers pass
+    float64, as m^2 is a difference of large squares."""
     (pt_a, eta_a, phi_a, m_a), (pt_b, eta_b, phi_b, m_b) = a.unbind(-1), b.unbind(-1)
     delta = torch.sqrt((eta_a - eta_b) ** 2 + delta_phi(phi_a, phi_b) ** 2)
     pt_min = torch.minimum(pt_a, pt_b)
