@@ -220,8 +220,15 @@ class EventTransformer(nn.Module):
         if kinematics is None:
             raise ValueError("this model has a pair-kinematics attention bias (pair_bias): it needs each batch's "
                              "decoded kinematics")
-        # one float mask carries the bias and the padding: a separate bool padding mask would be a mismatched mask type
-        return self.encoder(x, mask=self.pair_bias(kinematics, padding).to(x.dtype))
+        # one float mask carries the bias and the padding: a separate bool padding mask would be a mismatched mask type.
+        # torch's eval-mode fast path misreads a per-head (B * heads, L, L) mask (eval and train outputs differ by O(1)
+        # with dropout 0: tests/test_pair_kinematics.py), so it is off for this call
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.encoder(x, mask=self.pair_bias(kinematics, padding).to(x.dtype))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def codebook_table(vocab: dict, tok_dir: str | os.PathLike) -> np.ndarray:

@@ -150,6 +150,23 @@ def test_zero_bias_is_the_plain_attention_and_a_missing_input_is_refused():
         model(ids, types, attn)
 
 
+def test_eval_mode_reads_the_bias_as_training_does():
+    """torch's eval-mode fast path misreads a per-head mask: scoring must see the bias training saw."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, levels=2, n_types=5, max_length=12, dropout=0.0, pair_bias=16)
+    model = EventTransformer(cfg)
+    torch.nn.init.normal_(model.pair_bias.mlp[-1].weight)
+    ids, types = torch.randint(4, 50, (3, 12, 2)), torch.randint(1, 5, (3, 12))
+    attn = torch.ones(3, 12, dtype=torch.long)
+    attn[0, 8:], attn[1, 5:] = 0, 0  # a different padding per event
+    kin = torch.rand(3, 12, 4) * torch.tensor([50.0, 2.0, 3.0, 1.0]) + torch.tensor([1.0, 0.0, 0.0, 0.0])
+    trained = model.train()(ids, types, attn, kinematics=kin)
+    with torch.no_grad():
+        scored = model.eval()(ids, types, attn, kinematics=kin)
+    assert torch.allclose(trained[attn > 0], scored[attn > 0], atol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()  # switched off for the call only
+
+
 def test_pretrain_with_pair_bias_then_finetune(tokens, backbone, tmp_path, capsys):
     model, side = load_backbone(backbone)
     assert side["config"]["pair_bias"] == 8 and model.pair_bias is not None
