@@ -252,13 +252,16 @@ def train_network(arm, ctx, fraction, seed, desc=""):
     opt = T.adamw(groups, weight_decay=args.weight_decay)
     backbone_waits = int(args.head_first * args.steps) if arm == "finetune" else 0
     sched = T.warmup_cosine(opt, args.steps, args.warmup_fraction, hold=[0, backbone_waits])
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
+    # the backbone's parameters take no gradient while it waits: DDP must not wait for them
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=backbone_waits > 0) if dist.active else model
     amp, feats = T.use_amp(args.amp, dist.device), (lambda b: b["features"]) if cont else None
     bars = ctx["progress"]
     best, best_auc, history, waited, loss_sum, t0 = None, -1.0, [], 0, 0.0, time.perf_counter()
     batches = forever(streams["train"])
     for step in tqdm(range(1, args.steps + 1), desc=desc, leave=False, disable=not bars, file=sys.stderr):
         ddp.train()
+        if backbone_waits:  # the head trains alone on the frozen backbone: no dropout, no backbone gradients
+            model.backbone.train(step > backbone_waits).requires_grad_(step > backbone_waits)
         batch = next(batches)
         y, w = task.train_weights(batch["process"], batch["weight"])
         y, w = torch.from_numpy(y).to(dist.device), torch.from_numpy(w).float().to(dist.device)
