@@ -26,41 +26,47 @@ from common.runtime import die
 KINEMATICS = ("pt", "eta", "phi", "mass")  # the decoded columns, in this order
 PAIR_FEATURES = ("ln_delta_r", "ln_kt", "ln_z", "ln_m2")
 EPS = 1e-8  # ParT's floor under every logarithm
+KINEMATICS_GROUP = "kinematics"  # granularity group: the feature group whose tokenizer decodes pT, eta, phi (, mass)
 
 
 class KinematicsDecoder:
     """(input_ids (B, L, Q), token_type_ids (B, L)) numpy -> float32 (B, L, 4) decoded (pT, eta, phi,
     mass) per position, zeros where the position holds no decodable object. Objects without eta
     (MET) are transverse (eta 0); a type whose tokenizer has no mass gets the lepton masses of
-    common.physics, else 0. Object-granularity tokens with one tokenizer per object type only."""
+    common.physics, else 0. Every step2 layout: one tokenizer per type, the combined one (its
+    '<obj>/<name>' outputs), or granularity group (the slots of each type's kinematics group)."""
 
     def __init__(self, vocab: dict, tok_dir: str | os.PathLike):
-        from common.tokenizer import vocab_tokenizer  # torch-heavy, needed only here
-        from common.transformer import granularity
+        from common.tokenizer import tokenizer_name, vocab_tokenizer  # torch-heavy, needed only here
 
-        if granularity(vocab) != "object" or vocab.get("mode") == "combined":
-            kind = "granularity group" if granularity(vocab) != "object" else "a combined tokenizer"
-            raise ValueError(f"the pair-kinematics bias decodes object-granularity tokens with one tokenizer per "
-                             f"object type; these token files use {kind} (step2 fit)")
-        self.types = []  # (type id, tokenizer, first id of each level, codes per level, mass when not decoded)
+        layout = vocab.get("groups") or {obj: [[None, len(r)]] for obj, r in vocab["ranges"].items()}
+        # (type id, tokenizer, first slot, first id of each level, codes per level, output prefix, mass when not decoded)
+        self.types = []
         for obj, ranges in vocab["ranges"].items():
-            tok = vocab_tokenizer(vocab, tok_dir, obj, "the pair-kinematics bias")
-            missing = [k for k in ("pt", "phi") if k not in tok.features]
+            slots = {group: (sum(n for _, n in layout[obj][:i]), n) for i, (group, n) in enumerate(layout[obj])}
+            group = None if None in slots else KINEMATICS_GROUP
+            if group not in slots:
+                raise ValueError(f"{obj}: no '{KINEMATICS_GROUP}' feature group in these token files; "
+                                 "the pair-kinematics bias decodes it")
+            first, n = slots[group]
+            tok = vocab_tokenizer(vocab, tok_dir, tokenizer_name(obj, group), "the pair-kinematics bias")
+            prefix = f"{obj}/" if vocab.get("mode") == "combined" else ""
+            missing = [k for k in ("pt", "phi") if prefix + k not in tok.features]
             if missing:
                 raise ValueError(f"{tok.path}: the {obj} tokenizer encodes no {' and no '.join(missing)}; "
                                  "the pair-kinematics bias needs them")
-            start, count = np.asarray(ranges, np.int64).T
-            self.types.append((vocab["type_ids"][obj], tok, start, count, LEPTON_MASS.get(obj, 0.0)))
+            start, count = np.asarray(ranges[first : first + n], np.int64).T
+            self.types.append((vocab["type_ids"][obj], tok, first, start, count, prefix, LEPTON_MASS.get(obj, 0.0)))
 
     def __call__(self, input_ids: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         out = np.zeros(token_type_ids.shape + (len(KINEMATICS),), np.float32)
-        for t, tok, start, count, mass in self.types:  # a loop over object types, not events
+        for t, tok, first, start, count, prefix, mass in self.types:  # a loop over object types, not events
             rows, pos = np.nonzero(token_type_ids == t)
-            codes = input_ids[rows, pos, : len(start)].astype(np.int64) - start
+            codes = input_ids[rows, pos, first : first + len(start)].astype(np.int64) - start
             ok = ((codes >= 0) & (codes < count)).all(1)  # [MASK] (and any id outside the type's ranges) is not decoded
             if not ok.any():
                 continue
-            rec = tok.decode(codes[ok])
+            rec = {k[len(prefix):]: v for k, v in tok.decode(codes[ok]).items() if k.startswith(prefix)}
             n = int(ok.sum())
             out[rows[ok], pos[ok]] = np.stack([np.maximum(rec["pt"], 0.0), rec.get("eta", np.zeros(n)), rec["phi"],
                                                np.maximum(rec["mass"], 0.0) if "mass" in rec else np.full(n, mass)], 1)

@@ -18,6 +18,7 @@ import step2_fit
 import step3_pretrain
 import step4_finetune
 from common import sequences, token_parquet
+from common.pair_kinematics import KinematicsDecoder
 from common.schema import OBJECTS, SEQUENCE_OBJECTS, TOKEN_GROUPS, TOKENIZED_OBJECTS, TYPE_IDS, token_groups
 from common.tokenizer import load_grouped, load_tokenizer
 from common.transformer import EventTransformer, GroupAttentionLayer, ModelConfig, codebook_table, vocab_checksum
@@ -112,6 +113,22 @@ def test_object_vocabulary_checksum_ignores_the_granularity_keys(grouped):
     flat = {k: v for k, v in vocab.items() if k not in ("granularity", "groups")}
     assert vocab_checksum({**flat, "granularity": "object"}) == vocab_checksum(flat)  # object files keep their checksum
     assert vocab_checksum(vocab) != vocab_checksum({**vocab, "groups": {**vocab["groups"], "met": []}})
+
+
+def test_pair_kinematics_decode_each_objects_kinematics_group(grouped):
+    d, _ = grouped
+    path = d / "tokens" / "ttbar.parquet"
+    vocab = token_parquet.read_vocab(path)
+    b = token_parquet.batch_to_numpy(pq.read_table(path).slice(0, 200), vocab["levels"])
+    kin = KinematicsDecoder(vocab, d / "tok")(b["input_ids"], b["token_type_ids"])
+    for obj, layout in vocab["groups"].items():
+        names = [g for g, _ in layout]
+        first, n = sum(k for _, k in layout[: names.index("kinematics")]), dict(layout)["kinematics"]
+        start = np.array([r[0] for r in vocab["ranges"][obj][first : first + n]])
+        sel = b["token_type_ids"] == TYPE_IDS[obj]
+        ref = load_tokenizer(d / "tok" / f"{obj}.kinematics.pt").decode(b["input_ids"][sel][:, first : first + n] - start)
+        assert np.allclose(kin[sel][:, 0], np.maximum(ref["pt"], 0), rtol=1e-5), obj
+        assert np.allclose(kin[sel][:, 2], ref["phi"], atol=1e-5), obj
 
 
 def test_latent_target_is_the_concatenation_of_the_groups_latents(grouped):

@@ -204,6 +204,6 @@ def test_bad_inputs_one_line_exit_2(tokens, backbone, tmp_path, capsys):
     assert code == 2 and "the backbone's pair bias" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o3").exists()
     vocab = token_parquet.read_vocab(tokens / "tokens" / "dy.parquet")
-    for odd, what in (({"granularity": "group"}, "granularity group"), ({"mode": "combined"}, "a combined tokenizer")):
-        with pytest.raises(ValueError, match=what):
-            KinematicsDecoder({**vocab, **odd}, tokens / "tok")
+    no_kinematics = {o: [["btag", len(r)]] for o, r in vocab["ranges"].items()}
+    with pytest.raises(ValueError, match="no 'kinematics' feature group"):
+        KinematicsDecoder({**vocab, "granularity": "group", "groups": no_kinematics}, tokens / "tok")
