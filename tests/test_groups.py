@@ -158,7 +158,7 @@ def test_pretrain_records_the_group_model(grouped):
 def test_finetune_scratch_finetune_and_continuous_in_group_mode(grouped, tmp_path):
     d, _ = grouped
     code = call_main(step4_finetune.main, "--parquet", d / "tokens", "--signal", "ttbar", "--background", "dy",
-                     "--init", d / "pre" / "backbone.pt", "--arms", "scratch,finetune,continuous", "--steps", "12",
+                     "--init", d / "pre" / "backbone.pt", "--arms", "scratch,finetune,continuous", "--steps", "12", "--epochs", "0",
                      "--eval-every", "6", "--batch-size", "32", "--bootstrap", "10", "--workers", "1",
                      "--out-dir", tmp_path, *MODEL)
     assert code == 0

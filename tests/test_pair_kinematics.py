@@ -173,7 +173,7 @@ def test_pretrain_with_pair_bias_then_finetune(tokens, backbone, tmp_path, capsy
     out = tmp_path / "ft"
     code = call_main(step4_finetune.main, "--parquet", tokens / "tokens", "--signal", "ttbar", "--background", "dy",
                      "--init", backbone, "--arms", "scratch,finetune,frozen,continuous,counts_gbdt",
-                     "--out-dir", out, "--steps", "4", "--eval-every", "2", "--batch-size", "32", "--bootstrap", "5",
+                     "--out-dir", out, "--steps", "4", "--epochs", "0", "--eval-every", "2", "--batch-size", "32", "--bootstrap", "5",
                      "--workers", "1", *MODEL)
     assert code == 0, capsys.readouterr().err[-2000:]
     arms = json.loads((out / "metrics.json").read_text())["arms"]
