@@ -62,7 +62,6 @@ BALANCE_TYPES = False  # True: every object type weighs alike in the masked-obje
 SCALER_BATCHES = 20  # training batches that fix the standardisation of the regression targets
 SEED = 1
 CODE_GEOMETRY = True  # embed each object's quantised latent (from the step2 codebooks) beside its code ids
-PAIR_BIAS = 0  # > 0: the width of the pair-kinematics attention bias MLP (common/pair_kinematics.py); 0: off
 
 
 def parse_args(argv=None):
@@ -74,9 +73,6 @@ def parse_args(argv=None):
                                                   "(default: the inputs recorded in the Parquet)")
     p.add_argument("--no-code-geometry", dest="code_geometry", action="store_false", default=CODE_GEOMETRY,
                    help="code ids only: do not add the codebook vectors to the embedding")
-    p.add_argument("--pair-bias", type=int, default=PAIR_BIAS, metavar="WIDTH",
-                   help="an attention bias from each pair of objects' kinematics, decoded from the tokens with the "
-                        "step2 tokenizers, through an MLP of this width (0: off)")
     p.add_argument("--out-dir", default=OUT_DIR)
     T.add_model_args(p)
     p.add_argument("--epochs", type=int, default=EPOCHS)
@@ -102,8 +98,6 @@ def parse_args(argv=None):
         p.error(f"--objective {args.objective!r}: choose one or more of {', '.join(OBJECTIVES)}")
     if not 0 < args.mask_prob < 1:
         p.error("--mask-prob must be in (0, 1)")
-    if args.pair_bias < 0:
-        p.error("--pair-bias must be 0 (off) or a positive width")
     T.check_model_args(p, args)
     return args
 
@@ -364,8 +358,7 @@ def main(argv=None) -> int:
     val_steps = val_stream.steps_per_epoch(n_val, even=False)
 
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),
-                                 code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1],
-                                 pair_bias=args.pair_bias)
+                                 code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1])
     ranges = code_ranges(vocab)
     backbone = EventTransformer(cfg)
     if cfg.code_dim:

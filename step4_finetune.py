@@ -500,9 +500,9 @@ def prepare(args, dist) -> dict:
     labelled, test_bkg = task.labelled, task.test_background
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     constituents = open_reader(paths, args.h5_dir, args.constituent_fallback) if cfg.constituent_dim else None
-    # a backbone with a pair bias: every network arm's batches carry their decoded kinematics
+    # a pair bias (the backbone's, or --pair-bias without --init): every network arm's batches carry decoded kinematics
     kinematics = open_kinematics(vocab, args.tokenizers or recorded_tokenizers(paths[0]),
-                                 f"{args.init}: the backbone's pair bias") if cfg.pair_bias else None
+                                 f"{args.init or '--pair-bias'}: the pair bias") if cfg.pair_bias else None
     make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
