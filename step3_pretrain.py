@@ -41,6 +41,7 @@ from common import constituent_model, highlevel
 from common import training as T
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
+from common.pair_kinematics import open_kinematics
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
                             seed_everything, set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
@@ -227,11 +228,14 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
         b_labels = torch.from_numpy(labels).long().to(dist.device)[chosen]
         m_types = types[chosen].long()
         targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"])
+        kin = None  # decoded from the masked ids: a [MASK]ed object has none
+        if ctx["kinematics"] is not None:
+            kin = torch.from_numpy(ctx["kinematics"](ids_np, batch["token_type_ids"])).to(dist.device)
         cons = T.constituent_tensors(batch, dist.device)
         if cons is not None:  # a masked jet is not predicted from its own constituents
             cons = (cons[0], constituent_model.hide(cons[1], types, chosen))
         with torch.set_grad_enabled(train), torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(ids, types, attn, chosen, b_labels, cons)
+            out = model(ids, types, attn, chosen, b_labels, cons, kin)
         loss = 0.0
         for name in args.objectives:
             if name == "tokens":
@@ -322,6 +326,8 @@ def main(argv=None) -> int:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             need = "--objective latent" if "latent" in args.objectives else "code geometry (or run with --no-code-geometry)"
             die(f"{need} needs the step2 tokenizers: {str(exc).splitlines()[0]}")
+    kinematics = open_kinematics(vocab, args.tokenizers or recorded_tokenizers(paths[0]), "--pair-bias") \
+        if args.pair_bias else None
     h5_files = None
     if {"features", "event"} & set(args.objectives):
         try:
@@ -383,7 +389,7 @@ def main(argv=None) -> int:
         if dist.main:
             print(f"resuming after epoch {start_epoch - 1} from {ckpt}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
-    ctx = {"ranges": ranges, "code_table": table, "scalers": scalers, "event_type": event_type}
+    ctx = {"ranges": ranges, "code_table": table, "scalers": scalers, "event_type": event_type, "kinematics": kinematics}
     if dist.main:
         n_params = sum(p.numel() for p in backbone.parameters())
         print(f"pretraining ({', '.join(args.objectives)}) on {n_train} train / {n_val} val events, {steps} steps/epoch "

@@ -61,6 +61,7 @@ from common.classifier_task import (WEIGHTINGS, binary_task, csv_list, multiclas
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
 from common.constituent_model import open_reader
+from common.pair_kinematics import open_kinematics
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
                             set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
@@ -72,9 +73,11 @@ from common.transformer import (EventClassifier, EventTransformer, ModelConfig, 
 OUT_DIR = "runs/finetune"
 ARMS = "scratch,finetune,frozen,continuous,counts_gbdt,standard_gbdt"
 POOLING = "mean"  # the representation step3 pretrains; "cls" reads the [CLS] state
-STEPS = 300  # optimiser steps of every network training, whatever the number of labels
+STEPS = 300  # optimiser steps of every network training at least, whatever the number of labels ...
+EPOCHS = 8  # ... and at least this many passes over its labelled events: 300 steps are 2 passes over the 8 432
+#             labels of the run_all task, which left every network short (bench/README.md)
 EVAL_EVERY = 50  # steps between validation AUCs
-PATIENCE = 4  # validation AUCs without improvement before stopping
+PATIENCE = 6  # validation AUCs without improvement before stopping
 BATCH_SIZE = 64
 LR = 1e-3  # head, and the whole model for scratch / continuous
 BACKBONE_LR = 1e-3  # the pretrained backbone in finetune mode (3e-4 left it below scratch: bench/README.md)
@@ -116,7 +119,9 @@ def parse_args(argv=None):
     p.add_argument("--label-fractions", default="", help="e.g. 0.01,0.1,1: the data-efficiency protocol")
     p.add_argument("--fraction-arms", default="", help="the arms also trained below 100%% of the labels (default: all)")
     T.add_model_args(p)
-    p.add_argument("--steps", type=int, default=STEPS, help="optimiser steps of every network training")
+    p.add_argument("--steps", type=int, default=STEPS, help="optimiser steps of every network training, at least")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help="passes over the labelled events of a network training, at least (the steps are the larger)")
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     p.add_argument("--patience", type=int, default=PATIENCE)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
@@ -158,8 +163,8 @@ def parse_args(argv=None):
         p.error("--label-fractions must lie in (0, 1]")
     if not 0 <= args.head_first < 1:
         p.error(f"--head-first {args.head_first} must lie in [0, 1)")
-    if min(args.gbdt_trees, args.bootstrap, args.steps, args.eval_every, args.patience) < 1:
-        p.error("--gbdt-trees, --bootstrap, --steps, --eval-every and --patience must be at least 1")
+    if min(args.gbdt_trees, args.bootstrap, args.steps, args.eval_every, args.patience) < 1 or args.epochs < 0:
+        p.error("--gbdt-trees, --bootstrap, --steps, --eval-every and --patience must be at least 1, --epochs at least 0")
     T.check_model_args(p, args)
     return args
 
@@ -189,7 +194,8 @@ def task_members(task) -> dict:
 
 def inputs(batch, device, feats=None):
     return [*T.to_device(batch, device), torch.from_numpy(feats(batch)).to(device) if feats else None,
-            T.constituent_tensors(batch, device)]
+            T.constituent_tensors(batch, device),
+            torch.from_numpy(batch["kinematics"]).to(device) if "kinematics" in batch else None]
 
 
 @torch.no_grad()
@@ -237,6 +243,12 @@ def forever(stream: SequenceStream):
             raise ValueError(f"no labelled training events for this rank (batch {stream.batch_size})")
 
 
+def training_steps(args, n_events: int, world: int = 1) -> int:
+    """Optimiser steps of a network training on n_events labelled events: --steps, or --epochs passes
+    over them where that is more (the same for every arm at a label fraction)."""
+    return max(args.steps, args.epochs * -(-n_events // (args.batch_size * world)))
+
+
 def train_network(arm, ctx, fraction, seed, desc=""):
     """One network arm for a fixed number of steps, early-stopped on the validation AUC.
     Returns (test scores, history, model)."""
@@ -244,19 +256,23 @@ def train_network(arm, ctx, fraction, seed, desc=""):
     torch.manual_seed(seed)
     cont = ctx["cont"] if arm == "continuous" else None
     streams = ctx["streams"](fraction, cont)  # the continuous arm's batches carry their HDF5 features
+    steps = training_steps(args, ctx["n_train"](fraction), dist.world)
     model = build_network(arm, ctx["cfg"], args, cont, len(task.names)).to(dist.device)
     groups = [{"params": list(model.head.parameters()), "lr": args.lr},
               {"params": list(model.backbone.parameters()), "lr": args.backbone_lr if arm == "finetune" else args.lr}]
     opt = T.adamw(groups, weight_decay=args.weight_decay)
-    backbone_waits = int(args.head_first * args.steps) if arm == "finetune" else 0
-    sched = T.warmup_cosine(opt, args.steps, args.warmup_fraction, hold=[0, backbone_waits])
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
+    backbone_waits = int(args.head_first * steps) if arm == "finetune" else 0
+    sched = T.warmup_cosine(opt, steps, args.warmup_fraction, hold=[0, backbone_waits])
+    # the backbone's parameters take no gradient while it waits: DDP must not wait for them
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=backbone_waits > 0) if dist.active else model
     amp, feats = T.use_amp(args.amp, dist.device), (lambda b: b["features"]) if cont else None
     bars = ctx["progress"]
     best, best_auc, history, waited, loss_sum, t0 = None, -1.0, [], 0, 0.0, time.perf_counter()
     batches = forever(streams["train"])
-    for step in tqdm(range(1, args.steps + 1), desc=desc, leave=False, disable=not bars, file=sys.stderr):
+    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, disable=not bars, file=sys.stderr):
         ddp.train()
+        if backbone_waits:  # the head trains alone on the frozen backbone: no dropout, no backbone gradients
+            model.backbone.train(step > backbone_waits).requires_grad_(step > backbone_waits)
         batch = next(batches)
         y, w = task.train_weights(batch["process"], batch["weight"])
         y, w = torch.from_numpy(y).to(dist.device), torch.from_numpy(w).float().to(dist.device)
@@ -265,7 +281,7 @@ def train_network(arm, ctx, fraction, seed, desc=""):
         loss = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum() / w.sum().clamp(min=1e-12)
         T.optimiser_step(loss, model, opt, sched, args.grad_clip)
         loss_sum += loss.item()
-        if step % args.eval_every and step != args.steps:
+        if step % args.eval_every and step != steps:
             continue
         val_auc = weighted_auc(score(model, streams["val"], dist.device, amp, feats, "val", bars), task)
         history.append({"step": step, "train_loss": loss_sum / args.eval_every, "val_auc": val_auc,
@@ -339,7 +355,7 @@ def gbdt_data(arm: str, ctx) -> dict:
     if arm not in ctx["cache"]:
         vocab = ctx["vocab"]
         fn = (lambda b: count_features(b, vocab)) if arm == "counts_gbdt" else (lambda b: np.zeros((len(b["weight"]), 0)))
-        data = {sp: collect(ctx[sp], fn) for sp in ("train_all", "val", "test")}
+        data = {sp: collect(replace(ctx[sp], kinematics=None), fn) for sp in ("train_all", "val", "test")}
         if arm == "standard_gbdt":
             for d in data.values():
                 d["x"] = highlevel.for_events(d["source_file"], d["event_index"], ctx["h5_files"])
@@ -484,11 +500,14 @@ def prepare(args, dist) -> dict:
     labelled, test_bkg = task.labelled, task.test_background
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     constituents = open_reader(paths, args.h5_dir, args.constituent_fallback) if cfg.constituent_dim else None
+    # a pair bias (the backbone's, or --pair-bias without --init): every network arm's batches carry decoded kinematics
+    kinematics = open_kinematics(vocab, args.tokenizers or recorded_tokenizers(paths[0]),
+                                 f"{args.init or '--pair-bias'}: the pair bias") if cfg.pair_bias else None
     make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
         rank=dist.rank if shard else 0, world=dist.world if shard else 1, features=features, failed=failed,
-        constituents=constituents)
+        constituents=constituents, kinematics=kinematics)
     split_totals = {}
     for split, procs in (("train", labelled), ("val", labelled), ("test", labelled + test_bkg)):
         split_totals[split] = make(split, procs, False).totals()
@@ -501,6 +520,7 @@ def prepare(args, dist) -> dict:
            "paths": paths, "errors": errors, "failed": failed, "split_totals": split_totals, "progress": dist.main,
            "train_all": make("train", labelled, False, shard=False), "val": make("val", labelled, False, shard=False),
            "test": make("test", labelled + test_bkg, False, shard=False),
+           "n_train": lambda fraction: make("train", labelled, False, fraction, shard=False).count(),
            "streams": lambda fraction, features=None: {
                "train": make("train", labelled, True, fraction, features=features),
                "val": make("val", labelled, False, shard=False, features=features),
@@ -645,7 +665,7 @@ def main(argv=None) -> int:
             "generalisation": {"trained_on": task.background if task.binary else task.labelled,
                                "tested_on": task.background + test_bkg if task.binary else task.labelled,
                                "arms": generalisation_summary(generalisation)},
-            "data_efficiency": data_efficiency(per_fraction, n_labelled, args.weighting),
+            "data_efficiency": data_efficiency(per_fraction, n_labelled, args),
             "pretraining_verdict": verdicts(scores, task, args),
             "model": T.model_record(ctx["cfg"]),
             "continuous_normalisation": ctx["cont"].mode if ctx["cont"] else None, "input_errors": errors,
@@ -681,16 +701,19 @@ def arm_summaries(per_arm: dict) -> dict:
     return out
 
 
-def data_efficiency(per_fraction: dict, n_labelled: dict, weighting: str) -> dict:
+def data_efficiency(per_fraction: dict, n_labelled: dict, args) -> dict:
     """Per arm, one point per label fraction: mean and spread of the test AUC (macro AUC for
-    classes) over seeds, the first seed's bootstrap interval, and every seed's AUC and interval."""
+    classes) over seeds, the first seed's bootstrap interval, every seed's AUC and interval, and
+    the optimiser steps of the network trainings."""
     out = {}
     for fraction in sorted(per_fraction):
         events = int(sum(v["events"] for v in n_labelled[fraction].values()))
         for arm, per_seed in per_fraction[fraction].items():
             ok = [m for m in per_seed if "error" not in m]
-            point = {"fraction": fraction, "n_labelled": events, "weighting": weighting,
+            point = {"fraction": fraction, "n_labelled": events, "weighting": args.weighting,
                      "per_seed": [{k: m[k] for k in ("seed", "auc", "auc_ci95", "error") if k in m} for m in per_seed]}
+            if arm in NET_ARMS:
+                point["optimiser_steps"] = training_steps(args, events)
             if ok:
                 aucs = np.array([m["auc"] for m in ok])
                 point.update(auc=float(aucs.mean()), auc_std=float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,

@@ -79,6 +79,7 @@ class SequenceStream:
     failed: dict = field(default_factory=dict)  # file -> the error that stopped its reading (the other files go on)
     observables: dict | None = None  # source_file -> HDF5 path: each event's high-level observables ride along
     constituents: object = None  # a constituent_model.ConstituentReader: each event's jet constituents ride along
+    kinematics: object = None  # a pair_kinematics.KinematicsDecoder: each batch gets its positions' decoded kinematics
 
     def _keep(self, batch: pa.RecordBatch) -> np.ndarray:
         idx = batch.column("event_index").to_numpy(zero_copy_only=False)
@@ -169,6 +170,8 @@ class SequenceStream:
                     batch = batch_to_numpy(part, self.levels)
                     if self.constituents is not None:
                         batch["constituents"], batch["constituent_mask"] = constituent_model.dense(part.column("constituents"))
+                    if self.kinematics is not None:
+                        batch["kinematics"] = self.kinematics(batch["input_ids"], batch["token_type_ids"])
                     yield batch
                 i += 1
 

@@ -718,6 +718,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+def vocab_tokenizer(vocab: dict, tok_dir: str | Path, name: str, need: str) -> Tokenizer:
+    """The step2 tokenizer `name` (tokenizer_name) behind a token vocabulary's codes, loaded from
+    tok_dir and checked against the vocabulary's checksum. `need` names what needs it, for the error."""
+    record = vocab["tokenizers"].get(name) or {}
+    path = Path(tok_dir) / record.get("file", f"{name}.pt")  # the file: combined.pt behind every type of --mode combined
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: tokenizer not found ({need} needs the step2 tokenizers)")
+    tok = load_tokenizer(path)
+    if tok.sha256 != record.get("sha256"):
+        raise ValueError(f"{path}: not the tokenizer that made these token files (checksum differs)")
+    return tok
+
+
 # ----------------------------------------------------------------------------------------------
 # Granularity "group": one tokenizer per (object, feature group), <obj>.<group>.pt
 # ----------------------------------------------------------------------------------------------

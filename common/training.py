@@ -12,6 +12,7 @@ import torch
 # The run_all model: small and quick on 2 CPU cores. Steps 3 and 4 take these as flag defaults.
 D_MODEL, N_HEADS, N_LAYERS, D_FF, DROPOUT = 64, 4, 2, 256, 0.1
 CONSTITUENT_DIM = 32  # width of the jet-constituent encoder (--constituents)
+PAIR_BIAS = 0  # > 0: the width of the pair-kinematics attention bias MLP (common/pair_kinematics.py); 0: off
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 1.0
@@ -29,6 +30,9 @@ def add_model_args(p) -> None:
                    help="granularity group tokens: how an object's feature-group sub-tokens become one vector")
     p.add_argument("--group-attention", type=int, default=0, metavar="N",
                    help="a GroupAttentionLayer: attention among N slices of each position's embedding (0: off)")
+    p.add_argument("--pair-bias", type=int, default=PAIR_BIAS, metavar="WIDTH",
+                   help="an attention bias from each pair of objects' kinematics, decoded from the tokens with the "
+                        "step2 tokenizers, through an MLP of this width (0: off; step4 --init: the backbone's)")
     p.add_argument("--constituents", action="store_true",
                    help="enrich each jet with its constituents (common/jet_constituents in the HDF5, step1)")
     p.add_argument("--constituent-dim", type=int, default=CONSTITUENT_DIM)
@@ -40,13 +44,15 @@ def check_model_args(p, args) -> None:
     """Usage errors (exit 2) of the model-size flags."""
     if args.d_model % args.n_heads:
         p.error("--d-model must be a multiple of --n-heads")
+    if args.pair_bias < 0:
+        p.error("--pair-bias must be 0 (off) or a positive width")
     if args.group_attention < 0 or (args.group_attention and args.d_model % args.group_attention):
         p.error(f"--group-attention {args.group_attention} must divide --d-model {args.d_model}")
 
 
 def model_sizes(args) -> dict:
     sizes = {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "dropout", "group_pooling",
-                                           "group_attention")}
+                                           "group_attention", "pair_bias")}
     return {**sizes, "constituent_dim": args.constituent_dim if args.constituents else 0}
 
 

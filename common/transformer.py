@@ -14,6 +14,10 @@ into the one vector per object that the event transformer reads, as in the flat 
 event and PAD positions keep the flat path. GroupAttentionLayer (--group-attention N) is the cheap
 variant on the flat model: attention among N slices of each position's embedding.
 
+Pair bias (step3 --pair-bias W): every attention layer adds, per head, a bias computed from the
+kinematics of each pair of objects (common.pair_kinematics: decoded from the tokens), as in
+Particle Transformer.
+
 Checkpoints are a torch.save'd state_dict (loaded with weights_only=True) plus a JSON sidecar
 holding the config and the vocabulary checksum, so nothing unpickles arbitrary objects.
 """
@@ -32,6 +36,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.constituent_model import ConstituentEncoder
+from common.pair_kinematics import PairBias
 from common.runtime import atomic_output, write_json
 from common.schema import PAD, SPECIAL_TYPE_ID
 
@@ -68,6 +73,7 @@ class ModelConfig:
     slot_groups: dict[str, list[int]] = field(default_factory=dict)  # type id -> feature-group index of each slot
     group_pooling: str = "mean"  # sub-tokens -> object vector: "mean" or "attention" (a learned query)
     group_attention: int = 0  # > 0: a GroupAttentionLayer over this many slices of each position's embedding
+    pair_bias: int = 0  # > 0: an attention bias from the decoded pair kinematics, an MLP of this width (PairBias)
 
     @classmethod
     def from_vocab(cls, vocab: dict, **sizes) -> "ModelConfig":
@@ -136,7 +142,8 @@ class SubTokenEncoder(nn.Module):
 
 
 class EventTransformer(nn.Module):
-    """(input_ids (B,L,Q), token_type_ids (B,L), attention_mask (B,L)[, features (B,L,F)]) -> (B,L,d)."""
+    """(input_ids (B,L,Q), token_type_ids (B,L), attention_mask (B,L)[, features (B,L,F)][, kinematics (B,L,4)])
+    -> (B,L,d)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -154,6 +161,7 @@ class EventTransformer(nn.Module):
         self.constituents = ConstituentEncoder(d, cfg.constituent_dim) if cfg.constituent_dim else None
         self.sub_tokens = SubTokenEncoder(cfg) if cfg.granularity == "group" else None
         self.group_attention = GroupAttentionLayer(d, cfg.group_attention, cfg.dropout) if cfg.group_attention else None
+        self.pair_bias = PairBias(cfg.pair_bias, cfg.n_heads) if cfg.pair_bias else None
         self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         block = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
@@ -200,11 +208,27 @@ class EventTransformer(nn.Module):
     def set_code_vectors(self, table: np.ndarray) -> None:
         self.code_vectors.copy_(torch.as_tensor(table, dtype=self.code_vectors.dtype))
 
-    def forward(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None):
+    def forward(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None, kinematics=None):
+        """kinematics (B, L, 4): the positions' decoded (pT, eta, phi, mass) (common.pair_kinematics),
+        needed by a model with a pair bias and ignored by one without."""
         if input_ids.shape[1] > self.cfg.max_length:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's max_length {self.cfg.max_length}")
         x = self.embed(input_ids.long(), token_type_ids.long(), features, constituents)
-        return self.encoder(x, src_key_padding_mask=attention_mask == 0)
+        padding = attention_mask == 0
+        if self.pair_bias is None:
+            return self.encoder(x, src_key_padding_mask=padding)
+        if kinematics is None:
+            raise ValueError("this model has a pair-kinematics attention bias (pair_bias): it needs each batch's "
+                             "decoded kinematics")
+        # one float mask carries the bias and the padding: a separate bool padding mask would be a mismatched mask type.
+        # torch's eval-mode fast path misreads a per-head (B * heads, L, L) mask (eval and train outputs differ by O(1)
+        # with dropout 0: tests/test_pair_kinematics.py), so it is off for this call
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.encoder(x, mask=self.pair_bias(kinematics, padding).to(x.dtype))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def codebook_table(vocab: dict, tok_dir: str | os.PathLike) -> np.ndarray:
@@ -212,20 +236,14 @@ def codebook_table(vocab: dict, tok_dir: str | os.PathLike) -> np.ndarray:
     step2 tokenizers that made the vocabulary (checked by checksum). Width: the codebook dim; in
     granularity group G x dim, group g of an object filling columns [g dim, (g+1) dim), so the sum
     over an object's slots is the concatenation of its groups' quantised latents."""
-    from common.tokenizer import load_tokenizer, tokenizer_name
+    from common.tokenizer import tokenizer_name, vocab_tokenizer
 
     layout = vocab.get("groups") or {obj: [[None, len(r)]] for obj, r in vocab["ranges"].items()}
     table = None
     for obj, ranges in vocab["ranges"].items():
         slot = 0
         for block, (group, n_levels) in enumerate(layout[obj]):
-            name = tokenizer_name(obj, group)
-            path = Path(tok_dir) / f"{name}.pt"
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: tokenizer not found (code geometry needs the step2 tokenizers)")
-            tok = load_tokenizer(path)
-            if tok.sha256 != vocab["tokenizers"][name]["sha256"]:
-                raise ValueError(f"{path}: not the tokenizer that made these token files (checksum differs)")
+            tok = vocab_tokenizer(vocab, tok_dir, tokenizer_name(obj, group), "code geometry")
             books = tok.model.quantizer.code_vectors().numpy()  # (levels, codes, dim), every quantizer kind
             dim = books.shape[-1]
             if table is None:
@@ -308,11 +326,11 @@ class PretrainModel(nn.Module):
         self.backbone, self.token_head, self.event_head, self.pooling = backbone, token_head, event_head, pooling
         self.regression_heads = nn.ModuleDict(regression_heads or {})
 
-    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None, constituents=None):
+    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None, constituents=None, kinematics=None):
         """-> {objective: output}: for the M chosen positions (row-major) 'tokens' gives (loss (M,Q),
         correct (M,Q)) and an object regression its prediction (M, dim); 'event' predicts (B, dim)
         from the event representation that fine-tuning reads."""
-        states = self.backbone(input_ids, token_type_ids, attention_mask, constituents=constituents)
+        states = self.backbone(input_ids, token_type_ids, attention_mask, constituents=constituents, kinematics=kinematics)
         hidden = states[chosen]
         out = {name: head(hidden) for name, head in self.regression_heads.items()}
         if self.token_head is not None:
@@ -353,12 +371,12 @@ class EventClassifier(nn.Module):
         self.backbone, self.pooling = backbone, pooling
         self.head = ClassifierHead(backbone.cfg.d_model, n_classes, backbone.cfg.dropout)
 
-    def embed(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None):
-        return pool(self.backbone(input_ids, token_type_ids, attention_mask, features, constituents), token_type_ids,
-                    attention_mask, self.pooling)
+    def embed(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None, kinematics=None):
+        return pool(self.backbone(input_ids, token_type_ids, attention_mask, features, constituents, kinematics),
+                    token_type_ids, attention_mask, self.pooling)
 
-    def forward(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None):
-        return self.head(self.embed(input_ids, token_type_ids, attention_mask, features, constituents))
+    def forward(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None, kinematics=None):
+        return self.head(self.embed(input_ids, token_type_ids, attention_mask, features, constituents, kinematics))
 
 
 # --- checkpoints -----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from common import highlevel  # noqa: E402
 from common import training as T  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
 
-SMALL = ["--batch-size", "64", "--steps", "20", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
+SMALL = ["--batch-size", "64", "--steps", "20", "--epochs", "0", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
          "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1", "--workers", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -135,12 +135,26 @@ def test_all_arms_protocols_and_plots(sample, tmp_path, capsys):
         assert (out / "plots" / f"{png}.png").stat().st_size > 5000
 
 
+def test_large_label_sets_train_for_epochs_not_only_steps(sample, tmp_path, capsys):
+    """A network training takes max(--steps, --epochs passes over its labelled events), recorded per fraction."""
+    out = tmp_path / "ep"
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
+                         "--arms", "scratch", "--label-fractions", "0.1,1", "--out-dir", out, "--no-plots", *SMALL,
+                         "--steps", "6", "--epochs", "2", "--eval-every", "1000")
+    assert code == 0, err[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    small, full = m["data_efficiency"]["scratch"]
+    assert small["optimiser_steps"] == 6, "few labels: --steps"
+    assert full["optimiser_steps"] == 2 * -(-full["n_labelled"] // 64) > 6, "many labels: two passes"
+    assert m["training"]["scratch"][-1]["step"] == full["optimiser_steps"], "the full-label training ran them all"
+
+
 def test_seeded_runs_are_reproducible(sample, tmp_path, capsys):
     """The same seed gives the same AUCs: one run in-process with its trainings in two worker processes,
     one in a fresh process with another hash seed and no workers (so neither global state left by
     earlier tests, nor set/dict order, nor the process a training ran in can change a result)."""
     args = ["--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", "--arms",
-            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--steps", "5", "--batch-size",
+            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--steps", "5", "--epochs", "0", "--batch-size",
             "64", "--seed", "5", "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
     code, _, err = step4(capsys, *args, "--workers", "2", "--out-dir", tmp_path / "o0")
     assert code == 0, err[-2000:]
@@ -161,7 +175,7 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            str(ROOT / "step4_finetune.py"), "--parquet", *map(str, sample["parquet"].values()), "--signal-process", "hzz4l",
            "--background", "ttbar", "--init", str(sample["init"]), "--arms", "finetune", "--device", "cpu",
-           "--out-dir", str(tmp_path / "ddp"), "--no-plots", "--steps", "10", "--batch-size", "32",
+           "--out-dir", str(tmp_path / "ddp"), "--no-plots", "--steps", "10", "--epochs", "0", "--batch-size", "32",
            "--bootstrap", "20", "--threads", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -170,7 +184,7 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
 
 def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     pqs = list(sample["parquet"].values())
-    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--steps", "2"]
+    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--steps", "2", "--epochs", "0"]
     code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "higgs", "--background", "zz4l", *base)
     assert code == 2 and "signal 'higgs' matches no events" in err
     bad = tmp_path / "bad.parquet"

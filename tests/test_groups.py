@@ -18,6 +18,7 @@ import step2_fit
 import step3_pretrain
 import step4_finetune
 from common import sequences, token_parquet
+from common.pair_kinematics import KinematicsDecoder
 from common.schema import OBJECTS, SEQUENCE_OBJECTS, TOKEN_GROUPS, TOKENIZED_OBJECTS, TYPE_IDS, token_groups
 from common.tokenizer import load_grouped, load_tokenizer
 from common.transformer import EventTransformer, GroupAttentionLayer, ModelConfig, codebook_table, vocab_checksum
@@ -114,6 +115,22 @@ def test_object_vocabulary_checksum_ignores_the_granularity_keys(grouped):
     assert vocab_checksum(vocab) != vocab_checksum({**vocab, "groups": {**vocab["groups"], "met": []}})
 
 
+def test_pair_kinematics_decode_each_objects_kinematics_group(grouped):
+    d, _ = grouped
+    path = d / "tokens" / "ttbar.parquet"
+    vocab = token_parquet.read_vocab(path)
+    b = token_parquet.batch_to_numpy(pq.read_table(path).slice(0, 200), vocab["levels"])
+    kin = KinematicsDecoder(vocab, d / "tok")(b["input_ids"], b["token_type_ids"])
+    for obj, layout in vocab["groups"].items():
+        names = [g for g, _ in layout]
+        first, n = sum(k for _, k in layout[: names.index("kinematics")]), dict(layout)["kinematics"]
+        start = np.array([r[0] for r in vocab["ranges"][obj][first : first + n]])
+        sel = b["token_type_ids"] == TYPE_IDS[obj]
+        ref = load_tokenizer(d / "tok" / f"{obj}.kinematics.pt").decode(b["input_ids"][sel][:, first : first + n] - start)
+        assert np.allclose(kin[sel][:, 0], np.maximum(ref["pt"], 0), rtol=1e-5), obj
+        assert np.allclose(kin[sel][:, 2], ref["phi"], atol=1e-5), obj
+
+
 def test_latent_target_is_the_concatenation_of_the_groups_latents(grouped):
     d, _ = grouped
     vocab = token_parquet.read_vocab(d / "tokens" / "ttbar.parquet")
@@ -141,7 +158,7 @@ def test_pretrain_records_the_group_model(grouped):
 def test_finetune_scratch_finetune_and_continuous_in_group_mode(grouped, tmp_path):
     d, _ = grouped
     code = call_main(step4_finetune.main, "--parquet", d / "tokens", "--signal", "ttbar", "--background", "dy",
-                     "--init", d / "pre" / "backbone.pt", "--arms", "scratch,finetune,continuous", "--steps", "12",
+                     "--init", d / "pre" / "backbone.pt", "--arms", "scratch,finetune,continuous", "--steps", "12", "--epochs", "0",
                      "--eval-every", "6", "--batch-size", "32", "--bootstrap", "10", "--workers", "1",
                      "--out-dir", tmp_path, *MODEL)
     assert code == 0

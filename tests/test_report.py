@@ -34,7 +34,7 @@ FIT = ["--steps", "40", "--warmup-steps", "5", "--batch-size", "64", "--levels",
        "--hidden", "16", "--threads", "1", "--workers", "1", "--no-plots"]  # one process: spawning workers costs more than these fits
 PRETRAIN = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--d-model", "16", "--n-heads", "2",
             "--n-layers", "1", "--d-ff", "32", "--threads", "1", "--device", "cpu", "--no-plots"]  # the report draws them
-FINETUNE = ["--arms", "scratch,finetune,counts_gbdt,standard_gbdt", "--label-fractions", "0.5,1", "--steps", "3",
+FINETUNE = ["--arms", "scratch,finetune,counts_gbdt,standard_gbdt", "--label-fractions", "0.5,1", "--steps", "3", "--epochs", "0",
             "--eval-every", "3", "--batch-size", "16", "--gbdt-trees", "10", "--bootstrap", "20", "--threads", "1",
             "--device", "cpu"]
 

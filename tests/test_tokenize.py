@@ -17,6 +17,7 @@ import torch
 import step2_tokenize as step2
 from step_runner import run_script
 from common import h5io, sequences, token_parquet, tokenizer_training
+from common.pair_kinematics import KinematicsDecoder
 from common.schema import MISSING_INT, OBJECTS, SEQUENCE_OBJECTS, TOKENIZED_OBJECTS, TYPE_IDS, features_for
 from common.tokenizer import (ResidualEMAQuantizer, build_specs, fit_preprocessing, load_tokenizer, postprocess,
                               preprocess)
@@ -484,3 +485,10 @@ def test_combined_mode_fit_and_apply(tmp_path, fitted):
     pos = np.arange(b["input_ids"].shape[1])[None, :] < b["length"][:, None]
     for level in range(vocab["levels"]):
         assert legal[b["token_type_ids"][pos], level, b["input_ids"][..., level][pos]].all()
+    # the pair-kinematics bias decodes the combined tokens with the one tokenizer, each type its own outputs
+    kin = KinematicsDecoder(vocab, tmp_path / "tok")(b["input_ids"], b["token_type_ids"])
+    jets = (b["token_type_ids"] == TYPE_IDS["jets"]) & pos
+    start = np.array([r[0] for r in vocab["ranges"]["jets"]])
+    ref = load_tokenizer(tmp_path / "tok" / "combined.pt").decode(b["input_ids"][jets][:, : len(start)] - start)
+    assert jets.sum() > 20 and np.allclose(kin[jets][:, 0], np.maximum(ref["jets/pt"], 0), rtol=1e-5)
+    assert np.allclose(kin[jets][:, 1], ref["jets/eta"], atol=1e-5)
