@@ -74,8 +74,9 @@ OUT_DIR = "runs/finetune"
 ARMS = "scratch,finetune,frozen,continuous,counts_gbdt,standard_gbdt"
 POOLING = "mean"  # the representation step3 pretrains; "cls" reads the [CLS] state
 STEPS = 300  # optimiser steps of every network training at least, whatever the number of labels ...
-EPOCHS = 8  # ... and at least this many passes over its labelled events: 300 steps are 2 passes over the 8 432
-#             labels of the run_all task, which left every network short (bench/README.md)
+EPOCHS = 6  # ... and at least this many passes over its labelled events: 300 steps are 2 passes over the 8 432
+#             labels of the run_all task, which left every network short; 8 passes gain a little more at 100% of
+#             the labels (+0.004 to +0.008 AUC over 5) than run_all's 15 minutes can take (bench/README.md)
 EVAL_EVERY = 50  # steps between validation AUCs
 PATIENCE = 6  # validation AUCs without improvement before stopping
 BATCH_SIZE = 64
@@ -501,8 +502,9 @@ def prepare(args, dist) -> dict:
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     constituents = open_reader(paths, args.h5_dir, args.constituent_fallback) if cfg.constituent_dim else None
     # a pair bias (the backbone's, or --pair-bias without --init): every network arm's batches carry decoded kinematics
+    networks = set(args.arm_list) & {*NET_ARMS, "frozen"}
     kinematics = open_kinematics(vocab, args.tokenizers or recorded_tokenizers(paths[0]),
-                                 f"{args.init or '--pair-bias'}: the pair bias") if cfg.pair_bias else None
+                                 f"{args.init or '--pair-bias'}: the pair bias") if cfg.pair_bias and networks else None
     make = lambda split, procs, shuffle, fraction=1.0, shard=True, features=None: SequenceStream(  # noqa: E731
         paths, vocab["levels"], args.batch_size, split=SPLITS[split], processes=procs, fraction=fraction,
         fraction_seed=args.seed, shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,

@@ -47,7 +47,7 @@ def child_epoch(paths, out, args) -> tuple[float, float, float]:
            "--objective", args.objective]
     cmd += ["--h5-dir", args.h5_dir] if args.h5_dir else []
     cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    cmd += ["--tokenizers", args.tokenizers] if args.tokenizers else ["--no-code-geometry"]
+    cmd += ["--tokenizers", args.tokenizers] if args.tokenizers else ["--no-code-geometry", "--pair-bias", "0"]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0

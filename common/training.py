@@ -12,7 +12,7 @@ import torch
 # The run_all model: small and quick on 2 CPU cores. Steps 3 and 4 take these as flag defaults.
 D_MODEL, N_HEADS, N_LAYERS, D_FF, DROPOUT = 64, 4, 2, 256, 0.1
 CONSTITUENT_DIM = 32  # width of the jet-constituent encoder (--constituents)
-PAIR_BIAS = 0  # > 0: the width of the pair-kinematics attention bias MLP (common/pair_kinematics.py); 0: off
+PAIR_BIAS = 32  # > 0: the width of the pair-kinematics attention bias MLP (common/pair_kinematics.py); 0: off
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 1.0
@@ -59,7 +59,7 @@ def model_sizes(args) -> dict:
 def model_record(cfg) -> dict:
     """What metrics.json records of the architecture beyond its sizes."""
     return {"granularity": cfg.granularity, "group_pooling": cfg.group_pooling if cfg.granularity == "group" else None,
-            "group_attention": cfg.group_attention, "constituent_dim": cfg.constituent_dim}
+            "group_attention": cfg.group_attention, "constituent_dim": cfg.constituent_dim, "pair_bias": cfg.pair_bias}
 
 
 def constituent_tensors(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -194,7 +194,7 @@ def shared_sample(tmp_path_factory) -> dict:
         root = tmp_path_factory.mktemp("shared")
         sample = make_sample(root, n=SHARED_EVENTS)
         code = call_main(step3_pretrain.main, "--parquet", *sample["parquet"].values(), "--out-dir", root / "pre",
-                         "--no-code-geometry", *PRETRAIN_ARGS)  # synthetic tokens: no tokenizers behind them
+                         "--no-code-geometry", "--pair-bias", "0", *PRETRAIN_ARGS)  # synthetic tokens: no tokenizers behind them
         assert code == 0, f"the shared pretraining failed with exit code {code}"
         _SHARED.update(sample, pretrain=root / "pre", init=root / "pre" / "backbone.pt", root=root)
     return dict(_SHARED)

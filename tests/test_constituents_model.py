@@ -33,7 +33,7 @@ from common.event_data import SequenceStream  # noqa: E402
 from common.schema import JET_CONSTITUENTS, MAX_CONSTITUENTS, dataset_path  # noqa: E402
 
 N_EVENTS = 800
-SMALL = ["--batch-size", "64", "--epochs", "0", "--eval-every", "25", "--patience", "4", "--shuffle-buffer", "2000", "--bootstrap", "20",
+SMALL = ["--batch-size", "64", "--epochs", "0", "--pair-bias", "0", "--eval-every", "25", "--patience", "4", "--shuffle-buffer", "2000", "--bootstrap", "20",
          "--threads", "1", "--workers", "1", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--no-plots"]
 
 
@@ -124,7 +124,7 @@ def test_constituents_carry_what_the_tokens_miss(sample, tmp_path, capsys):
 def test_pretraining_with_constituents_then_finetune_and_bad_inputs(sample, tmp_path, capsys):
     parquet = [str(p) for p in sample["parquet"].values()]
     pre = tmp_path / "pre"
-    code = call_main(step3_pretrain.main, "--parquet", *parquet, "--out-dir", pre, "--constituents", "--no-code-geometry",
+    code = call_main(step3_pretrain.main, "--parquet", *parquet, "--out-dir", pre, "--constituents", "--no-code-geometry", "--pair-bias", "0",
                      "--objective", "features", "--epochs", "1", "--batch-size", "64", "--threads", "1", "--no-plots",
                      "--d-model", "32", "--n-heads", "2", "--d-ff", "64")
     assert code == 0, capsys.readouterr().err
@@ -156,7 +156,7 @@ def test_pretraining_with_constituents_then_finetune_and_bad_inputs(sample, tmp_
     assert usage["fraction_without_constituents"] == 1.0
     # a flat backbone cannot serve a constituent model
     flat = tmp_path / "flat_pre"
-    assert call_main(step3_pretrain.main, "--parquet", *parquet, "--out-dir", flat, "--no-code-geometry", "--objective",
+    assert call_main(step3_pretrain.main, "--parquet", *parquet, "--out-dir", flat, "--no-code-geometry", "--pair-bias", "0", "--objective",
                      "features", "--epochs", "1", "--max-steps", "2", "--threads", "1", "--no-plots") == 0
     capsys.readouterr()
     code = call_main(step4_finetune.main, "--parquet", *parquet, "--signal", "hzz4l", "--background", "zz4l",

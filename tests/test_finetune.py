@@ -26,7 +26,7 @@ from common import highlevel  # noqa: E402
 from common import training as T  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
 
-SMALL = ["--batch-size", "64", "--steps", "20", "--epochs", "0", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
+SMALL = ["--batch-size", "64", "--steps", "20", "--epochs", "0", "--pair-bias", "0", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
          "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1", "--workers", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -154,7 +154,7 @@ def test_seeded_runs_are_reproducible(sample, tmp_path, capsys):
     one in a fresh process with another hash seed and no workers (so neither global state left by
     earlier tests, nor set/dict order, nor the process a training ran in can change a result)."""
     args = ["--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", "--arms",
-            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--steps", "5", "--epochs", "0", "--batch-size",
+            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--steps", "5", "--epochs", "0", "--pair-bias", "0", "--batch-size",
             "64", "--seed", "5", "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
     code, _, err = step4(capsys, *args, "--workers", "2", "--out-dir", tmp_path / "o0")
     assert code == 0, err[-2000:]
@@ -184,7 +184,7 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
 
 def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     pqs = list(sample["parquet"].values())
-    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--steps", "2", "--epochs", "0"]
+    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--steps", "2", "--epochs", "0", "--pair-bias", "0"]
     code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "higgs", "--background", "zz4l", *base)
     assert code == 2 and "signal 'higgs' matches no events" in err
     bad = tmp_path / "bad.parquet"

@@ -149,7 +149,8 @@ def test_latent_target_is_the_concatenation_of_the_groups_latents(grouped):
 def test_pretrain_records_the_group_model(grouped):
     d, _ = grouped
     metrics = json.loads((d / "pre" / "metrics.json").read_text())
-    assert metrics["model"] == {"granularity": "group", "group_pooling": "attention", "group_attention": 0, "constituent_dim": 0}
+    assert metrics["model"] == {"granularity": "group", "group_pooling": "attention", "group_attention": 0, "constituent_dim": 0,
+                                "pair_bias": 32}, "the default model: a pair bias from the kinematics group"
     config = json.loads((d / "pre" / "backbone.json").read_text())["config"]
     assert config["granularity"] == "group" and config["slot_groups"][str(TYPE_IDS["jets"])] == [0, 0, 1, 1, 2, 2]
     assert all(np.isfinite(metrics["val"][o]["loss" if o == "tokens" else "mse"]) for o in ("latent", "event", "features", "tokens"))

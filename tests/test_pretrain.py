@@ -28,10 +28,9 @@ from common.schema import MASK  # noqa: E402
 from common.token_parquet import SPLITS, batch_to_numpy, legal_id_mask, split_of  # noqa: E402
 from common.transformer import load_backbone, vocab_checksum  # noqa: E402
 
-# The synthetic sample has no step2 tokenizers behind it, hence no code geometry.
+# The synthetic sample has no step2 tokenizers behind it, hence no code geometry and no pair bias.
 SMALL = ["--objective", "tokens", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1",
-         "--no-plots",
-         "--no-code-geometry"]
+         "--no-plots", "--no-code-geometry", "--pair-bias", "0"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
