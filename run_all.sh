@@ -132,7 +132,21 @@ run_step step2_apply "$(first_missing "${parquet[@]}")" \
         --cap "tracks=$TRACKS_IN_SEQUENCE" --seed "$SEED" "${overwrite[@]}"
 
 # 3. masked-object pretraining on every process, task and corpus (train and validation splits only:
-#    the test events of the task are never pretrained on)
+#    the test events of the task are never pretrained on). A backbone is reused only if it was pretrained on
+#    every token file of this run: TASKS=multiclass added to a finished binary run brings the production modes,
+#    so the backbone is pretrained again, and the classifiers on it are trained again.
+pretrained_on() {  # DIR FILES...: true when the step3 output in DIR read every one of FILES
+    python -c 'import sys; from common.runtime import made_from; sys.exit(not made_from(sys.argv[1], sys.argv[2:]))' \
+        "$1/metrics.json" "${@:2}"
+}
+redo_pretraining() {  # DIR FINETUNE_DIRS... : forget a backbone and the classifiers trained on it
+    echo "[run_all] $1 was pretrained without some of this run's processes: pretraining again, and the classifiers on it"
+    local d
+    rm -f "$1/backbone.pt" "$1/metrics.json"
+    for d in "${@:2}"; do rm -f "$d/metrics.json"; done
+}
+[ -e "$RUN/pretrain/metrics.json" ] && ! pretrained_on "$RUN/pretrain" "${parquet[@]}" &&
+    redo_pretraining "$RUN/pretrain" "$RUN/finetune" "$RUN/finetune_generalisation" "$RUN/finetune_multiclass"
 run_step step3_pretrain "$RUN/pretrain/metrics.json" \
     python step3_pretrain.py --parquet "${parquet[@]}" --tokenizers "$RUN/tok" --h5-dir "$RUN/h5" \
         --out-dir "$RUN/pretrain" --seed "$SEED" --device "$DEVICE"
@@ -173,6 +187,8 @@ for v in $VARIANTS; do
             python step2_tokenize.py apply --h5 "${h5[@]}" --tokenizers "$tok" --out-dir "$tokens" \
                 --cap "tracks=$TRACKS_IN_SEQUENCE" --seed "$SEED" "${overwrite[@]}"
     fi
+    [ -e "$RUN/pretrain_$name/metrics.json" ] && ! pretrained_on "$RUN/pretrain_$name" "${vparquet[@]}" &&
+        redo_pretraining "$RUN/pretrain_$name" "$RUN/finetune_$name"
     run_step "step3_$name" "$RUN/pretrain_$name/metrics.json" \
         python step3_pretrain.py --parquet "${vparquet[@]}" --tokenizers "$tok" --h5-dir "$RUN/h5" \
             --out-dir "$RUN/pretrain_$name" --seed "$SEED" --device "$DEVICE" "${model[@]}"

@@ -305,6 +305,17 @@ def provenance(script: str, args, inputs: Iterable = ()) -> dict:
             "git_hash": git_hash(), "python": sys.version.split()[0]}
 
 
+def made_from(output_json: str | os.PathLike, inputs: Iterable) -> bool:
+    """Whether a finished output (a JSON with a provenance block) was made from every one of these
+    inputs: run_all reuses a backbone only then."""
+    try:
+        recorded = json.loads(Path(output_json).read_text())["provenance"]["inputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    seen = {Path(p).resolve() for p in recorded}
+    return all(Path(p).resolve() in seen for p in inputs)
+
+
 def expand_inputs(paths: Iterable[str]) -> list[str]:
     """Keep the user's order; a directory stands for the files inside it (sorted), a pattern the
     shell did not expand ('data/*.h5' quoted, or matching nothing) for its matches. Hidden files and

@@ -1,11 +1,15 @@
-"""common.runtime.read_ahead: the background producer of apply's chunk pipeline must hand over
-every item in order, raise the producer's error in the consumer, and stop when the consumer stops."""
+"""common.runtime: read_ahead, the background producer of apply's chunk pipeline, must hand over
+every item in order, raise the producer's error in the consumer, and stop when the consumer stops;
+made_from decides whether run_all reuses a backbone."""
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from common.runtime import read_ahead
+from common.runtime import made_from, provenance, read_ahead, write_json
 
 
 def test_read_ahead_keeps_order_and_overlaps():
@@ -47,3 +51,43 @@ def test_read_ahead_stops_the_producer_when_the_consumer_stops():
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()  # a consumer leaving early (an error downstream): the thread must end
     assert threading.active_count() == before
+
+
+def test_made_from_needs_every_input_recorded(tmp_path, monkeypatch):
+    """run_all reuses a backbone only if its step3 read every token file of the run: one pretrained before
+    TASKS=multiclass added the production modes is pretrained again."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "pretrain" / "metrics.json"
+    out.parent.mkdir()
+    write_json(out, {"provenance": provenance("step3_pretrain.py", None, ["tokens/a.parquet", "tokens/b.parquet"])})
+    assert made_from(out, ["tokens/b.parquet", str(tmp_path / "tokens/a.parquet")]), "the same files, any spelling"
+    assert not made_from(out, ["tokens/a.parquet", "tokens/b.parquet", "tokens/vbfh4l.parquet"])
+    assert not made_from(tmp_path / "missing.json", ["tokens/a.parquet"])
+    (tmp_path / "broken.json").write_text("{")
+    assert not made_from(tmp_path / "broken.json", ["tokens/a.parquet"])
+
+
+def test_run_all_pretrains_again_when_the_run_gains_processes(tmp_path):
+    """run_all's own check (its functions, run by bash): a backbone without the new processes is forgotten
+    with the classifiers trained on it; one with all of them is kept."""
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "run_all.sh").read_text()
+    functions = script[script.index("pretrained_on() {"):script.index('[ -e "$RUN/pretrain/metrics.json" ]')]
+    run = tmp_path / "run"
+    for d in ("pretrain", "finetune", "finetune_multiclass"):
+        (run / d).mkdir(parents=True)
+        (run / d / "metrics.json").write_text("{}")
+    write_json(run / "pretrain" / "metrics.json",
+               {"provenance": provenance("step3_pretrain.py", None, [run / "tokens/hzz4l.parquet"])})
+    (run / "pretrain" / "backbone.pt").write_text("")
+    check = functions + ('[ -e "$1/pretrain/metrics.json" ] && ! pretrained_on "$1/pretrain" "${@:2}" && '
+                         'redo_pretraining "$1/pretrain" "$1/finetune" "$1/finetune_multiclass"; true')
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    kept = subprocess.run(["bash", "-c", check, "-", run, run / "tokens/hzz4l.parquet"], capture_output=True, text=True,
+                          env=env, cwd=root)
+    assert kept.returncode == 0 and kept.stdout == "" and (run / "pretrain/backbone.pt").exists()
+    redo = subprocess.run(["bash", "-c", check, "-", run, run / "tokens/hzz4l.parquet", run / "tokens/vbfh4l.parquet"],
+                          capture_output=True, text=True, env=env, cwd=root)
+    assert redo.returncode == 0 and "pretraining again" in redo.stdout
+    assert not any((run / d / f).exists() for d, f in (("pretrain", "backbone.pt"), ("pretrain", "metrics.json"),
+                                                       ("finetune", "metrics.json"), ("finetune_multiclass", "metrics.json")))
