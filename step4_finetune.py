@@ -671,7 +671,7 @@ def main(argv=None) -> int:
             "generalisation": {"trained_on": task.background if task.binary else task.labelled,
                                "tested_on": task.background + test_bkg if task.binary else task.labelled,
                                "arms": generalisation_summary(generalisation)},
-            "data_efficiency": data_efficiency(per_fraction, n_labelled, args),
+            "data_efficiency": data_efficiency(per_fraction, n_labelled, args, dist.world),
             "pretraining_verdict": verdicts(scores, task, args),
             "model": T.model_record(ctx["cfg"]),
             "continuous_normalisation": ctx["cont"].mode if ctx["cont"] else None, "input_errors": errors,
@@ -707,7 +707,7 @@ def arm_summaries(per_arm: dict) -> dict:
     return out
 
 
-def data_efficiency(per_fraction: dict, n_labelled: dict, args) -> dict:
+def data_efficiency(per_fraction: dict, n_labelled: dict, args, world: int = 1) -> dict:
     """Per arm, one point per label fraction: mean and spread of the test AUC (macro AUC for
     classes) over seeds, the first seed's bootstrap interval, every seed's AUC and interval, and
     the optimiser steps of the network trainings."""
@@ -719,7 +719,7 @@ def data_efficiency(per_fraction: dict, n_labelled: dict, args) -> dict:
             point = {"fraction": fraction, "n_labelled": events, "weighting": args.weighting,
                      "per_seed": [{k: m[k] for k in ("seed", "auc", "auc_ci95", "error") if k in m} for m in per_seed]}
             if arm in NET_ARMS:
-                point["optimiser_steps"] = training_steps(args, events)
+                point["optimiser_steps"] = training_steps(args, events, world)  # per rank under torchrun
             if ok:
                 aucs = np.array([m["auc"] for m in ok])
                 point.update(auc=float(aucs.mean()), auc_std=float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
