@@ -53,14 +53,15 @@ OUT_DIR = "runs/pretrain"
 OBJECTIVE = "latent,event"  # chosen by measurement: bench/README.md, "pretraining objectives"
 OBJECTIVES = ("features", "latent", "tokens", "event")
 REPRESENTATION = "mean"  # the event representation fine-tuning reads: the mean of the object states
-EPOCHS = 3  # what run_all's 15 minutes allow; 10 lift the fine-tuned AUC by +0.024 / +0.005 / +0.011 at 1 / 10 / 100%
-#            of its labels, the frozen probe by +0.021 / +0.001 / +0.007 (bench/README.md, "Pretraining length")
-BATCH_SIZE = 128
+EPOCHS = 3  # what run_all's 15 minutes allow; more pays most with few labels (bench/README.md, "Pretraining length")
+BATCH_SIZE = 32  # 4x the optimiser steps of 128 for 1.5x the CPU time: +0.021 / +0.003 / +0.012 fine-tuned AUC at
+#                  1 / 10 / 100% of run_all's labels (bench/README.md, "Pretraining batch size"). A GPU wants larger
+#                  batches: raise it with --lr, or run more --epochs
 LR = 1e-3
 MASK_PROB = 0.15
 SHUFFLE_BUFFER = 16384
 BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
-SCALER_BATCHES = 20  # training batches that fix the standardisation of the regression targets
+SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
 SEED = 1
 CODE_GEOMETRY = True  # embed each object's quantised latent (from the step2 codebooks) beside its code ids
 
@@ -165,14 +166,14 @@ def regression_targets(batch: dict, ids: torch.Tensor, chosen: torch.Tensor, obj
 
 
 def fit_scalers(stream, objectives, ranges, code_table, cont, n_types, event_type, dist) -> dict[str, T.TargetScaler]:
-    """Standardisation of each regression target from SCALER_BATCHES training batches (all objects)."""
+    """Standardisation of each regression target from the first SCALER_EVENTS training events (all objects)."""
     dims = {"latent": lambda: code_table.shape[1], "features": lambda: cont.width, "event": lambda: len(highlevel.NAMES)}
     scalers = {o: T.TargetScaler(n_types, dims[o]()) for o in objectives if o != "tokens"}
     if not scalers:
         return scalers
     count = ranges[1]
     columns = latent_columns(code_table, ranges) if "latent" in scalers else None
-    for batch in stream.batches(0, max_steps=SCALER_BATCHES):
+    for batch in stream.batches(0, max_steps=-(-SCALER_EVENTS // stream.batch_size)):
         ids, types, attn = T.to_device(batch, dist.device)
         objects = torch.from_numpy((count[batch["token_type_ids"].astype(np.int64)] > 0).any(-1) & (batch["attention_mask"] > 0))
         targets = regression_targets(batch, ids, objects.to(ids.device), scalers, code_table)
