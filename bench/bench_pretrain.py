@@ -24,8 +24,9 @@ import torch  # noqa: E402
 
 from common import training as T  # noqa: E402
 from common.event_data import SequenceStream, open_sequences  # noqa: E402
+from common.pair_kinematics import open_kinematics  # noqa: E402
 from common.token_parquet import SPLITS  # noqa: E402
-from common.transformer import EventTransformer, ModelConfig  # noqa: E402
+from common.transformer import EventTransformer, ModelConfig, codebook_table  # noqa: E402
 
 # runs a command and prints its own peak RSS (kB): each child measured alone, not the largest so far
 PEAK_OF_CHILD = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
@@ -57,13 +58,27 @@ def child_epoch(paths, out, args) -> tuple[float, float, float]:
     return hist["events_per_s"], int(r.stdout.strip().splitlines()[-1]) / 1024, wall
 
 
-def forward_seconds(model, batches, mode: str) -> float:
-    """Seconds of the forward passes alone over batches already on the device, no gradients."""
+def reference_model(vocab: dict, tokenizers: str | None, device: str):
+    """(model, kinematics decoder or None): step3's default architecture for these token files. With their
+    tokenizers that includes the code geometry and the pair-kinematics bias, as in the child's training."""
+    if not tokenizers:
+        return EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=0)).to(device), None
+    table = codebook_table(vocab, tokenizers)
+    model = EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=T.PAIR_BIAS, code_dim=table.shape[1]))
+    model.set_code_vectors(table)
+    return model.to(device), open_kinematics(vocab, tokenizers, "the pair-kinematics bias")
+
+
+def forward_seconds(model, kinematics, batches, mode: str) -> float:
+    """Seconds of the forward passes alone over batches already read, no gradients; the decoding of the
+    pair kinematics is counted, as the model cannot run without it."""
     model.train(mode == "train")
     t0 = time.perf_counter()
     with torch.no_grad():
-        for b in batches:
-            model(*b)
+        for raw, b in batches:
+            kin = None if kinematics is None else torch.from_numpy(
+                kinematics(raw["input_ids"], raw["token_type_ids"])).to(b[0].device)
+            model(*b, kinematics=kin)
     return time.perf_counter() - t0
 
 
@@ -93,13 +108,14 @@ def main() -> int:
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             train_eps, peak_mb, wall = child_epoch(paths, Path(tmp) / f"pre{k}", args)
 
-            # reference: the same model size, forward only, the same batches, this process; in eval mode
+            # reference: the same model, forward only, the same batches, this process; in eval mode
             # (torch's fused inference kernel, no dropout) and in train mode (the kernels a training step runs)
-            model = EventTransformer(ModelConfig.from_vocab(vocab)).to(args.device)
-            on_device = [T.to_device(b, args.device) for b in batches]
-            fwd_eps = {mode: n_train / forward_seconds(model, on_device, mode) for mode in ("eval", "train")}
+            model, kinematics = reference_model(vocab, args.tokenizers, args.device)
+            on_device = [(b, T.to_device(b, args.device)) for b in batches]
+            fwd_eps = {mode: n_train / forward_seconds(model, kinematics, on_device, mode) for mode in ("eval", "train")}
             rows.append((scale, n_train, tokens / n_train, train_eps, fwd_eps, peak_mb, wall))
-    print(f"device {args.device}, 1 torch thread, objective {args.objective}, batch {args.batch_size}")
+    print(f"device {args.device}, 1 torch thread, objective {args.objective}, batch {args.batch_size}, "
+          f"pair bias {T.PAIR_BIAS if args.tokenizers else 0}")
     print("| corpus | train events read | mean length | step3 train events/s | tokens/s | forward-only events/s, eval "
           "/ train mode | train / forward, eval / train mode | peak RSS (MB) | peak / first |")
     print("|---|---|---|---|---|---|---|---|---|")
