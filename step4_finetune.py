@@ -543,6 +543,13 @@ def prepare(args, dist) -> dict:
 
 # --- the trainings: in this process, or side by side in worker processes ------------------------------
 
+def selected_val_auc(history: list[dict]) -> dict:
+    """{"val_auc": the validation AUC of the network a training kept} (its best evaluation), or {} for the
+    arms not early-stopped on it: what a protocol setting is chosen on, so the test split stays unread."""
+    aucs = [h["val_auc"] for h in history if "val_auc" in h]
+    return {"val_auc": max(aucs)} if aucs else {}
+
+
 def run_job(ctx, arm, fraction, seed, save_path=None) -> dict:
     """One arm at one label fraction and seed: its test scores, history and time, or the reason it
     could not be computed. Saves the network to save_path when given."""
@@ -647,7 +654,7 @@ def main(argv=None) -> int:
                     continue
                 s = r["scores"]
                 main_m, gen_m = evaluate(s, task, seed, args.bootstrap)
-                entry.append({"seed": seed, **main_m, "train_seconds": r["seconds"],
+                entry.append({"seed": seed, **main_m, "train_seconds": r["seconds"], **selected_val_auc(r["history"]),
                               **({"constituents": r["constituents"]} if "constituents" in r else {})})
                 scores.setdefault(fraction, {}).setdefault(arm, {})[seed] = s
                 if fraction >= 1:
@@ -717,7 +724,8 @@ def data_efficiency(per_fraction: dict, n_labelled: dict, args, world: int = 1) 
         for arm, per_seed in per_fraction[fraction].items():
             ok = [m for m in per_seed if "error" not in m]
             point = {"fraction": fraction, "n_labelled": events, "weighting": args.weighting,
-                     "per_seed": [{k: m[k] for k in ("seed", "auc", "auc_ci95", "error") if k in m} for m in per_seed]}
+                     "per_seed": [{k: m[k] for k in ("seed", "auc", "auc_ci95", "val_auc", "error") if k in m}
+                                  for m in per_seed]}
             if arm in NET_ARMS:
                 point["optimiser_steps"] = training_steps(args, events, world)  # per rank under torchrun
             if ok:

@@ -120,6 +120,9 @@ def test_all_arms_protocols_and_plots(sample, tmp_path, capsys):
     assert [e["fraction"] for e in eff] == [0.2, 1.0] and eff[0]["n_labelled"] < eff[1]["n_labelled"]
     assert 0.1 < eff[0]["n_labelled"] / eff[1]["n_labelled"] < 0.3
     assert [s["seed"] for s in eff[0]["per_seed"]] == [1, 2] and eff[0]["auc_std"] > 0
+    # the validation AUC of the kept network, to choose settings on: the best of the recorded evaluations
+    assert eff[1]["per_seed"][0]["val_auc"] == max(h["val_auc"] for h in m["training"]["finetune"])
+    assert all("val_auc" not in s for p in m["data_efficiency"]["frozen"] for s in p["per_seed"])
     assert eff[1]["auc"] == pytest.approx(m["arms"]["finetune"]["seeds"]["auc"]["mean"])
     assert set(m["data_efficiency"]) == set(m["arms"]), "every arm at every label fraction"
     for fraction in ("0.2", "1.0"):  # paired test-set intervals of the pretraining verdicts
