@@ -17,8 +17,8 @@ SIGNAL="${SIGNAL:-hzz4l}"
 BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
 PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz}"  # unlabelled corpus, beside the task's own events
 PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-1200}"  # events generated per corpus process
-PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-3}"  # step3 passes over the corpus: 10 pretrain better (+0.024 AUC at 1% of the
-                                    # labels) but add 3 minutes, more than the default's 15 allow (README.md)
+PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-3}"  # step3 passes over the corpus: 10 pretrain better, most with few labels,
+                                    # but add about 3 minutes, more than the default's 15 allow (README.md)
 SEEDS="${SEEDS:-1}"                 # every classifier training is repeated with these seeds (1,2,3: the
                                     # seed spread of every figure, about 3x step4's time: README.md)
 RUN="${RUN:-runs/default}"          # output folder of this run

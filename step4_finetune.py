@@ -714,7 +714,7 @@ def arm_summaries(per_arm: dict) -> dict:
     return out
 
 
-def data_efficiency(per_fraction: dict, n_labelled: dict, args, world: int = 1) -> dict:
+def data_efficiency(per_fraction: dict, n_labelled: dict, args, world: int) -> dict:
     """Per arm, one point per label fraction: mean and spread of the test AUC (macro AUC for
     classes) over seeds, the first seed's bootstrap interval, every seed's AUC and interval, and
     the optimiser steps of the network trainings."""
