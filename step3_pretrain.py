@@ -11,7 +11,8 @@ kept) and the model predicts, from the rest of the event, what stood there. Obje
             HT, jet and b-jet counts; from the step1 HDF5, log-scaled), regressed from the event
             representation itself: a label-free event-level signal for the pooled state
 Regression targets are standardised per object type, so predicting 0 is the no-context
-baseline that knows only the type; the context gain is 1 - MSE / baseline MSE per type. For
+baseline that knows only the type; the context gain is 1 - MSE / baseline MSE per type, with a 95%
+interval that treats the validation events as the independent units (common.training.RegressionStats). For
 ids the baseline is the most frequent code of each (type, level).
 
 Only the train and validation splits are read: test events (the shared split hash) are never
@@ -228,7 +229,7 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
         ids = torch.from_numpy(ids_np).to(dist.device)
         chosen = torch.from_numpy(chosen_np).to(dist.device)
         b_labels = torch.from_numpy(labels).long().to(dist.device)[chosen]
-        m_types = types[chosen].long()
+        m_types, m_events = types[chosen].long(), torch.nonzero(chosen)[:, 0]
         targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"])
         kin = None  # decoded from the masked ids: a [MASK]ed object has none
         if ctx["kinematics"] is not None:
@@ -247,10 +248,10 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
                 ev_types = torch.full((len(x),), ctx["event_type"], device=x.device)
                 z, valid = ctx["scalers"][name].standardise(ev_types, torch.nan_to_num(x))
                 valid = valid * torch.isfinite(x)
-                loss = loss + stats[name].add(ev_types, out[name], z * valid, valid)
+                loss = loss + stats[name].add(ev_types, out[name], z * valid, valid, torch.arange(len(x), device=x.device))
             else:
                 z, valid = ctx["scalers"][name].standardise(m_types, targets[name])
-                loss = loss + stats[name].add(m_types, out[name], z, valid, args.balance_types)
+                loss = loss + stats[name].add(m_types, out[name], z, valid, m_events, args.balance_types)
         if train:
             T.optimiser_step(loss, model, opt, sched, args.grad_clip)
         n_events += len(ids)
@@ -279,7 +280,8 @@ def context_gain(val: dict, objective: str) -> dict:
         return {o: {"accuracy": v["acc"], "baseline_accuracy": v["frequency_baseline_acc"],
                     "ratio": v["acc"] / v["frequency_baseline_acc"] if v["frequency_baseline_acc"] else float("nan")}
                 for o, v in per_type.items()}
-    return {o: {"mse": v["mse"], "baseline_mse": v["baseline_mse"], "gain": v["context_gain"]} for o, v in per_type.items()}
+    return {o: {"mse": v["mse"], "baseline_mse": v["baseline_mse"], "gain": v["context_gain"],
+                "gain_ci95": v["context_gain_ci95"]} for o, v in per_type.items()}
 
 
 def history_row(epoch, step, lr, train, val, seconds, events):

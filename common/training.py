@@ -158,35 +158,58 @@ class TargetScaler:
 
 class RegressionStats:
     """Squared errors of the model and of the no-context baseline (predicting 0 in standardised
-    units, the type's training mean) summed per object type; reduced over ranks before reading."""
+    units, the type's training mean) summed per object type; reduced over ranks before reading.
+    The context gain's interval treats events as the independent units (objects of one event share
+    their context): per event and type the summed errors M and B, and over events the count and the
+    sums of M^2, B^2 and M*B, give the delta-method spread of the ratio sum(M) / sum(B)."""
 
     def __init__(self, n_types: int, device):
         self.sums = torch.zeros(4, n_types, dtype=torch.float64, device=device)  # objects, values, model, baseline
+        self.events = torch.zeros(4, n_types + 1, dtype=torch.float64, device=device)  # events, M^2, B^2, M*B; last: all
 
-    def add(self, types, pred, z, valid, balanced: bool = False) -> torch.Tensor:
+    def add(self, types, pred, z, valid, events, balanced: bool = False) -> torch.Tensor:
         """Accumulates and returns the mean squared error of this batch (the loss): over all values,
-        or (balanced) the mean over the types present of each type's mean squared error."""
+        or (balanced) the mean over the types present of each type's mean squared error. `events`:
+        each object's event (row) in the batch."""
         sq = (pred - z) ** 2 * valid
         t = types.long()
-        for k, v in enumerate((torch.ones_like(t, dtype=torch.float64), valid.sum(1), sq.sum(1), (z**2 * valid).sum(1))):
-            self.sums[k].index_add_(0, t, v.detach().double())
+        model, base = sq.sum(1).detach().double(), (z**2 * valid).sum(1).detach().double()
+        for k, v in enumerate((torch.ones_like(model), valid.sum(1).double(), model, base)):
+            self.sums[k].index_add_(0, t, v)
+        n_types = len(self.sums[0])
+        self._add_events(events.long() * n_types + t, model, base, lambda key: key % n_types)
+        self._add_events(events.long(), model, base, lambda key: torch.full_like(key, n_types))
         if not balanced:
             return sq.sum() / valid.sum().clamp(min=1)
-        per_type = torch.zeros(2, len(self.sums[0]), dtype=sq.dtype, device=sq.device)
+        per_type = torch.zeros(2, n_types, dtype=sq.dtype, device=sq.device)
         per_type[0].index_add_(0, t, sq.sum(1))
         per_type[1].index_add_(0, t, valid.sum(1).to(sq.dtype))
         present = per_type[1] > 0
         return (per_type[0][present] / per_type[1][present]).mean()
 
+    def _add_events(self, key, model, base, column) -> None:
+        """Sums the errors per key (an event, or an event and type), then their squares per column."""
+        keys, inverse = torch.unique(key, return_inverse=True)
+        m = torch.zeros(len(keys), dtype=torch.float64, device=model.device).index_add_(0, inverse, model)
+        b = torch.zeros_like(m).index_add_(0, inverse, base)
+        for k, v in enumerate((torch.ones_like(m), m * m, b * b, m * b)):
+            self.events[k].index_add_(0, column(keys), v)
+
     def summary(self, vocab: dict, reduce=lambda t: t) -> dict:
-        n, values, model, base = reduce(self.sums).cpu().numpy()
+        (n, values, model, base), (n_ev, m2, b2, mb) = reduce(self.sums).cpu().numpy(), reduce(self.events).cpu().numpy()
         ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
-        gain = lambda m, b: float(1 - m / b) if b else float("nan")  # noqa: E731
+
+        def gain(i, m, b) -> dict:
+            if not b:
+                return {"context_gain": float("nan"), "context_gain_ci95": [float("nan")] * 2}
+            r = m / b  # an interval needs two events
+            spread = n_ev[i] / (n_ev[i] - 1) * max(0.0, m2[i] - 2 * r * mb[i] + r * r * b2[i]) if n_ev[i] > 1 else np.nan
+            half = 1.96 * np.sqrt(spread) / b
+            return {"context_gain": float(1 - r), "context_gain_ci95": [float(1 - r - half), float(1 - r + half)]}
         out = {"n_masked": int(n.sum()), "mse": ratio(model.sum(), values.sum()),
-               "baseline_mse": ratio(base.sum(), values.sum()), "context_gain": gain(model.sum(), base.sum()),
-               "per_type": {}}
+               "baseline_mse": ratio(base.sum(), values.sum()), **gain(-1, model.sum(), base.sum()), "per_type": {}}
         for obj, t in vocab["type_ids"].items():
             if n[t]:
                 out["per_type"][obj] = {"n": int(n[t]), "mse": ratio(model[t], values[t]),
-                                        "baseline_mse": ratio(base[t], values[t]), "context_gain": gain(model[t], base[t])}
+                                        "baseline_mse": ratio(base[t], values[t]), **gain(t, model[t], base[t])}
         return out

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from plotting.figures import plt, save_figure  # noqa: E402  (sets the headless backend first)
@@ -40,7 +42,9 @@ def plot_pretraining(metrics_path, out_dir) -> list[Path]:
         names = list(gain)
         key = "ratio" if m["objectives"][0] == "tokens" else "gain"
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-        ax.bar(names, [gain[n][key] for n in names])
+        values = np.array([gain[n][key] for n in names])
+        errors = None if key == "ratio" else np.abs(np.array([gain[n]["gain_ci95"] for n in names]).T - values)
+        ax.bar(names, values, yerr=errors, capsize=4)  # the 95% interval (events resampled)
         ax.axhline(3.0 if key == "ratio" else 0.2, color="k", ls="--", lw=1, label="goal")
         ax.set(ylabel="accuracy / frequency baseline" if key == "ratio" else "1 - MSE / no-context MSE",
                title=f"context gain of the masked-object prediction ({m['objectives'][0]}, validation)")

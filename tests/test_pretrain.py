@@ -237,10 +237,48 @@ def test_balanced_regression_loss_weighs_every_type_alike():
     pred = torch.zeros(5, 2)
     z = torch.tensor([[1.0, 9.0]] * 4 + [[3.0, 3.0]])
     valid = torch.tensor([[1.0, 0.0]] * 4 + [[1.0, 1.0]])  # the 9s are not valid columns
+    events = torch.tensor([0, 0, 1, 1, 1])
     plain, balanced = RegressionStats(3, "cpu"), RegressionStats(3, "cpu")
-    assert plain.add(types, pred, z, valid).item() == pytest.approx((4 * 1 + 2 * 9) / 6)
-    assert balanced.add(types, pred, z, valid, balanced=True).item() == pytest.approx((1 + 9) / 2)
+    assert plain.add(types, pred, z, valid, events).item() == pytest.approx((4 * 1 + 2 * 9) / 6)
+    assert balanced.add(types, pred, z, valid, events, balanced=True).item() == pytest.approx((1 + 9) / 2)
     assert torch.equal(plain.sums, balanced.sums)
+
+
+def test_context_gain_interval_matches_a_bootstrap_over_events():
+    """The context gain's 95% interval treats events as the units: objects of one event share an error
+    (their context), so the interval must be as wide as resampling whole events makes it, wider than
+    objects taken as independent would give. Batches add up like one pass."""
+    from common.training import RegressionStats
+    rng = np.random.default_rng(7)
+    n_events, per_event = 600, 4
+    events = np.repeat(np.arange(n_events), per_event)
+    types = rng.integers(0, 2, len(events))
+    z = rng.normal(size=(len(events), 3))
+    shared = np.repeat(rng.normal(size=n_events), per_event)[:, None]  # an error common to the event's objects
+    pred = 0.6 * z + 0.8 * shared + 0.3 * rng.normal(size=z.shape)
+    stats = RegressionStats(2, "cpu")
+    for rows in np.array_split(np.arange(len(events)), 7):  # batches hold whole events, numbered per batch
+        first = events[rows][0]
+        stats.add(torch.from_numpy(types[rows]), torch.from_numpy(pred[rows]), torch.from_numpy(z[rows]),
+                  torch.ones(len(rows), 3, dtype=torch.float64), torch.from_numpy(events[rows] - first))
+    out = stats.summary({"type_ids": {"a": 0, "b": 1}})
+    model, base = ((pred - z) ** 2).sum(1), (z**2).sum(1)
+    for name, sel in (("a", types == 0), ("b", types == 1), (None, np.ones_like(types, bool))):
+        m = np.bincount(events, model * sel, n_events)
+        b = np.bincount(events, base * sel, n_events)
+        draws = rng.integers(0, n_events, (2000, n_events))
+        boot = 1 - m[draws].sum(1) / b[draws].sum(1)
+        got = out["per_type"][name] if name else out
+        lo, hi = got["context_gain_ci95"]
+        assert got["context_gain"] == pytest.approx(1 - m.sum() / b.sum())
+        assert lo < got["context_gain"] < hi
+        assert (hi - lo) / 2 == pytest.approx(1.96 * boot.std(), rel=0.1), name
+        naive = 1.96 * np.std(model[sel] - (model[sel].sum() / base[sel].sum()) * base[sel]) * np.sqrt(sel.sum()) / base[sel].sum()
+        assert (hi - lo) / 2 > 1.3 * naive, name  # objects as independent units would understate it
+    one = RegressionStats(1, "cpu")  # objects of a single event: a gain, but no interval
+    one.add(torch.zeros(3, dtype=torch.long), torch.zeros(3, 2), torch.ones(3, 2), torch.ones(3, 2), torch.zeros(3))
+    assert one.summary({"type_ids": {"a": 0}})["per_type"]["a"]["context_gain"] == 0.0
+    assert np.isnan(one.summary({"type_ids": {"a": 0}})["per_type"]["a"]["context_gain_ci95"]).all()
 
 
 def test_target_scale_needs_two_values_above_round_off():

@@ -143,7 +143,10 @@ def test_pretraining_from_step3_metrics(real_run):
     for split in ("train", "val"):
         assert f"<td>{split}</td><td>{shown(m[split]['loss'])}</td>" in pre
     for obj, v in m["context_gain"].items():
-        assert f"<td>{obj}</td><td>{shown(v['mse'])}</td><td>{shown(v['baseline_mse'])}</td><td>{shown(v['gain'])}</td>" in pre
+        lo, hi = v["gain_ci95"]
+        assert lo < v["gain"] < hi or np.isnan([lo, hi]).all(), (obj, v)  # no interval from one event
+        assert (f"<td>{obj}</td><td>{shown(v['mse'])}</td><td>{shown(v['baseline_mse'])}</td><td>{shown(v['gain'])}</td>"
+                f"<td>[{lo:.3f}, {hi:.3f}]</td>") in pre
     # step3 ran with --no-plots: the report draws its plots from metrics.json
     assert "training_curves.png (drawn by the report)" in pre and "data:image/png;base64," in pre
 
