@@ -43,7 +43,8 @@ def plot_pretraining(metrics_path, out_dir) -> list[Path]:
         key = "ratio" if m["objectives"][0] == "tokens" else "gain"
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
         values = np.array([gain[n][key] for n in names])
-        errors = None if key == "ratio" else np.abs(np.array([gain[n]["gain_ci95"] for n in names]).T - values)
+        intervals = key == "gain" and all("gain_ci95" in gain[n] for n in names)  # recorded since 2026-12-02
+        errors = np.abs(np.array([gain[n]["gain_ci95"] for n in names]).T - values) if intervals else None
         ax.bar(names, values, yerr=errors, capsize=4)  # the 95% interval (events resampled)
         ax.axhline(3.0 if key == "ratio" else 0.2, color="k", ls="--", lw=1, label="goal")
         ax.set(ylabel="accuracy / frequency baseline" if key == "ratio" else "1 - MSE / no-context MSE",
