@@ -9,7 +9,9 @@ kept) and the model predicts, from the rest of the event, what stood there. Obje
   tokens    its code id at every quantizer level (cross-entropy over the ids legal for the type)
   event     the event's high-level observables (common.highlevel: lepton pTs, m4l, Z masses, MET,
             HT, jet and b-jet counts; from the step1 HDF5, log-scaled), regressed from the event
-            representation itself: a label-free event-level signal for the pooled state
+            representation itself: a label-free event-level signal for the pooled state. Its head is
+            part of the backbone (ModelConfig.observables): step4's classifiers read its prediction
+            beside the pooled state
 Regression targets are standardised per object type, so predicting 0 is the no-context
 baseline that knows only the type; the context gain is 1 - MSE / baseline MSE per type, with a 95%
 interval that treats the validation events as the independent units (common.training.RegressionStats). For
@@ -362,7 +364,11 @@ def main(argv=None) -> int:
     val_steps = val_stream.steps_per_epoch(n_val, even=False)
 
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),
-                                 code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1])
+                                 code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1],
+                                 observables=len(highlevel.NAMES) if "event" in args.objectives else 0)
+    if cfg.id_levels and (not cfg.code_dim or cfg.granularity == "group"):
+        die("--id-levels needs object-granularity tokens and the code geometry: the finer levels enter only through "
+            "their codebook vectors")
     ranges = code_ranges(vocab)
     backbone = EventTransformer(cfg)
     if cfg.code_dim:
@@ -372,8 +378,7 @@ def main(argv=None) -> int:
     scalers = fit_scalers(train_stream, args.objectives, ranges, table, cont, cfg.n_types, event_type, dist)
     heads = {o: RegressionHead(cfg.d_model, len(s.mean[0])) for o, s in scalers.items() if o != "event"}
     token_head = MaskedTokenHead(cfg, legal_id_mask(vocab)) if "tokens" in args.objectives else None
-    event_head = RegressionHead(cfg.d_model, len(highlevel.NAMES)) if "event" in args.objectives else None
-    model = PretrainModel(backbone, token_head, heads, event_head, REPRESENTATION).to(dist.device)
+    model = PretrainModel(backbone, token_head, heads, REPRESENTATION).to(dist.device)
     opt = T.adamw(model.parameters(), args.lr, args.weight_decay)
     sched = T.warmup_cosine(opt, steps * args.epochs, args.warmup_fraction)
     code_counts = np.zeros((cfg.n_types, cfg.levels, cfg.vocab_size), dtype=np.int64) if token_head else None
@@ -382,9 +387,12 @@ def main(argv=None) -> int:
     if args.resume and ckpt.exists():
         try:
             state = load_tensors(ckpt)
+            model.load_state_dict(state["model"])
         except ValueError as exc:
             die(str(exc), EXIT_SOME_FAILED)
-        model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # another model's checkpoint (other sizes, objectives or code version)
+            die(f"{ckpt}: does not fit this model ({str(exc).splitlines()[0]}); resume with the settings that wrote it, "
+                "or delete it", EXIT_SOME_FAILED)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         if token_head:

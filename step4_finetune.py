@@ -8,7 +8,8 @@ Arms (all evaluated on the same test split, the one pretraining never saw):
   counts_gbdt    gradient boosting on object multiplicities and sequence length ("event shape" leakage)
   standard_gbdt  gradient boosting on the physicists' high-level variables (m4l, Z masses, ...)
 The networks read the event representation pretraining trains: the mean of the object states
-(--pooling). Every network trains for the same number of optimiser steps at every label
+(--pooling), and beside it the event observables the backbone predicts from it where step3's event
+objective gave it that head (ModelConfig.observables; scratch gets the same head, untrained). Every network trains for the same number of optimiser steps at every label
 fraction, with early stopping on the validation AUC (the whole validation split, for every arm).
 
 Tasks: binary (--signal vs --background; label 1 is signal) or multi-class (--classes
@@ -225,7 +226,7 @@ def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | N
     if arm == "finetune":
         backbone, _ = load_backbone(args.init)
     elif arm == "continuous":  # features replace the codes: one vector per object, no sub-tokens
-        backbone = EventTransformer(replace(cfg, continuous_dims=cont.continuous_dims(), code_dim=0,
+        backbone = EventTransformer(replace(cfg, continuous_dims=cont.continuous_dims(), code_dim=0, id_levels=0,
                                             granularity="object", slot_groups={}))
     else:
         backbone = EventTransformer(cfg)

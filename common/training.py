@@ -33,6 +33,10 @@ def add_model_args(p) -> None:
     p.add_argument("--pair-bias", type=int, default=PAIR_BIAS, metavar="WIDTH",
                    help="an attention bias from each pair of objects' kinematics, decoded from the tokens with the "
                         "step2 tokenizers, through an MLP of this width (0: off; step4 --init: the backbone's)")
+    p.add_argument("--id-levels", type=int, default=0, metavar="N",
+                   help="embed the code ids of the N coarsest quantizer levels only (0: all); the finer levels enter "
+                        "through their codebook vectors (code geometry). For fine tokenizers: bench/README.md "
+                        "(step4 --init: the backbone's)")
     p.add_argument("--constituents", action="store_true",
                    help="enrich each jet with its constituents (common/jet_constituents in the HDF5, step1)")
     p.add_argument("--constituent-dim", type=int, default=CONSTITUENT_DIM)
@@ -46,13 +50,15 @@ def check_model_args(p, args) -> None:
         p.error("--d-model must be a multiple of --n-heads")
     if args.pair_bias < 0:
         p.error("--pair-bias must be 0 (off) or a positive width")
+    if args.id_levels < 0:
+        p.error("--id-levels must be 0 (all) or a positive number of levels")
     if args.group_attention < 0 or (args.group_attention and args.d_model % args.group_attention):
         p.error(f"--group-attention {args.group_attention} must divide --d-model {args.d_model}")
 
 
 def model_sizes(args) -> dict:
     sizes = {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "dropout", "group_pooling",
-                                           "group_attention", "pair_bias")}
+                                           "group_attention", "pair_bias", "id_levels")}
     return {**sizes, "constituent_dim": args.constituent_dim if args.constituents else 0}
 
 

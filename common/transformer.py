@@ -74,6 +74,9 @@ class ModelConfig:
     group_pooling: str = "mean"  # sub-tokens -> object vector: "mean" or "attention" (a learned query)
     group_attention: int = 0  # > 0: a GroupAttentionLayer over this many slices of each position's embedding
     pair_bias: int = 0  # > 0: an attention bias from the decoded pair kinematics, an MLP of this width (PairBias)
+    id_levels: int = 0  # > 0: only the N coarsest levels' ids are embedded (the finer ones through code_dim)
+    observables: int = 0  # > 0: a head predicting this many event observables from the pooled state (step3's event
+    #                       objective); a classifier reads its prediction beside that state (EventClassifier)
 
     @classmethod
     def from_vocab(cls, vocab: dict, **sizes) -> "ModelConfig":
@@ -149,6 +152,8 @@ class EventTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
+        if cfg.id_levels and not cfg.code_dim:
+            raise ValueError("id_levels needs the code geometry (code_dim): the finer levels would be lost")
         self.code_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD)
         self.type_emb = nn.Embedding(cfg.n_types, d)
         self.pos_emb = nn.Embedding(cfg.max_length, d)
@@ -162,6 +167,7 @@ class EventTransformer(nn.Module):
         self.sub_tokens = SubTokenEncoder(cfg) if cfg.granularity == "group" else None
         self.group_attention = GroupAttentionLayer(d, cfg.group_attention, cfg.dropout) if cfg.group_attention else None
         self.pair_bias = PairBias(cfg.pair_bias, cfg.n_heads) if cfg.pair_bias else None
+        self.observables = RegressionHead(d, cfg.observables) if cfg.observables else None
         self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         block = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
@@ -172,7 +178,9 @@ class EventTransformer(nn.Module):
         if self.sub_tokens is not None:
             x = self.grouped_embedding(input_ids, token_type_ids.long())
         else:
-            x = self.code_emb(input_ids).sum(dim=-2)  # combine the Q levels of each position
+            # combine the Q levels of each position; ids of fine levels (--id-levels) would be noise to a model
+            # trained on a few hundred labels: their codebook vectors below carry them (bench/README.md)
+            x = self.code_emb(input_ids[..., : self.cfg.id_levels or None]).sum(dim=-2)
             if self.cfg.code_dim:  # [MASK] and PAD have zero vectors: a masked object leaks nothing
                 latent = self.code_vectors[input_ids].sum(dim=-2)
                 x = x + torch.einsum("blc,blcd->bld", latent, self.code_proj[token_type_ids.long()])
@@ -320,23 +328,22 @@ class PretrainModel(nn.Module):
     hidden states of the masked positions go to each head."""
 
     def __init__(self, backbone: EventTransformer, token_head: MaskedTokenHead | None = None,
-                 regression_heads: dict[str, RegressionHead] | None = None, event_head: RegressionHead | None = None,
-                 pooling: str = "mean"):
+                 regression_heads: dict[str, RegressionHead] | None = None, pooling: str = "mean"):
         super().__init__()
-        self.backbone, self.token_head, self.event_head, self.pooling = backbone, token_head, event_head, pooling
+        self.backbone, self.token_head, self.pooling = backbone, token_head, pooling
         self.regression_heads = nn.ModuleDict(regression_heads or {})
 
     def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None, constituents=None, kinematics=None):
         """-> {objective: output}: for the M chosen positions (row-major) 'tokens' gives (loss (M,Q),
         correct (M,Q)) and an object regression its prediction (M, dim); 'event' predicts (B, dim)
-        from the event representation that fine-tuning reads."""
+        with the backbone's observables head from the pooled state that fine-tuning reads."""
         states = self.backbone(input_ids, token_type_ids, attention_mask, constituents=constituents, kinematics=kinematics)
         hidden = states[chosen]
         out = {name: head(hidden) for name, head in self.regression_heads.items()}
         if self.token_head is not None:
             out["tokens"] = self.token_head(hidden, token_type_ids[chosen], labels)
-        if self.event_head is not None:
-            out["event"] = self.event_head(pool(states, token_type_ids, attention_mask, self.pooling))
+        if self.backbone.observables is not None:
+            out["event"] = self.backbone.observables(pool(states, token_type_ids, attention_mask, self.pooling))
         return out
 
 
@@ -369,11 +376,16 @@ class EventClassifier(nn.Module):
     def __init__(self, backbone: EventTransformer, pooling: str = "mean", n_classes: int = 2):
         super().__init__()
         self.backbone, self.pooling = backbone, pooling
-        self.head = ClassifierHead(backbone.cfg.d_model, n_classes, backbone.cfg.dropout)
+        self.head = ClassifierHead(backbone.cfg.d_model + backbone.cfg.observables, n_classes, backbone.cfg.dropout)
 
     def embed(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None, kinematics=None):
-        return pool(self.backbone(input_ids, token_type_ids, attention_mask, features, constituents, kinematics),
-                    token_type_ids, attention_mask, self.pooling)
+        """The event representation: the pooled state, and beside it the event observables the backbone
+        predicts from it (a pretrained backbone learnt them in step3: the head starts from m4l, the Z masses...)."""
+        x = pool(self.backbone(input_ids, token_type_ids, attention_mask, features, constituents, kinematics),
+                 token_type_ids, attention_mask, self.pooling)
+        if self.backbone.observables is None:
+            return x
+        return torch.cat([x, self.backbone.observables(x).to(x.dtype)], dim=-1)
 
     def forward(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None, kinematics=None):
         return self.head(self.embed(input_ids, token_type_ids, attention_mask, features, constituents, kinematics))

@@ -26,7 +26,9 @@ import step3_pretrain  # noqa: E402
 from common.event_data import SequenceStream, code_ranges, mask_objects  # noqa: E402
 from common.schema import MASK  # noqa: E402
 from common.token_parquet import SPLITS, batch_to_numpy, legal_id_mask, split_of  # noqa: E402
-from common.transformer import load_backbone, vocab_checksum  # noqa: E402
+from common import highlevel  # noqa: E402
+from common.training import to_device  # noqa: E402
+from common.transformer import EventClassifier, load_backbone, pool, vocab_checksum  # noqa: E402
 
 # The synthetic sample has no step2 tokenizers behind it, hence no code geometry and no pair bias.
 SMALL = ["--objective", "tokens", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1",
@@ -117,6 +119,15 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     model, side = load_backbone(pre / "backbone.pt")  # weights_only=True inside
     assert side["vocab_checksum"] == vocab_checksum(sample["vocab"]) and side["config"]["d_model"] == 32
     assert side["objectives"] == ["features", "tokens", "event"] and side["representation"] == "mean"
+    # the event objective's head ships with the backbone, and a classifier reads its prediction beside the state
+    assert side["config"]["observables"] == len(highlevel.NAMES) and model.observables is not None
+    clf = EventClassifier(model.eval())
+    batch = next(SequenceStream([sample["parquet"]["dy"]], sample["vocab"]["levels"], 4).batches(0))
+    ids, types, mask = to_device(batch, torch.device("cpu"))
+    with torch.no_grad():
+        rep, pooled = clf.embed(ids, types, mask), pool(model(ids, types, mask), types, mask)
+    assert rep.shape == (4, 32 + len(highlevel.NAMES)) and torch.allclose(rep[:, :32], pooled)
+    assert torch.allclose(rep[:, 32:], model.observables(pooled))
     assert (pre / "history.csv").read_text().count("\n") == 6
     # a finished run is skipped; --resume continues from the checkpoint to more epochs (on a copy)
     out = tmp_path / "pre"
@@ -128,6 +139,10 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
                             "--objective", "features,tokens,event")
     assert code == 0 and "resuming after epoch 4" in stdout, err[-1500:]
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [0, 1, 2, 3, 4, 5]
+    # a checkpoint of another model (here: without the event objective's head) is refused in one line
+    code, _, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "7", "--resume",
+                       *SMALL, "--objective", "features,tokens")
+    assert code == 1 and "does not fit this model" in err and len(err.strip().splitlines()) == 1, err[-1500:]
 
 
 def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
@@ -165,6 +180,9 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     assert code != 0 and "split holds no events" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "--parquet", bad, "--mask-prob", "1.5")
     assert code == 2 and "--mask-prob must be in (0, 1)" in err
+    code, _, err = run(capsys, "--parquet", sample["parquet"]["dy"], "--out-dir", tmp_path / "o5", "--id-levels", "1", *SMALL)
+    assert code == 2 and "--id-levels needs object-granularity tokens and the code geometry" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o5").exists()
     code, _, err = run(capsys, "--parquet", bad, "--objective", "features,colour")
     assert code == 2 and "choose one or more of features, latent, tokens, event" in err
     # the latent objective needs the step2 tokenizers, which the synthetic sample has none of
@@ -195,6 +213,27 @@ def test_code_geometry_embeds_the_quantised_latent_and_hides_masked_objects():
     masked = ids.clone()
     masked[0, 1] = torch.tensor([MASK, MASK])
     assert torch.allclose(model.embed(masked, types)[0, 1], without.embed(masked, types)[0, 1])  # nothing leaks
+
+
+def test_id_levels_embed_the_coarse_ids_and_the_fine_levels_through_their_code_vectors():
+    from common.transformer import EventTransformer, ModelConfig
+
+    cfg = ModelConfig(vocab_size=40, levels=2, n_types=12, max_length=8, d_model=16, n_heads=2, d_ff=32,
+                      dropout=0.0, code_dim=3, id_levels=1)
+    model = EventTransformer(cfg).eval()
+    types = torch.tensor([[6]])
+    a, b = torch.tensor([[[10, 20]]]), torch.tensor([[[10, 21]]])  # one jet, two codes at the fine level
+    table = torch.zeros(40, 3)
+    model.set_code_vectors(table.numpy())
+    assert torch.allclose(model.embed(a, types), model.embed(b, types))  # the fine id's own embedding is not read
+    table[21] = torch.tensor([1.0, -2.0, 0.5])
+    model.set_code_vectors(table.numpy())
+    assert not torch.allclose(model.embed(a, types), model.embed(b, types))  # ... its codebook vector is
+    every = EventTransformer(ModelConfig(**{**cfg.__dict__, "id_levels": 0})).eval()
+    every.load_state_dict(model.state_dict())
+    assert not torch.allclose(every.embed(a, types), model.embed(a, types))
+    with pytest.raises(ValueError, match="needs the code geometry"):
+        EventTransformer(ModelConfig(**{**cfg.__dict__, "code_dim": 0}))
 
 
 def test_damaged_inputs_skip_the_file_and_keep_the_run(sample, tmp_path, capsys):
