@@ -9,8 +9,9 @@ Arms (all evaluated on the same test split, the one pretraining never saw):
   standard_gbdt  gradient boosting on the physicists' high-level variables (m4l, Z masses, ...)
 The networks read the event representation pretraining trains: the mean of the object states
 (--pooling), and beside it the event observables the backbone predicts from it where step3's event
-objective gave it that head (ModelConfig.observables; scratch gets the same head, untrained). Every network trains for the same number of optimiser steps at every label
-fraction, with early stopping on the validation AUC (the whole validation split, for every arm).
+objective gave it that head (ModelConfig.observables; scratch gets the same head, untrained).
+Every network trains for the same number of optimiser steps at every label fraction, with early
+stopping on the validation AUC (the whole validation split, for every arm).
 
 Tasks: binary (--signal vs --background; label 1 is signal) or multi-class (--classes
 "ggF=hzz4l;VBF=vbfh4l;VH=whh4l,zhh4l": a softmax head over n classes, metrics per class one vs the
