@@ -10,7 +10,7 @@ kept) and the model predicts, from the rest of the event, what stood there. Obje
   event     the event's high-level observables (common.highlevel: lepton pTs, m4l, Z masses, MET,
             HT, jet and b-jet counts; from the step1 HDF5, log-scaled), regressed from the event
             representation itself: a label-free event-level signal for the pooled state. Its head is
-            part of the backbone (ModelConfig.observables): step4's classifiers read its prediction
+            saved with the backbone (ModelConfig.observables): step4 --observables reads its prediction
             beside the pooled state
 Regression targets are standardised per object type, so predicting 0 is the no-context
 baseline that knows only the type; the context gain is 1 - MSE / baseline MSE per type, with a 95%
@@ -364,8 +364,7 @@ def main(argv=None) -> int:
     val_steps = val_stream.steps_per_epoch(n_val, even=False)
 
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),
-                                 code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1],
-                                 observables=len(highlevel.NAMES) if "event" in args.objectives else 0)
+                                 code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1])
     if cfg.id_levels and (not cfg.code_dim or cfg.granularity == "group"):
         die("--id-levels needs object-granularity tokens and the code geometry: the finer levels enter only through "
             "their codebook vectors")
@@ -378,6 +377,9 @@ def main(argv=None) -> int:
     scalers = fit_scalers(train_stream, args.objectives, ranges, table, cont, cfg.n_types, event_type, dist)
     heads = {o: RegressionHead(cfg.d_model, len(s.mean[0])) for o, s in scalers.items() if o != "event"}
     token_head = MaskedTokenHead(cfg, legal_id_mask(vocab)) if "tokens" in args.objectives else None
+    if "event" in args.objectives:
+        backbone.set_observables_head(len(highlevel.NAMES))
+        cfg = backbone.cfg
     model = PretrainModel(backbone, token_head, heads, REPRESENTATION).to(dist.device)
     opt = T.adamw(model.parameters(), args.lr, args.weight_decay)
     sched = T.warmup_cosine(opt, steps * args.epochs, args.warmup_fraction)

@@ -8,8 +8,9 @@ Arms (all evaluated on the same test split, the one pretraining never saw):
   counts_gbdt    gradient boosting on object multiplicities and sequence length ("event shape" leakage)
   standard_gbdt  gradient boosting on the physicists' high-level variables (m4l, Z masses, ...)
 The networks read the event representation pretraining trains: the mean of the object states
-(--pooling), and beside it the event observables the backbone predicts from it where step3's event
-objective gave it that head (ModelConfig.observables; scratch gets the same head, untrained).
+(--pooling); with --observables also, beside it, the event observables that the backbone's head from
+step3's event objective predicts from it (scratch gets the same head, untrained): the frozen probe
+gains, generalisation to unseen backgrounds loses (bench/README.md, "The observables head").
 Every network trains for the same number of optimiser steps at every label fraction, with early
 stopping on the validation AUC (the whole validation split, for every arm).
 
@@ -75,6 +76,7 @@ from common.transformer import (EventClassifier, EventTransformer, ModelConfig, 
 OUT_DIR = "runs/finetune"
 ARMS = "scratch,finetune,frozen,continuous,counts_gbdt,standard_gbdt"
 POOLING = "mean"  # the representation step3 pretrains; "cls" reads the [CLS] state
+OBSERVABLES = False  # True: the networks and the probe also read the backbone's predicted event observables
 STEPS = 300  # optimiser steps of every network training at least, whatever the number of labels ...
 EPOCHS = 6  # ... and at least this many passes over its labelled events: 300 steps are 2 passes over the 8 432
 #             labels of the run_all task, which left every network short; 8 passes gain a little more at 100% of
@@ -116,6 +118,9 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="step3 backbone.pt (needed by finetune and frozen)")
     p.add_argument("--arms", default=ARMS)
     p.add_argument("--pooling", choices=("mean", "cls"), default=POOLING, help="the event representation")
+    p.add_argument("--observables", action="store_true", default=OBSERVABLES,
+                   help="the networks and the frozen probe also read the event observables the backbone predicts "
+                        "(its event-objective head): a better probe, a worse generalisation (bench/README.md)")
     p.add_argument("--h5-dir", default=None, help="step1 HDF5 folder (default: the inputs recorded in the Parquet)")
     p.add_argument("--tokenizers", default=None, help="step2 tokenizer folder (default: recorded in the Parquet)")
     p.add_argument("--out-dir", default=OUT_DIR)
@@ -155,6 +160,8 @@ def parse_args(argv=None):
     bad = [a for a in args.arm_list + csv_list(args.fraction_arms) if a not in ALL_ARMS]
     if bad:
         p.error(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(ALL_ARMS)}")
+    if args.observables and not args.init:
+        p.error("--observables reads the head of a pretrained backbone: give --init")
     if {"finetune", "frozen"} & set(args.arm_list) and not args.init:
         args.arm_list = [a for a in args.arm_list if a not in ("finetune", "frozen")]
         print("note: no --init backbone: the finetune and frozen arms are skipped", file=sys.stderr)
@@ -233,7 +240,7 @@ def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | N
         backbone = EventTransformer(cfg)
         if cfg.code_dim:  # scratch: the pretrained backbone's architecture, code geometry included
             backbone.set_code_vectors(load_backbone(args.init)[0].code_vectors.numpy())
-    return EventClassifier(backbone, args.pooling, n_classes)
+    return EventClassifier(backbone, args.pooling, n_classes, args.observables)
 
 
 def forever(stream: SequenceStream):
@@ -322,7 +329,8 @@ def train_probe(ctx, fraction, seed):
     Returns (test scores, history, None)."""
     args, task = ctx["args"], ctx["task"]
     if "frozen" not in ctx["cache"]:  # the test representation does not depend on the fraction or seed
-        ctx["cache"]["frozen"] = EventClassifier(load_backbone(args.init)[0], args.pooling).to(ctx["dist"].device)
+        ctx["cache"]["frozen"] = EventClassifier(load_backbone(args.init)[0], args.pooling,
+                                                 observables=args.observables).to(ctx["dist"].device)
         ctx["cache"]["frozen_test"] = embeddings(ctx["cache"]["frozen"], ctx["test"], ctx["dist"].device)
     train = embeddings(ctx["cache"]["frozen"], ctx["streams"](fraction)["train"], ctx["dist"].device)
     test = ctx["cache"]["frozen_test"]
@@ -485,7 +493,12 @@ def prepare(args, dist) -> dict:
             check_vocab(sidecar, read_vocab(paths[0]), args.init)
         except ValueError as exc:
             die(str(exc), EXIT_SOME_FAILED)
-        cfg = ModelConfig(**{**sidecar["config"], "continuous_dims": {}})  # scratch: the backbone's architecture
+        # scratch: the backbone's architecture (its observables head only where the networks read it)
+        cfg = ModelConfig(**{**sidecar["config"], "continuous_dims": {},
+                             "observables": sidecar["config"].get("observables", 0) if args.observables else 0})
+        if args.observables and not cfg.observables:
+            die(f"{args.init}: --observables, but the backbone has no observables head (pretrain it with the event "
+                "objective)")
         if args.constituents and not cfg.constituent_dim:
             die(f"{args.init}: --constituents, but the backbone has no constituent encoder (pretrain it with --constituents)")
     if not paths:

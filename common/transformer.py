@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,7 @@ class ModelConfig:
     pair_bias: int = 0  # > 0: an attention bias from the decoded pair kinematics, an MLP of this width (PairBias)
     id_levels: int = 0  # > 0: only the N coarsest levels' ids are embedded (the finer ones through code_dim)
     observables: int = 0  # > 0: a head predicting this many event observables from the pooled state (step3's event
-    #                       objective); a classifier reads its prediction beside that state (EventClassifier)
+    #                       objective); a classifier may read its prediction beside that state (EventClassifier)
 
     @classmethod
     def from_vocab(cls, vocab: dict, **sizes) -> "ModelConfig":
@@ -167,12 +167,22 @@ class EventTransformer(nn.Module):
         self.sub_tokens = SubTokenEncoder(cfg) if cfg.granularity == "group" else None
         self.group_attention = GroupAttentionLayer(d, cfg.group_attention, cfg.dropout) if cfg.group_attention else None
         self.pair_bias = PairBias(cfg.pair_bias, cfg.n_heads) if cfg.pair_bias else None
-        self.observables = RegressionHead(d, cfg.observables) if cfg.observables else None
+        self.observables = None
         self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
         block = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(block, cfg.n_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        if cfg.observables:
+            self.set_observables_head(cfg.observables)
+
+    def set_observables_head(self, n: int) -> None:
+        """Add (n > 0) or drop (0) the event objective's head, pooled state -> n event observables. step3
+        adds it after its other heads, so every other parameter draws the initial values it drew before the
+        head shipped with the backbone; a classifier that does not read it drops it (DDP stalls on unused
+        parameters)."""
+        self.cfg = replace(self.cfg, observables=n)
+        self.observables = RegressionHead(self.cfg.d_model, n) if n else None
 
     def embed(self, input_ids, token_type_ids, features=None, constituents=None):
         if self.sub_tokens is not None:
@@ -373,14 +383,18 @@ class ClassifierHead(nn.Module):
 
 
 class EventClassifier(nn.Module):
-    def __init__(self, backbone: EventTransformer, pooling: str = "mean", n_classes: int = 2):
+    def __init__(self, backbone: EventTransformer, pooling: str = "mean", n_classes: int = 2, observables: bool = False):
         super().__init__()
+        if observables and backbone.observables is None:
+            raise ValueError("the backbone has no observables head (pretrain it with the event objective)")
+        if not observables:
+            backbone.set_observables_head(0)
         self.backbone, self.pooling = backbone, pooling
         self.head = ClassifierHead(backbone.cfg.d_model + backbone.cfg.observables, n_classes, backbone.cfg.dropout)
 
     def embed(self, input_ids, token_type_ids, attention_mask, features=None, constituents=None, kinematics=None):
-        """The event representation: the pooled state, and beside it the event observables the backbone
-        predicts from it (a pretrained backbone learnt them in step3: the head starts from m4l, the Z masses...)."""
+        """The event representation: the pooled state, and with `observables` beside it the event observables
+        the backbone predicts from it (step4 --observables)."""
         x = pool(self.backbone(input_ids, token_type_ids, attention_mask, features, constituents, kinematics),
                  token_type_ids, attention_mask, self.pooling)
         if self.backbone.observables is None:

@@ -25,6 +25,7 @@ import step4_finetune  # noqa: E402
 from common import highlevel  # noqa: E402
 from common import training as T  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
+from common.transformer import load_tensors  # noqa: E402
 
 SMALL = ["--batch-size", "64", "--steps", "20", "--epochs", "0", "--pair-bias", "0", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
          "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1", "--workers", "1"]
@@ -238,6 +239,24 @@ def test_backbone_representation_must_match_pooling(sample, tmp_path, capsys):
                          *SMALL)
     assert code == 2 and f"{sample['init']}: the backbone was pretrained for the 'mean' event representation" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_observables_are_read_beside_the_pooled_state_only_when_asked(sample, tmp_path, capsys):
+    args = ["--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", "--init", sample["init"],
+            "--arms", "scratch,finetune,frozen", "--label-fractions", "1", "--no-plots", *SMALL]
+    code, _, err = step4(capsys, *args, "--observables", "--out-dir", tmp_path / "obs")
+    assert code == 0, err[-1500:]
+    width = {a: load_tensors(tmp_path / "obs" / f"{a}.pt")["head.net.0.weight"].shape[1] for a in ("scratch", "finetune")}
+    assert width == {"scratch": 32 + len(highlevel.NAMES), "finetune": 32 + len(highlevel.NAMES)}
+    assert "backbone.observables.net.0.weight" in load_tensors(tmp_path / "obs" / "scratch.pt")  # the same head, untrained
+    code, _, _ = step4(capsys, *args, "--out-dir", tmp_path / "plain")
+    assert code == 0 and load_tensors(tmp_path / "plain" / "finetune.pt")["head.net.0.weight"].shape[1] == 32
+    assert not any("observables" in k for k in load_tensors(tmp_path / "plain" / "finetune.pt"))
+    probe = lambda d: json.loads((d / "metrics.json").read_text())["arms"]["frozen"]["auc"]  # noqa: E731
+    assert probe(tmp_path / "obs") != probe(tmp_path / "plain")
+    no_init = [a for a in args if a not in ("--init", sample["init"])]
+    code, _, err = step4(capsys, *no_init, "--observables", "--out-dir", tmp_path / "o2")
+    assert code == 2 and "--observables reads the head of a pretrained backbone: give --init" in err
 
 
 def test_pickled_backbone_is_refused_in_one_line(sample, tmp_path, capsys):

@@ -119,9 +119,11 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     model, side = load_backbone(pre / "backbone.pt")  # weights_only=True inside
     assert side["vocab_checksum"] == vocab_checksum(sample["vocab"]) and side["config"]["d_model"] == 32
     assert side["objectives"] == ["features", "tokens", "event"] and side["representation"] == "mean"
-    # the event objective's head ships with the backbone, and a classifier reads its prediction beside the state
+    # the event objective's head ships with the backbone; a classifier may read its prediction beside the state
     assert side["config"]["observables"] == len(highlevel.NAMES) and model.observables is not None
-    clf = EventClassifier(model.eval())
+    plain = EventClassifier(load_backbone(pre / "backbone.pt")[0])  # by default it drops the head
+    assert plain.backbone.observables is None and plain.head.net[0].in_features == 32
+    clf = EventClassifier(model.eval(), observables=True)
     batch = next(SequenceStream([sample["parquet"]["dy"]], sample["vocab"]["levels"], 4).batches(0))
     ids, types, mask = to_device(batch, torch.device("cpu"))
     with torch.no_grad():
