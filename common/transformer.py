@@ -173,8 +173,9 @@ class EventTransformer(nn.Module):
         block = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(block, cfg.n_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
-        if cfg.observables:
-            self.set_observables_head(cfg.observables)
+        if cfg.observables:  # on a side stream: building (or loading) a backbone draws the caller's random numbers
+            with torch.random.fork_rng(devices=[]):  # as one without the head did, so seeded runs stay as they were
+                self.set_observables_head(cfg.observables)
 
     def set_observables_head(self, n: int) -> None:
         """Add (n > 0) or drop (0) the event objective's head, pooled state -> n event observables. step3

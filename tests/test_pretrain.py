@@ -217,6 +217,20 @@ def test_code_geometry_embeds_the_quantised_latent_and_hides_masked_objects():
     assert torch.allclose(model.embed(masked, types)[0, 1], without.embed(masked, types)[0, 1])  # nothing leaks
 
 
+def test_a_backbone_with_the_observables_head_leaves_the_callers_random_stream_as_it_was():
+    # step4 builds and loads backbones between its seeding and its classifier heads' initialisation
+    from common.transformer import EventTransformer, ModelConfig
+
+    cfg = ModelConfig(vocab_size=40, levels=2, n_types=12, max_length=8, d_model=16, n_heads=2, d_ff=32)
+    torch.manual_seed(0)
+    plain = EventTransformer(cfg)
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    with_head = EventTransformer(ModelConfig(**{**cfg.__dict__, "observables": 5}))
+    assert torch.equal(torch.rand(3), after_plain) and with_head.observables is not None
+    assert torch.equal(with_head.code_emb.weight, plain.code_emb.weight)
+
+
 def test_id_levels_embed_the_coarse_ids_and_the_fine_levels_through_their_code_vectors():
     from common.transformer import EventTransformer, ModelConfig
 
