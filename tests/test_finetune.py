@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import step4_finetune  # noqa: E402
 from common import highlevel  # noqa: E402
 from common import training as T  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
-from common.transformer import load_tensors  # noqa: E402
+from common.transformer import load_backbone, load_tensors, save_module  # noqa: E402
 
 SMALL = ["--batch-size", "64", "--steps", "20", "--epochs", "0", "--pair-bias", "0", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
          "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1", "--workers", "1"]
@@ -257,6 +258,14 @@ def test_observables_are_read_beside_the_pooled_state_only_when_asked(sample, tm
     no_init = [a for a in args if a not in ("--init", sample["init"])]
     code, _, err = step4(capsys, *no_init, "--observables", "--out-dir", tmp_path / "o2")
     assert code == 2 and "--observables reads the head of a pretrained backbone: give --init" in err
+    # a backbone pretrained without the event objective has no head to read: one line, nothing written
+    backbone, side = load_backbone(sample["init"])
+    backbone.set_observables_head(0)
+    headless = save_module(tmp_path / "headless.pt", backbone, {**side, "config": asdict(backbone.cfg)})
+    with_headless = [str(headless) if a == sample["init"] else a for a in args]
+    code, _, err = step4(capsys, *with_headless, "--observables", "--out-dir", tmp_path / "o3")
+    assert code == 2 and "has no observables head (pretrain it with the event objective)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o3").exists()
 
 
 def test_pickled_backbone_is_refused_in_one_line(sample, tmp_path, capsys):
