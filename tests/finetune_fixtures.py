@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))  # the step scripts, imported to call their main(a
 from common.h5io import H5EventWriter
 from common.schema import CLS, OBJECTS, SEP, SEQUENCE_OBJECTS, TYPE_IDS, dataset_path, features_for
 from common.token_parquet import sequences_table, write_sequences
+from session_cache import built_once
 
 MAX_OBJECTS = {"electrons": 4, "muons": 4, "taus": 2, "photons": 2, "jets": 6, "tracks": 6}
 CAPS = {"electrons": 4, "muons": 4, "taus": 2, "photons": 2, "jets": 5, "tracks": 4}
@@ -151,18 +152,21 @@ def make_sample(root: Path, n: int = 600, seed: int = 3, processes=tuple(PROCESS
     """HDF5 under root/h5, Parquet under root/tokens for each process. Returns the paths.
     negative_fraction and cross_sections (process -> pb): see make_h5."""
     vocab = vocab or make_vocab()
-    out = {"h5": {}, "parquet": {}, "vocab": vocab}
+    out = sample_paths(root, processes, name_suffix) | {"vocab": vocab}
     for proc in processes:
-        h5 = root / "h5" / f"{proc}{name_suffix}.h5"
+        h5, pq_path = out["h5"][proc], out["parquet"][proc]
         arrays = make_h5(h5, proc, n, seed, negative_fraction, (cross_sections or {}).get(proc))
         ids, types, lengths = tokens_from_arrays(arrays, vocab)
         table = sequences_table(ids, types, lengths, np.arange(n), h5.name, proc, PROCESSES[proc],
                                 arrays["common/event/weight"])
-        pq_path = root / "tokens" / f"{proc}{name_suffix}.parquet"
         prov = {"script": "tests/finetune_fixtures.py", "inputs": [str(h5)], "settings": {"tokenizers": str(root / "tok")}}
         write_sequences(pq_path, [table], vocab, prov)
-        out["h5"][proc], out["parquet"][proc] = h5, pq_path
     return out
+
+
+def sample_paths(root: Path, processes, name_suffix: str = "") -> dict:
+    return {"h5": {p: root / "h5" / f"{p}{name_suffix}.h5" for p in processes},
+            "parquet": {p: root / "tokens" / f"{p}{name_suffix}.parquet" for p in processes}}
 
 
 # --- one sample and one pretraining, shared by test_pretrain.py and test_finetune.py ----------------------
@@ -173,7 +177,6 @@ SHARED_EVENTS = 1200  # per process
 PRETRAIN_ARGS = ["--objective", "features,tokens,event", "--epochs", "5", "--lr", "3e-3", "--mask-prob", "0.3", "--dropout", "0",
                  "--d-model", "32",
                  "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1", "--no-plots"]
-_SHARED: dict = {}
 
 
 def call_main(main, *argv) -> int:
@@ -186,15 +189,17 @@ def call_main(main, *argv) -> int:
 
 
 def shared_sample(tmp_path_factory) -> dict:
-    """make_sample(n=SHARED_EVENTS) plus one step3 run on it (PRETRAIN_ARGS), made once per pytest session.
-    Adds "pretrain" (its out-dir), "init" (backbone.pt) and "root". Tests must not modify these files."""
-    if not _SHARED:
+    """make_sample(n=SHARED_EVENTS) plus one step3 run on it (PRETRAIN_ARGS), made once per pytest session
+    (session_cache). Adds "pretrain" (its out-dir), "init" (backbone.pt) and "root". Tests must not modify
+    these files."""
+    def build(root: Path) -> None:
         import step3_pretrain
 
-        root = tmp_path_factory.mktemp("shared")
         sample = make_sample(root, n=SHARED_EVENTS)
         code = call_main(step3_pretrain.main, "--parquet", *sample["parquet"].values(), "--out-dir", root / "pre",
                          "--no-code-geometry", "--pair-bias", "0", *PRETRAIN_ARGS)  # synthetic tokens: no tokenizers behind them
         assert code == 0, f"the shared pretraining failed with exit code {code}"
-        _SHARED.update(sample, pretrain=root / "pre", init=root / "pre" / "backbone.pt", root=root)
-    return dict(_SHARED)
+
+    root = built_once(tmp_path_factory, "shared_pretraining", build)
+    return sample_paths(root, PROCESSES) | {"vocab": make_vocab(), "pretrain": root / "pre", "init": root / "pre" / "backbone.pt",
+                                            "root": root}

@@ -15,11 +15,11 @@ import uproot
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import step0_generate  # noqa: E402
 import step1_convert  # noqa: E402
 from common.h5io import read_metadata  # noqa: E402
 from common.physlite import link_index  # noqa: E402
 from common.schema import HIT_SUMMARIES, MAX_CONSTITUENTS, OBJECTS  # noqa: E402
+from session_cache import generated  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 RUN2 = DATA / "physlite" / "PHYSLITE_example.root"
@@ -27,7 +27,6 @@ RNTUPLE = DATA / "physlite" / "physlite_r25_rntuple.root"
 PFNANO = DATA / "nanoaod" / "pfnano.root"
 NANO = DATA / "nanoaod" / "nano_dy.root"
 JET_PT_CUT, MAX_JETS = 20.0, 15  # step1's defaults
-TTBAR_EVENTS = 200
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +40,7 @@ def converted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ttbar(tmp_path_factory):
     d = tmp_path_factory.mktemp("ttbar")
-    assert step0_generate.main(["--process", "ttbar", "--events", str(TTBAR_EVENTS), "--seed", "3", "--block", "100",
-                                "--out", str(d / "ttbar.root")]) == 0
-    assert step1_convert.main([str(d / "ttbar.root"), "--out-dir", str(d)]) == 0
+    assert step1_convert.main([str(generated(tmp_path_factory, "ttbar")), "--out-dir", str(d)]) == 0
     return d / "ttbar.h5"
 
 

@@ -22,10 +22,9 @@ import step1_convert
 import step2_fit
 from common.data_mc import SIMULATION_KEY, bin_sums, chi2_two_sample, compared
 from plotting import plot_data_mc, report
-from step_runner import run_script
+from session_cache import generated
 
 torch.set_num_threads(1)
-EVENTS = 600  # Drell-Yan: about 2 500 held-out tracks and 100 held-out jets per side
 PT_SCALE = 1.2
 FIT = ["--objects", "tracks,jets", "--steps", "60", "--warmup-steps", "15", "--levels", "2", "--codebook-size", "128",
        "--closure-events", "0", "--workers", "1", "--threads", "1"]
@@ -44,10 +43,8 @@ def as_data(src: Path, dst: Path, pt_scale: float = 1.0) -> Path:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("data_mc")
-    res = run_script("step0_generate.py", "--process", "dy", "--events", EVENTS, "--seed", 3, "--workers", 1,
-                     "--block", 300, "--out", d / "dy.root")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert step1_convert.main([str(d / "dy.root"), "--out-dir", str(d / "h5"), "--workers", "1"]) == 0
+    dy = generated(tmp_path_factory, "dy")  # 600 events: about 2 500 held-out tracks and 100 held-out jets per side
+    assert step1_convert.main([str(dy), "--out-dir", str(d / "h5"), "--workers", "1"]) == 0
     mc = d / "h5" / "dy.h5"
     return {"dir": d, "mc": mc, "data": as_data(mc, d / "data_dy.h5"),
             "shifted": as_data(mc, d / "data_dy_pt_scaled.h5", PT_SCALE)}

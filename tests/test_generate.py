@@ -17,9 +17,10 @@ import uproot
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from plotting import plot_sample as ps  # noqa: E402
+from session_cache import GENERATED_EVENTS, generated  # noqa: E402
 from step_runner import run_script  # noqa: E402
 
-EVENTS = {"hzz4l": 300, "zz4l": 250, "ttbar": 200, "dy": 300}
+EVENTS = GENERATED_EVENTS
 
 
 def step0(*args, check=True):
@@ -31,12 +32,7 @@ def step0(*args, check=True):
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gen")
-    paths = {}
-    for proc, n in EVENTS.items():
-        paths[proc] = d / f"{proc}.root"
-        step0("--process", proc, "--events", n, "--seed", 7, "--block", 150, "--out", paths[proc])
-    return paths
+    return {proc: generated(tmp_path_factory, proc) for proc in EVENTS}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +91,8 @@ def test_btag_scores_sum_to_one_and_link_to_jets(samples):
 
 def test_multiplicities_are_plausible(loaded, samples):
     mean = lambda p, o: float(ak.mean(loaded[p]["n"][o]))  # noqa: E731
-    assert mean("hzz4l", "electrons") + mean("hzz4l", "muons") > 2.8  # four leptons, most reconstructed
+    # four leptons, most reconstructed: 2.81 +- 0.03 per event in 2 000 events, +- 0.06 in this sample's 300
+    assert mean("hzz4l", "electrons") + mean("hzz4l", "muons") > 2.5
     assert 4.0 < mean("ttbar", "jets") < 10.0
     assert mean("ttbar", "jets") > 2 * mean("dy", "jets")
     assert mean("dy", "taus") > mean("hzz4l", "taus")  # Z -> tau tau in dy, none in the signal

@@ -18,8 +18,9 @@ sys.path.insert(0, str(ROOT))
 import step0_generate  # noqa: E402  (its main(argv) only)
 from common import physlite, sample_checks  # noqa: E402
 from common.physics import HIGGS_MASS, W_MASS, Z_MASS  # noqa: E402
+from session_cache import GENERATED_EVENTS, generated  # noqa: E402
 
-EVENTS = {"hzz4l": 200, "vbfh4l": 200, "whh4l": 200, "zhh4l": 150, "tthh4l": 250,
+EVENTS = {"hzz4l": GENERATED_EVENTS["hzz4l"], "vbfh4l": 200, "whh4l": 200, "zhh4l": 150, "tthh4l": 250,
           "wjets": 250, "qcd": 150, "singletop": 150, "wz": 200}
 DSID = {"hzz4l": 345060, "vbfh4l": 346228, "whh4l": 346311, "zhh4l": 346310, "tthh4l": 346343,
         "wjets": 361100, "qcd": 364701, "singletop": 410658, "wz": 364253}
@@ -37,11 +38,13 @@ LO_RANGE = (0.4, 1.6)  # Pythia is leading order: within this factor of the refe
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
     d = tmp_path_factory.mktemp("processes")
+    paths = {"hzz4l": generated(tmp_path_factory, "hzz4l")}  # the one test_generate.py checks too
     for proc, n in EVENTS.items():
-        # one seed block per process: one Pythia initialisation each
-        assert step0_generate.main(["--process", proc, "--events", str(n), "--seed", "11", "--block", str(n),
-                                    "--out", str(d / f"{proc}.root")]) == 0
-    return {proc: d / f"{proc}.root" for proc in EVENTS}
+        if proc not in paths:  # one seed block per process: one Pythia initialisation each
+            paths[proc] = d / f"{proc}.root"
+            assert step0_generate.main(["--process", proc, "--events", str(n), "--seed", "11", "--block", str(n),
+                                        "--out", str(paths[proc])]) == 0
+    return paths
 
 
 @pytest.fixture(scope="module")
