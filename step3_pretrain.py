@@ -33,6 +33,7 @@ import argparse
 import csv
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +366,7 @@ def main(argv=None) -> int:
 
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),
                                  code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1])
+    cfg = replace(cfg, id_levels=T.id_levels(args, cfg))
     if cfg.id_levels and (not cfg.code_dim or cfg.granularity == "group"):
         die("--id-levels needs object-granularity tokens and the code geometry: the finer levels enter only through "
             "their codebook vectors")

@@ -1,6 +1,6 @@
 """step0_generate.py: real Pythia8 events through the parametric detector, checked for physics
 sanity, file contract (real PHYSLITE names and units, step1 reads it), determinism and bad usage.
-Samples of a few hundred events per process are generated once per module in tmp_path."""
+Samples of a few hundred events per process are generated once per session (session_cache.py)."""
 from __future__ import annotations
 
 import os

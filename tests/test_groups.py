@@ -153,6 +153,7 @@ def test_pretrain_records_the_group_model(grouped):
                                 "pair_bias": 32}, "the default model: a pair bias from the kinematics group"
     config = json.loads((d / "pre" / "backbone.json").read_text())["config"]
     assert config["granularity"] == "group" and config["slot_groups"][str(TYPE_IDS["jets"])] == [0, 0, 1, 1, 2, 2]
+    assert config["id_levels"] == 0, "group tokens: every level's ids, whatever the object default"
     assert all(np.isfinite(metrics["val"][o]["loss" if o == "tokens" else "mse"]) for o in ("latent", "event", "features", "tokens"))
 
 

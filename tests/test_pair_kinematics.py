@@ -16,6 +16,7 @@ import step2_fit
 import step3_pretrain
 import step4_finetune
 from common import token_parquet
+from common import training as T
 from common.event_data import code_ranges, mask_objects
 from common.pair_kinematics import KINEMATICS, KinematicsDecoder, PairBias, pair_features
 from common.physics import LEPTON_MASS, delta_r, invariant_mass, p4
@@ -170,6 +171,8 @@ def test_eval_mode_reads_the_bias_as_training_does():
 def test_pretrain_with_pair_bias_then_finetune(tokens, backbone, tmp_path, capsys):
     model, side = load_backbone(backbone)
     assert side["config"]["pair_bias"] == 8 and model.pair_bias is not None
+    # object tokens with the code geometry: by default only the coarsest level's ids are embedded
+    assert side["config"]["id_levels"] == T.ID_LEVELS == 1 and side["config"]["code_dim"] > 0
     out = tmp_path / "ft"
     code = call_main(step4_finetune.main, "--parquet", tokens / "tokens", "--signal", "ttbar", "--background", "dy",
                      "--init", backbone, "--arms", "scratch,finetune,frozen,continuous,counts_gbdt",

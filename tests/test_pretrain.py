@@ -118,6 +118,7 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     assert m["val"]["event"]["per_type"]["event"]["n"] == m["n_events"]["val"] and m["val"]["event"]["context_gain"] > 0.2
     model, side = load_backbone(pre / "backbone.pt")  # weights_only=True inside
     assert side["vocab_checksum"] == vocab_checksum(sample["vocab"]) and side["config"]["d_model"] == 32
+    assert side["config"]["id_levels"] == 0, "without the code geometry every level's ids are embedded"
     assert side["objectives"] == ["features", "tokens", "event"] and side["representation"] == "mean"
     # the event objective's head ships with the backbone; a classifier may read its prediction beside the state
     assert side["config"]["observables"] == len(highlevel.NAMES) and model.observables is not None
