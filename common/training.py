@@ -15,7 +15,7 @@ CONSTITUENT_DIM = 32  # width of the jet-constituent encoder (--constituents)
 PAIR_BIAS = 32  # > 0: the width of the pair-kinematics attention bias MLP (common/pair_kinematics.py); 0: off
 # Embed the ids of the coarsest quantizer level only; the finer levels enter through their codebook vectors.
 # Where the tokens allow it (object granularity with the code geometry): scratch gains 0.012 / 0.011 AUC at 10 / 100%
-# of run_all's labels, fine-tuned level (bench/README.md, "Fine tokens with coarse ids")
+# of run_all's labels, fine-tuned level (bench/README.md, "The coarsest ids by default")
 ID_LEVELS = 1
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.05
