@@ -26,13 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # step -> what its process does before its first event: import the script, and build an optimiser where
 # it trains (torch's optimisers import torch._dynamo on their first construction)
-STEPS = {
-    "step0_generate": "",
-    "step1_convert": "",
-    "step2_fit": "torch.optim.AdamW([torch.zeros(1, requires_grad=True)])",
-    "step3_pretrain": "torch.optim.AdamW([torch.zeros(1, requires_grad=True)])",
-    "step4_finetune": "torch.optim.AdamW([torch.zeros(1, requires_grad=True)])",
-}
+OPTIMISER = "import torch\ntorch.optim.AdamW([torch.zeros(1, requires_grad=True)])"
+STEPS = {"step0_generate": "", "step1_convert": "", "step2_fit": OPTIMISER, "step3_pretrain": OPTIMISER,
+         "step4_finetune": OPTIMISER}
 
 
 # env.sh's former warm-up: the packages the steps import at start
@@ -41,7 +37,7 @@ START_UP_IMPORTS = ("torch, numba, lightgbm, sklearn.linear_model, sklearn.metri
 
 
 def start(step: str, env: dict) -> float:
-    code = f"import {step}\nimport torch\n{STEPS[step]}" if STEPS[step] else f"import {step}"
+    code = f"import {step}\n{STEPS[step]}"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
     return time.perf_counter() - t0
