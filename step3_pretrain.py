@@ -49,7 +49,7 @@ from common.pair_kinematics import open_kinematics
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
                             seed_everything, set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
-from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, RegressionHead,
+from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, TypedRegressionHead,
                                 backbone_sidecar, codebook_table, load_tensors, save_module)
 
 # --- defaults (the run_all setting: small and quick on 2 CPU cores) ------------------------------------
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     table = None if code_table is None else torch.from_numpy(code_table).to(dist.device)
     event_type = vocab["type_ids"]["event"]  # the event objective's statistics are filed under the event type
     scalers = fit_scalers(train_stream, args.objectives, ranges, table, cont, cfg.n_types, event_type, dist)
-    heads = {o: RegressionHead(cfg.d_model, len(s.mean[0])) for o, s in scalers.items() if o != "event"}
+    heads = {o: TypedRegressionHead(cfg.d_model, len(s.mean[0]), cfg.n_types) for o, s in scalers.items() if o != "event"}
     token_head = MaskedTokenHead(cfg, legal_id_mask(vocab)) if "tokens" in args.objectives else None
     if "event" in args.objectives:
         backbone.set_observables_head(len(highlevel.NAMES))

@@ -28,7 +28,7 @@ from common.schema import MASK  # noqa: E402
 from common.token_parquet import SPLITS, batch_to_numpy, legal_id_mask, split_of  # noqa: E402
 from common import highlevel  # noqa: E402
 from common.training import to_device  # noqa: E402
-from common.transformer import EventClassifier, load_backbone, pool, vocab_checksum  # noqa: E402
+from common.transformer import EventClassifier, TypedRegressionHead, load_backbone, pool, vocab_checksum  # noqa: E402
 
 # The synthetic sample has no step2 tokenizers behind it, hence no code geometry and no pair bias.
 SMALL = ["--objective", "tokens", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--batch-size", "64", "--threads", "1",
@@ -347,3 +347,15 @@ def test_target_scale_needs_two_values_above_round_off():
     s.add(np.zeros(3, dtype=np.int64), x, valid)
     s.finish()
     assert s.mean[0] == pytest.approx([2.87, 3.0]) and s.std[0] == pytest.approx([1.0, np.sqrt(8 / 3)])
+
+
+def test_masked_object_head_has_an_output_layer_per_type():
+    """Each type's prediction starts at its no-context mean (0) and its output layer learns from its own objects:
+    a rare type is not read through a layer the common ones shaped."""
+    head = TypedRegressionHead(8, 3, n_types=4)
+    hidden, types = torch.randn(5, 8), torch.tensor([0, 1, 1, 2, 3])
+    assert torch.equal(head(hidden, types), torch.zeros(5, 3))
+    (head(hidden[3:4], types[3:4]) - 1).pow(2).sum().backward()  # one object, of type 2
+    grad = head.weight.grad.abs().sum((1, 2))
+    assert grad[2] > 0 and grad[[0, 1, 3]].sum() == 0
+    assert head.bias.grad[2].abs().sum() > 0 and head.bias.grad[[0, 1, 3]].abs().sum() == 0
