@@ -49,8 +49,8 @@ from common.pair_kinematics import open_kinematics
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
                             seed_everything, set_threads, write_json)
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
-from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, TypedRegressionHead,
-                                backbone_sidecar, codebook_table, load_tensors, save_module)
+from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, RegressionHead,
+                                TypedRegressionHead, backbone_sidecar, codebook_table, load_tensors, save_module)
 
 # --- defaults (the run_all setting: small and quick on 2 CPU cores) ------------------------------------
 OUT_DIR = "runs/pretrain"
@@ -64,6 +64,9 @@ BATCH_SIZE = 32  # 4x the optimiser steps of 128 for 1.5x the CPU time: +0.021 /
 LR = 1e-3
 MASK_PROB = 0.15
 SHUFFLE_BUFFER = 16384
+TYPED_HEAD = False  # True: the masked-object head has an output layer per object type. Every type but the tracks
+#                    is then predicted better from its context (taus no longer below their mean), but the study
+#                    setting's fine-tuned AUC fell 0.009 at 1% and 10% of the labels (bench/README.md)
 BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
 SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
 SEED = 1
@@ -88,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-fraction", type=float, default=T.WARMUP_FRACTION)
     p.add_argument("--grad-clip", type=float, default=T.GRAD_CLIP)
     p.add_argument("--mask-prob", type=float, default=MASK_PROB)
+    p.add_argument("--typed-head", action="store_true", default=TYPED_HEAD,
+                   help="an output layer per object type in the masked-object regression head")
     p.add_argument("--balance-types", action="store_true", default=BALANCE_TYPES,
                    help="masked-object regression loss: the mean of each object type's error, not of all objects")
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="events held for shuffling")
@@ -377,7 +382,9 @@ def main(argv=None) -> int:
     table = None if code_table is None else torch.from_numpy(code_table).to(dist.device)
     event_type = vocab["type_ids"]["event"]  # the event objective's statistics are filed under the event type
     scalers = fit_scalers(train_stream, args.objectives, ranges, table, cont, cfg.n_types, event_type, dist)
-    heads = {o: TypedRegressionHead(cfg.d_model, len(s.mean[0]), cfg.n_types) for o, s in scalers.items() if o != "event"}
+    head = (lambda dim: TypedRegressionHead(cfg.d_model, dim, cfg.n_types)) if args.typed_head else \
+        (lambda dim: RegressionHead(cfg.d_model, dim))
+    heads = {o: head(len(s.mean[0])) for o, s in scalers.items() if o != "event"}
     token_head = MaskedTokenHead(cfg, legal_id_mask(vocab)) if "tokens" in args.objectives else None
     if "event" in args.objectives:
         backbone.set_observables_head(len(highlevel.NAMES))

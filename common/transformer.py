@@ -322,23 +322,24 @@ def legal_spans(legal: np.ndarray) -> np.ndarray:
 
 
 class RegressionHead(nn.Module):
-    """Hidden state -> a standardised target vector: a small MLP (the event observables' head)."""
+    """Hidden state -> a standardised target vector: a small MLP. The event observables' head, and step3's
+    default masked-object head (its target: the object's quantised latent, or its normalised features),
+    shared by all types: the type embedding in the hidden state tells it which object it predicts."""
 
     def __init__(self, d_model: int, dim: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, dim))
 
-    def forward(self, hidden):
+    def forward(self, hidden, types=None):  # types: unused, one output layer serves every type
         return self.net(hidden).float()
 
 
 class TypedRegressionHead(nn.Module):
-    """Masked-object regression: hidden state -> the standardised target vector of the object (its
-    quantised latent, or its normalised features). A shared hidden layer, then an output layer per
-    object type, zero at the start: each type's prediction starts at its no-context mean (0 in
-    standardised units) and its output layer learns from its own objects only. With one output layer
-    for all types, the tracks (64% of the masked objects) shaped it, and the taus were predicted
-    worse than their mean (bench/README.md, "An output layer per object type")."""
+    """RegressionHead with an output layer per object type (step3 --typed-head), zero at the start: each
+    type's prediction starts at its no-context mean (0 in standardised units) and its output layer learns
+    from its own objects only. With one output layer for all types the tracks (64% of the masked objects)
+    shape it, and the taus are predicted worse than their mean (bench/README.md, "An output layer per
+    object type")."""
 
     def __init__(self, d_model: int, dim: int, n_types: int):
         super().__init__()
@@ -356,7 +357,7 @@ class PretrainModel(nn.Module):
     hidden states of the masked positions go to each head."""
 
     def __init__(self, backbone: EventTransformer, token_head: MaskedTokenHead | None = None,
-                 regression_heads: dict[str, TypedRegressionHead] | None = None, pooling: str = "mean"):
+                 regression_heads: dict[str, nn.Module] | None = None, pooling: str = "mean"):
         super().__init__()
         self.backbone, self.token_head, self.pooling = backbone, token_head, pooling
         self.regression_heads = nn.ModuleDict(regression_heads or {})
