@@ -382,9 +382,8 @@ def main(argv=None) -> int:
     table = None if code_table is None else torch.from_numpy(code_table).to(dist.device)
     event_type = vocab["type_ids"]["event"]  # the event objective's statistics are filed under the event type
     scalers = fit_scalers(train_stream, args.objectives, ranges, table, cont, cfg.n_types, event_type, dist)
-    head = (lambda dim: TypedRegressionHead(cfg.d_model, dim, cfg.n_types)) if args.typed_head else \
-        (lambda dim: RegressionHead(cfg.d_model, dim))
-    heads = {o: head(len(s.mean[0])) for o, s in scalers.items() if o != "event"}
+    heads = {o: TypedRegressionHead(cfg.d_model, len(s.mean[0]), cfg.n_types) if args.typed_head else
+             RegressionHead(cfg.d_model, len(s.mean[0])) for o, s in scalers.items() if o != "event"}
     token_head = MaskedTokenHead(cfg, legal_id_mask(vocab)) if "tokens" in args.objectives else None
     if "event" in args.objectives:
         backbone.set_observables_head(len(highlevel.NAMES))
