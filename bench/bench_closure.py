@@ -44,6 +44,14 @@ def worst_bins(tok_dir: Path, infos: list[dict]) -> dict:
     return out
 
 
+def describe_or_die(path: str) -> dict:
+    """describe_file, or one error line naming the file (exit 1)."""
+    try:
+        return describe_file(path)
+    except runtime.InputError as exc:
+        runtime.die(f"{path}: {exc}", runtime.EXIT_SOME_FAILED)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizers", required=True)
@@ -53,7 +61,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     runtime.set_threads(1)
     tok_dir = Path(args.tokenizers)
-    infos = [describe_file(path) for path in runtime.input_files(args.h5)]
+    if not any(tok_dir.glob("*.pt")):
+        runtime.die(f"{tok_dir}: no step2 tokenizers (*.pt) in it")
+    infos = [describe_or_die(path) for path in runtime.input_files(args.h5)]
     orig, dec = heldout_quantities(tokenizers_in(tok_dir), infos, args.max_events)
     closure = closure_figures(orig, dec)
     bins = worst_bins(tok_dir, infos)

@@ -8,6 +8,9 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +121,17 @@ def test_closure_measures_only_the_objects_with_a_tokenizer(fitted, tmp_path):
     c = write_closure(tmp_path, [describe_file(str(h5))], max_events=100)
     assert set(c["quantities"]) == {"mjj", "dr_jj"} and c["n_events"] == 100
     assert c["goals"]["m4l_resolution_le_1pct_bias_le_0.3pct"] is None and write_closure(tmp_path / "none", []) is None
+
+
+@pytest.mark.parametrize("tokenizers,code,says", [(False, 2, "no step2 tokenizers"), (True, 1, "cannot read as a step1 HDF5")])
+def test_closure_bench_bad_input_is_one_line(tokenizers, code, says, tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    if tokenizers:
+        (tok / "muons.pt").write_bytes(b"")
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_closure.py"
+    r = subprocess.run([sys.executable, str(bench), "--tokenizers", str(tok), "--h5", str(tmp_path / "missing.h5"),
+                        "--out", str(tmp_path / "out.json")], capture_output=True, text=True, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code and len(lines) == 1 and says in lines[0], r.stderr[-1500:]
+    assert not (tmp_path / "out.json").exists()
