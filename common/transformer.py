@@ -371,7 +371,7 @@ class PretrainModel(nn.Module):
         types = token_type_ids[chosen].long()
         out = {name: head(hidden, types) for name, head in self.regression_heads.items()}
         if self.token_head is not None:
-            out["tokens"] = self.token_head(hidden, token_type_ids[chosen], labels)
+            out["tokens"] = self.token_head(hidden, types, labels)
         if self.backbone.observables is not None:
             out["event"] = self.backbone.observables(pool(states, token_type_ids, attention_mask, self.pooling))
         return out
