@@ -13,8 +13,13 @@ independent job in <out>/configs/<id>/:
      closure.json's figures as closure_* columns where the fit writes one);
   2. tokens/: step2_apply of the task's HDF5 files (those of --signal and --background) with tok/
      (apply_events_per_s: whole events, every object type, reading and writing included);
-  3. finetune/: step4_finetune's scratch arm, few steps, fixed seed: the downstream test AUC;
+  3. finetune/: step4_finetune's scratch arm (run_all's architecture, code geometry included), fixed
+     seed: the downstream test AUC;
   4. result.json, written last: a rerun skips configurations that have it.
+One more job, <out>/reference/, tokenizes the task with the reference tokenizers alone and trains the
+same classifier: every configuration's AUC is compared with it on the same test events (auc_minus_reference
+with its paired 95% interval, and a verdict), and each scanned object gets a row for its reference
+tokenizer, so the ranking shows what beats the default.
 With --data-mc (the inputs must hold data and simulation: common/event/is_simulation 0 and 1),
 each configuration's fitted tokenizer is compared, data against simulation, on held-out objects
 (common/data_mc.py: tok/data_mc.json, .csv and, unless --no-plots, tok/plots/data_mc/), and its
@@ -53,10 +58,11 @@ OBJECTS = "jets,muons"
 SIGNAL, BACKGROUND = "hzz4l", "zz4l,ttbar,dy"  # run_all's task
 CAP = "tracks=10"  # run_all's sequences (TRACKS_IN_SEQUENCE)
 FIT_STEPS = step2_fit.STEPS  # with step2_fit's warmup, at most a quarter of them (a short test scan)
-FINETUNE_STEPS = 150  # the quick scratch classifier: a ranking of tokenizers, not the best AUC
+FINETUNE_STEPS = 150  # the scratch classifier's steps at least; step4 --epochs (6 passes: 792 steps on run_all's task) rules
 FINETUNE_EVAL_EVERY = 50
 SEED = 1
 THREADS = 1  # per step: the scan's shards are the parallelism
+REFERENCE = {"object": "(reference)", "settings": {}, "id": "reference"}  # the job that judges the reference tokenizers
 
 
 def parse_args(argv=None):
@@ -117,20 +123,10 @@ def encode_speed(tok_path: Path, eval_path: Path) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def run_config(cfg: dict, h5: list[str], task: list[dict], args) -> dict:
-    """Fit, tokenize the task, train the quick classifier; the configuration's row of the table."""
-    obj, d = cfg["object"], Path(args.out_dir) / "configs" / cfg["id"]
-    tok_dir = d / "tok"  # the reference tokenizers of the other types, and this configuration's fit
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    for o in TOKENIZED_OBJECTS:
-        if o != obj:
-            for ext in (".pt", ".json"):
-                shutil.copy2(Path(args.reference_tokenizers) / f"{o}{ext}", tok_dir / f"{o}{ext}")
+def judge(tok_dir: Path, d: Path, task: list[dict], args) -> dict:
+    """(D) and the apply speed of (E): the task tokenized with tok_dir into d/tokens, and the scratch
+    classifier trained on it in d/finetune (its test scores kept for the paired comparison)."""
     common_flags = ["--seed", args.seed, "--threads", args.threads]
-    fit_seconds = step("step2_fit", step2_fit.main, [
-        "--h5", *h5, "--out-dir", tok_dir, "--objects", obj, "--steps", args.fit_steps,
-        "--warmup-steps", fit_warmup(args.fit_steps), "--workers", 1, "--no-plots", "--overwrite",
-        *S.fit_flags(cfg["settings"]), *common_flags])
     task_h5 = [info["path"] for info in task]
     apply_seconds = step("step2_apply", step2_apply.main, [
         "--h5", *task_h5, "--tokenizers", tok_dir, "--out-dir", d / "tokens", "--cap", args.cap,
@@ -140,15 +136,41 @@ def run_config(cfg: dict, h5: list[str], task: list[dict], args) -> dict:
         "--background", args.background, "--arms", "scratch", "--steps", args.finetune_steps, "--eval-every",
         args.finetune_eval_every, "--workers", 1, "--device", "cpu", "--out-dir", d / "finetune", "--no-plots",
         "--overwrite", *common_flags])
-    n_events = sum(info["n_events"] for info in task)
+    return {**S.auc_columns(json.loads((d / "finetune" / "metrics.json").read_text())),
+            "finetune_steps": args.finetune_steps,
+            "apply_events_per_s": sum(info["n_events"] for info in task) / apply_seconds}
 
+
+def run_reference(task: list[dict], objects: list[str], args) -> dict:
+    """The reference tokenizers judged as every configuration is; their encode speed per scanned object."""
+    d, ref = Path(args.out_dir) / REFERENCE["id"], Path(args.reference_tokenizers)
+    row = judge(ref, d, task, args)
+    for obj in objects:
+        if (ref / f"{obj}.eval.npz").exists():
+            row[f"encode_objects_per_s_{obj}"] = encode_speed(ref / f"{obj}.pt", ref / f"{obj}.eval.npz")
+    runtime.write_json(d / "result.json", row)  # last: the reference is done
+    return row
+
+
+def run_config(cfg: dict, h5: list[str], task: list[dict], args) -> dict:
+    """Fit, tokenize the task, train the quick classifier; the configuration's row of the table."""
+    obj, d = cfg["object"], Path(args.out_dir) / "configs" / cfg["id"]
+    tok_dir = d / "tok"  # the reference tokenizers of the other types, and this configuration's fit
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for o in TOKENIZED_OBJECTS:
+        if o != obj:
+            for ext in (".pt", ".json"):
+                shutil.copy2(Path(args.reference_tokenizers) / f"{o}{ext}", tok_dir / f"{o}{ext}")
+    fit_seconds = step("step2_fit", step2_fit.main, [
+        "--h5", *h5, "--out-dir", tok_dir, "--objects", obj, "--steps", args.fit_steps,
+        "--warmup-steps", fit_warmup(args.fit_steps), "--workers", 1, "--no-plots", "--overwrite",
+        *S.fit_flags(cfg["settings"]), "--seed", args.seed, "--threads", args.threads])
+    judged = judge(tok_dir, d, task, args)
     sidecar = json.loads((tok_dir / f"{obj}.json").read_text())
     row = {"config": cfg["id"], "object": obj, **{f"axis_{k}": json.dumps(v) if isinstance(v, list) else v
                                                   for k, v in cfg["settings"].items()},
-           **S.quality_columns(sidecar), **S.auc_columns(json.loads((d / "finetune" / "metrics.json").read_text())),
-           "fit_seconds": fit_seconds, "fit_steps": args.fit_steps, "finetune_steps": args.finetune_steps,
-           "encode_objects_per_s": encode_speed(tok_dir / f"{obj}.pt", tok_dir / f"{obj}.eval.npz"),
-           "apply_events_per_s": n_events / apply_seconds}
+           **S.quality_columns(sidecar), **judged, "fit_seconds": fit_seconds, "fit_steps": args.fit_steps,
+           "encode_objects_per_s": encode_speed(tok_dir / f"{obj}.pt", tok_dir / f"{obj}.eval.npz")}
     if args.data_mc:  # the fitted tokenizer only: the reference ones are the same in every configuration
         row.update(data_mc.summary(data_mc.write_data_mc(tok_dir, [describe_file(p) for p in h5], [obj],
                                                          plots=not args.no_plots)))
@@ -159,9 +181,32 @@ def run_config(cfg: dict, h5: list[str], task: list[dict], args) -> dict:
     return row
 
 
-def collect(out: Path) -> pd.DataFrame:
-    """Every finished configuration under out/configs (whichever shard ran it), one row each."""
+def collect(out: Path, args) -> pd.DataFrame:
+    """Every finished configuration under out/configs (whichever shard ran it), one row each; with the
+    reference done, a row per scanned object for its reference tokenizer and every row's AUC against
+    the reference's on the same test events."""
     rows = [json.loads(p.read_text()) for p in sorted((out / "configs").glob("*/result.json"))]
+    ref_dir = out / REFERENCE["id"]
+    if not (ref_dir / "result.json").exists():
+        return pd.DataFrame(rows)
+    judged = json.loads((ref_dir / "result.json").read_text())
+    tok = Path(args.reference_tokenizers)
+    closure = S.closure_columns(json.loads((tok / "closure.json").read_text())) if (tok / "closure.json").exists() else {}
+    for obj in sorted({r["object"] for r in rows}):
+        sidecar = json.loads((tok / f"{obj}.json").read_text())
+        rows.append({"config": f"{obj}-reference", "object": obj, "reference": True, **S.quality_columns(sidecar),
+                     **{k: v for k, v in judged.items() if not k.startswith("encode_objects_per_s")},
+                     "fit_steps": sidecar["settings"].get("steps"),
+                     "encode_objects_per_s": judged.get(f"encode_objects_per_s_{obj}"), **closure})
+    signal = {p.strip() for p in args.signal.split(",") if p.strip()}
+    reference_scores = ref_dir / "finetune" / "test_scores.npz"
+    for r in rows:
+        d = ref_dir if r.get("reference") else out / "configs" / r["config"]
+        try:
+            r.update(S.paired_auc_columns(d / "finetune" / "test_scores.npz", reference_scores, signal,
+                                          step4_finetune.BOOTSTRAP, args.seed))
+        except ValueError as exc:  # e.g. a configuration tokenized with another --cap: no paired comparison
+            print(f"error: {exc}", file=sys.stderr)
     return pd.DataFrame(rows)
 
 
@@ -179,7 +224,7 @@ def main(argv=None) -> int:
     try:
         grid = S.load_grid(args.grid, args.axis)
         S.check_reference(args.reference_tokenizers, objects)
-        configs = runtime.select_shard(S.configurations(grid, objects), args.shard)
+        configs = runtime.select_shard([REFERENCE, *S.configurations(grid, objects)], args.shard)
     except ValueError as exc:
         runtime.die(str(exc))
     infos, errors = runtime.process_inputs(runtime.input_files(args.h5), describe_file)  # an unreadable file: one line
@@ -193,17 +238,22 @@ def main(argv=None) -> int:
     out = runtime.output_dir(args.out_dir)
 
     def one(cfg: dict) -> None:
-        if (out / "configs" / cfg["id"] / "result.json").exists():
+        where = out / REFERENCE["id"] if cfg is REFERENCE else out / "configs" / cfg["id"]
+        if (where / "result.json").exists():
             print(f"[scan] {cfg['id']}: done, skipping")
             return
-        print(f"[scan] {cfg['id']}: {cfg['settings']}", flush=True)
+        print(f"[scan] {cfg['id']}: {cfg['settings'] or 'the reference tokenizers'}", flush=True)
+        if cfg is REFERENCE:
+            row = run_reference(task, objects, args)
+            print(f"[scan] {cfg['id']}: AUC {row['auc']:.4f}", flush=True)
+            return
         row = run_config(cfg, h5, task, args)
         print(f"[scan] {cfg['id']}: pT resolution {row['pt_resolution']:.4f}, AUC {row['auc']:.4f}, "
               f"fit {row['fit_seconds']:.0f} s", flush=True)
 
     if not args.table_only:
         errors += runtime.process_inputs(configs, one, label=lambda cfg: cfg["id"])[1]  # a failure: one line, the rest go on
-    table = collect(out)
+    table = collect(out, args)
     if len(table):
         with runtime.atomic_output(out / "scan.csv") as tmp:
             table.to_csv(tmp, index=False)

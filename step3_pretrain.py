@@ -70,7 +70,6 @@ TYPED_HEAD = False  # True: the masked-object head has an output layer per objec
 BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
 SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
 SEED = 1
-CODE_GEOMETRY = True  # embed each object's quantised latent (from the step2 codebooks) beside its code ids
 
 
 def parse_args(argv=None):
@@ -80,8 +79,6 @@ def parse_args(argv=None):
     p.add_argument("--tokenizers", default=None, help="step2 tokenizer folder (default: recorded in the Parquet)")
     p.add_argument("--h5-dir", default=None, help="step1 HDF5 folder, for --objective features "
                                                   "(default: the inputs recorded in the Parquet)")
-    p.add_argument("--no-code-geometry", dest="code_geometry", action="store_false", default=CODE_GEOMETRY,
-                   help="code ids only: do not add the codebook vectors to the embedding")
     p.add_argument("--out-dir", default=OUT_DIR)
     T.add_model_args(p)
     p.add_argument("--epochs", type=int, default=EPOCHS)
@@ -372,9 +369,8 @@ def main(argv=None) -> int:
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),
                                  code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1])
     cfg = replace(cfg, id_levels=T.id_levels(args, cfg))
-    if cfg.id_levels and (not cfg.code_dim or cfg.granularity == "group"):
-        die("--id-levels needs object-granularity tokens and the code geometry: the finer levels enter only through "
-            "their codebook vectors")
+    if problem := T.id_levels_problem(cfg):
+        die(problem)
     ranges = code_ranges(vocab)
     backbone = EventTransformer(cfg)
     if cfg.code_dim:

@@ -58,7 +58,8 @@ from tqdm import tqdm
 from common import distributed as D
 from common import highlevel
 from common import training as T
-from common.classifier_metrics import auc_rows, binary_metrics, multiclass_metrics, paired_auc_difference, summarize_seeds
+from common.classifier_metrics import (auc_rows, binary_metrics, multiclass_metrics, paired_auc_difference, summarize_seeds,
+                                       verdict)
 from common.classifier_task import (WEIGHTINGS, binary_task, csv_list, multiclass_task, parse_classes, resolve,
                                     xsec_scale)
 from common.continuous_inputs import ContinuousFeatures, h5_locations
@@ -69,8 +70,8 @@ from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_
                             set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import SPLITS, read_vocab, recorded_tokenizers
-from common.transformer import (EventClassifier, EventTransformer, ModelConfig, check_vocab, granularity, load_backbone,
-                                save_module)
+from common.transformer import (EventClassifier, EventTransformer, ModelConfig, check_vocab, codebook_table, granularity,
+                                load_backbone, save_module)
 
 # --- defaults (the run_all setting: a few minutes on 2 CPU cores for ~4 x 5000 events) -----------------
 OUT_DIR = "runs/finetune"
@@ -230,7 +231,9 @@ def weighted_auc(s: dict, task) -> float:
     return float(auc_rows(y, score, w[None])[0]) if len(np.unique(y)) == len(task.names) else float("nan")
 
 
-def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | None, n_classes: int) -> EventClassifier:
+def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | None, n_classes: int,
+                  code_table: np.ndarray | None = None) -> EventClassifier:
+    """code_table: the codebook vectors of scratch's code geometry without --init (with it: the backbone's)."""
     if arm == "finetune":
         backbone, _ = load_backbone(args.init)
     elif arm == "continuous":  # features replace the codes: one vector per object, no sub-tokens
@@ -239,7 +242,7 @@ def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | N
     else:
         backbone = EventTransformer(cfg)
         if cfg.code_dim:  # scratch: the pretrained backbone's architecture, code geometry included
-            backbone.set_code_vectors(load_backbone(args.init)[0].code_vectors.numpy())
+            backbone.set_code_vectors(code_table if args.init is None else load_backbone(args.init)[0].code_vectors.numpy())
     return EventClassifier(backbone, args.pooling, n_classes, args.observables)
 
 
@@ -268,7 +271,7 @@ def train_network(arm, ctx, fraction, seed, desc=""):
     cont = ctx["cont"] if arm == "continuous" else None
     streams = ctx["streams"](fraction, cont)  # the continuous arm's batches carry their HDF5 features
     steps = training_steps(args, ctx["n_train"](fraction), dist.world)
-    model = build_network(arm, ctx["cfg"], args, cont, len(task.names)).to(dist.device)
+    model = build_network(arm, ctx["cfg"], args, cont, len(task.names), ctx["code_table"]).to(dist.device)
     groups = [{"params": list(model.head.parameters()), "lr": args.lr},
               {"params": list(model.backbone.parameters()), "lr": args.backbone_lr if arm == "finetune" else args.lr}]
     opt = T.adamw(groups, weight_decay=args.weight_decay)
@@ -464,7 +467,7 @@ def verdicts(scores: dict, task, args) -> dict:
             d = paired_auc_difference(y[keep], w[keep],
                                       np.stack([arms[a][s]["score"][keep] for s in seeds]),
                                       np.stack([arms[b][s]["score"][keep] for s in seeds]), args.bootstrap, args.seed)
-            d["verdict"] = "better" if d["ci95"][0] > 0 else "worse" if d["ci95"][1] < 0 else "not distinguishable"
+            d["verdict"] = verdict(d["ci95"])
             out.setdefault(str(fraction), {})[f"{a}_minus_{b}"] = {
                 **d, "seeds": seeds, "metric": "AUC" if task.binary else "macro AUC", "weighting": task.weighting}
     return out
@@ -505,6 +508,17 @@ def prepare(args, dist) -> dict:
         for line in errors:
             print(line, file=sys.stderr)
         die("no usable Parquet input", EXIT_SOME_FAILED)
+    code_table = None
+    if not sidecar:  # no backbone: the networks get step3's default architecture, code geometry included
+        if args.code_geometry and "scratch" in args.arm_list:
+            try:
+                code_table = codebook_table(vocab, args.tokenizers or recorded_tokenizers(paths[0]))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                die(f"code geometry (or run with --no-code-geometry) needs the step2 tokenizers: {str(exc).splitlines()[0]}")
+            cfg = replace(cfg, code_dim=code_table.shape[1])
+        cfg = replace(cfg, id_levels=T.id_levels(args, cfg))
+        if problem := T.id_levels_problem(cfg):
+            die(problem)
 
     # The task, its event weights and its splits.
     try:
@@ -536,7 +550,8 @@ def prepare(args, dist) -> dict:
                 die(f"{', '.join(paths)}: the {split} split holds no {role} events ({', '.join(names)})", EXIT_SOME_FAILED)
     task.balance(split_totals["train"])
     n_val = sum(t["events"] for t in split_totals["val"].values())
-    ctx = {"args": args, "dist": dist, "task": task, "vocab": vocab, "cfg": cfg, "cache": {}, "cont": None, "n_val": n_val,
+    ctx = {"args": args, "dist": dist, "task": task, "vocab": vocab, "cfg": cfg, "code_table": code_table, "cache": {},
+           "cont": None, "n_val": n_val,
            "constituents": constituents,
            "paths": paths, "errors": errors, "failed": failed, "split_totals": split_totals, "progress": dist.main,
            "train_all": make("train", labelled, False, shard=False), "val": make("val", labelled, False, shard=False),

@@ -116,6 +116,11 @@ def paired_auc_difference(y: np.ndarray, w: np.ndarray, scores_a: np.ndarray, sc
     return {"delta_auc": float(np.mean(per_seed)), "ci95": [lo, hi], "per_seed": per_seed}
 
 
+def verdict(ci95) -> str:
+    """A difference's verdict from its 95% interval: better or worse only when the interval excludes 0."""
+    return "better" if ci95[0] > 0 else "worse" if ci95[1] < 0 else "not distinguishable"
+
+
 def binary_metrics(y: np.ndarray, score: np.ndarray, weight: np.ndarray | None = None,
                    n_bootstrap: int = N_BOOTSTRAP, seed: int = 0) -> dict:
     """AUC with its interval, rejections and ROC, all with the signed event weights."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common import tokenizer_quality
+from common.classifier_metrics import paired_auc_difference, verdict
 from common.schema import OBJECTS, TOKENIZED_OBJECTS, TRANSFORMS
 from common.tokenizer import ENCODERS, MAX_LEVELS, QUANTIZERS, quantizer_problem
 
@@ -278,6 +279,21 @@ def auc_columns(metrics: dict, arm: str = "scratch") -> dict:
     m = metrics["arms"][arm]
     ci = m.get("auc_ci95") or [None, None]
     return {"auc": m.get("auc"), "auc_ci_lo": ci[0], "auc_ci_hi": ci[1]}
+
+
+def paired_auc_columns(scores: Path, reference_scores: Path, signal: set[str], n_bootstrap: int, seed: int) -> dict:
+    """(D) against the reference: AUC minus the reference's on the same test events (step4's test_scores.npz
+    of the two classifiers), its paired 95% interval and verdict; nothing where either file is missing."""
+    if not (scores.exists() and reference_scores.exists()):
+        return {}
+    with np.load(scores) as a, np.load(reference_scores) as b:
+        if not (np.array_equal(a["process"], b["process"]) and np.array_equal(a["weight"], b["weight"])):
+            raise ValueError(f"{scores}: other test events than the reference's {reference_scores}")
+        y = np.isin(a["process"], sorted(signal)).astype(int)
+        d = paired_auc_difference(y, a["weight"].astype(np.float64), a["score_scratch"][None], b["score_scratch"][None],
+                                  n_bootstrap, seed)
+    return {"auc_minus_reference": d["delta_auc"], "auc_minus_reference_ci_lo": d["ci95"][0],
+            "auc_minus_reference_ci_hi": d["ci95"][1], "auc_verdict": verdict(d["ci95"])}
 
 
 # --- the table ----------------------------------------------------------------------------------------

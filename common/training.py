@@ -12,6 +12,7 @@ import torch
 # The run_all model: small and quick on 2 CPU cores. Steps 3 and 4 take these as flag defaults.
 D_MODEL, N_HEADS, N_LAYERS, D_FF, DROPOUT = 64, 4, 2, 256, 0.1
 CONSTITUENT_DIM = 32  # width of the jet-constituent encoder (--constituents)
+CODE_GEOMETRY = True  # embed each object's quantised latent (from the step2 codebooks) beside its code ids
 PAIR_BIAS = 32  # > 0: the width of the pair-kinematics attention bias MLP (common/pair_kinematics.py); 0: off
 # Embed the ids of the coarsest quantizer level only; the finer levels enter through their codebook vectors.
 # Where the tokens allow it (object granularity with the code geometry): scratch gains 0.012 / 0.011 AUC at 10 / 100%
@@ -34,6 +35,9 @@ def add_model_args(p) -> None:
                    help="granularity group tokens: how an object's feature-group sub-tokens become one vector")
     p.add_argument("--group-attention", type=int, default=0, metavar="N",
                    help="a GroupAttentionLayer: attention among N slices of each position's embedding (0: off)")
+    p.add_argument("--no-code-geometry", dest="code_geometry", action="store_false", default=CODE_GEOMETRY,
+                   help="code ids only: do not add the codebook vectors of the step2 tokenizers to the embedding "
+                        "(step4 --init: the backbone's)")
     p.add_argument("--pair-bias", type=int, default=PAIR_BIAS, metavar="WIDTH",
                    help="an attention bias from each pair of objects' kinematics, decoded from the tokens with the "
                         "step2 tokenizers, through an MLP of this width (0: off; step4 --init: the backbone's)")
@@ -71,6 +75,14 @@ def id_levels(args, cfg) -> int:
     if args.id_levels is not None:
         return args.id_levels
     return ID_LEVELS if cfg.code_dim and cfg.granularity == "object" else 0
+
+
+def id_levels_problem(cfg) -> str | None:
+    """Why cfg's id_levels cannot be built (None where it can)."""
+    if cfg.id_levels and (not cfg.code_dim or cfg.granularity == "group"):
+        return ("--id-levels needs object-granularity tokens and the code geometry: the finer levels enter only through "
+                "their codebook vectors")
+    return None
 
 
 def model_record(cfg) -> dict:

@@ -24,6 +24,7 @@ METRICS = {
     "pt_resolution": ("pT relative resolution (held-out)", True),
     "pt_worst_bin_resolution": ("worst pT bin resolution", True),
     "auc": ("downstream test AUC (scratch)", False),
+    "auc_minus_reference": ("AUC - reference tokenizers' (paired, same test events)", False),
     "min_used_fraction": ("codes used, worst level (fraction)", False),
     "perplexity_L0": ("perplexity, level 0", True),
     "fit_seconds": ("fit wall time [s]", False),
@@ -44,9 +45,15 @@ def metric_vs_bits(table: pd.DataFrame, metric: str, label: str, log: bool, out:
     for obj, rows in table.groupby("object"):
         rows = rows.sort_values("bits_per_object")
         ax.plot(rows["bits_per_object"], rows[metric], "o", label=obj, alpha=0.8)
-        if metric == "auc" and "auc_ci_lo" in rows:
-            ax.errorbar(rows["bits_per_object"], rows["auc"], yerr=[rows["auc"] - rows["auc_ci_lo"],
-                        rows["auc_ci_hi"] - rows["auc"]], fmt="none", alpha=0.4, color=ax.lines[-1].get_color())
+        colour = ax.lines[-1].get_color()
+        if f"{metric}_ci_lo" in rows:  # the AUCs' 95% intervals
+            ax.errorbar(rows["bits_per_object"], rows[metric], yerr=[rows[metric] - rows[f"{metric}_ci_lo"],
+                        rows[f"{metric}_ci_hi"] - rows[metric]], fmt="none", alpha=0.4, color=colour)
+        if "reference" in rows:  # the reference tokenizer of this object type
+            ref = rows[rows["reference"] == True]  # noqa: E712  (NaN in the configurations' rows)
+            ax.plot(ref["bits_per_object"], ref[metric], "*", ms=12, color=colour, mec="k", label=f"{obj}: reference")
+    if metric == "auc_minus_reference":
+        ax.axhline(0, color="k", lw=0.8)
     ax.set(xlabel="bits per object (levels x log2 K)", ylabel=label, yscale="log" if log else "linear")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -457,6 +457,7 @@ def summary_tokenizers(sides: dict, order: list[str]) -> str:
 # --- tokenizer scan (step2_scan.py's scan/ folder) -------------------------------------------------
 
 SCAN_COLUMNS = (("config", "configuration"), ("bits_per_object", "bits"), ("auc", "AUC (scratch)"),
+                ("auc_minus_reference", "AUC - reference"), ("auc_verdict", "vs reference (paired 95%)"),
                 ("pt_resolution", "pT rel. resolution"), ("pt_worst_bin_resolution", "worst pT bin"),
                 ("min_used_fraction", "codes used (worst level)"), ("perplexity_L0", "perplexity L0"),
                 ("fit_seconds", "fit [s]"), ("encode_objects_per_s", "encode [obj/s]"),
@@ -478,7 +479,9 @@ def section_scan(run_dir: Path) -> str:
     scan = pd.read_parquet(path)
     cols = [(c, h) for c, h in SCAN_COLUMNS if c in scan]
     parts = [f'<p class="note">{len(scan)} configuration(s) from <code>{esc(path)}</code>, ranked by the downstream '
-             "AUC, then the held-out pT resolution, then fewer bits per object.</p>"]
+             "AUC, then the held-out pT resolution, then fewer bits per object; the <code>reference</code> row of each "
+             "object is its reference tokenizer, and a configuration is better or worse than it only where the paired "
+             "interval of the AUC difference on the same test events excludes 0.</p>"]
     for obj in sorted(scan["object"].unique()):
         ranked = ranking(scan, obj)
         rows = [[i, *(r[c] for c, _ in cols)] for i, (_, r) in enumerate(ranked.iterrows(), 1)]

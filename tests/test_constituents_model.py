@@ -33,7 +33,7 @@ from common.event_data import SequenceStream  # noqa: E402
 from common.schema import JET_CONSTITUENTS, MAX_CONSTITUENTS, dataset_path  # noqa: E402
 
 N_EVENTS = 800
-SMALL = ["--batch-size", "64", "--epochs", "0", "--pair-bias", "0", "--eval-every", "25", "--patience", "4", "--shuffle-buffer", "2000", "--bootstrap", "20",
+SMALL = ["--batch-size", "64", "--epochs", "0", "--pair-bias", "0", "--no-code-geometry", "--eval-every", "25", "--patience", "4", "--shuffle-buffer", "2000", "--bootstrap", "20",
          "--threads", "1", "--workers", "1", "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--no-plots"]
 
 

@@ -28,7 +28,7 @@ from common import training as T  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
 from common.transformer import load_backbone, load_tensors, save_module  # noqa: E402
 
-SMALL = ["--batch-size", "64", "--steps", "20", "--epochs", "0", "--pair-bias", "0", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
+SMALL = ["--batch-size", "64", "--steps", "20", "--epochs", "0", "--pair-bias", "0", "--no-code-geometry", "--eval-every", "10", "--patience", "2", "--shuffle-buffer", "2000",
          "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1", "--workers", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -159,7 +159,7 @@ def test_seeded_runs_are_reproducible(sample, tmp_path, capsys):
     one in a fresh process with another hash seed and no workers (so neither global state left by
     earlier tests, nor set/dict order, nor the process a training ran in can change a result)."""
     args = ["--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l", "--arms",
-            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--steps", "5", "--epochs", "0", "--pair-bias", "0", "--batch-size",
+            "scratch,counts_gbdt", "--no-plots", "--d-model", "32", "--n-heads", "2", "--steps", "5", "--epochs", "0", "--pair-bias", "0", "--no-code-geometry", "--batch-size",
             "64", "--seed", "5", "--gbdt-trees", "60", "--bootstrap", "20", "--threads", "1"]
     code, _, err = step4(capsys, *args, "--workers", "2", "--out-dir", tmp_path / "o0")
     assert code == 0, err[-2000:]
@@ -189,9 +189,16 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
 
 def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     pqs = list(sample["parquet"].values())
-    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--steps", "2", "--epochs", "0", "--pair-bias", "0"]
+    base = ["--out-dir", tmp_path / "o", "--arms", "scratch", "--no-plots", "--threads", "1", "--steps", "2", "--epochs", "0", "--no-code-geometry", "--pair-bias", "0"]
     code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "higgs", "--background", "zz4l", *base)
     assert code == 2 and "signal 'higgs' matches no events" in err
+    # scratch without a backbone reads the codebook vectors of the tokens' tokenizers: these synthetic tokens have none
+    code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "hzz4l", "--background", "zz4l",
+                         *(a for a in base if a != "--no-code-geometry"))
+    assert code == 2 and "code geometry (or run with --no-code-geometry) needs the step2 tokenizers" in err
+    assert len(err.strip().splitlines()) == 1, err
+    code, _, err = step4(capsys, "--parquet", *pqs, "--signal", "hzz4l", "--background", "zz4l", "--id-levels", "1", *base)
+    assert code == 2 and "--id-levels needs object-granularity tokens and the code geometry" in err
     bad = tmp_path / "bad.parquet"
     pq.write_table(pq.read_table(pqs[0]).drop(["token_type_ids"]), bad)
     code, _, err = step4(capsys, "--parquet", bad, "--signal", "hzz4l", "--background", "zz4l", *base)

@@ -117,13 +117,29 @@ def test_missing_reference_tokenizers(sample, tmp_path, capsys):
 def test_tiny_scan_shards_rerun_and_failure(sample, tmp_path, capsys):
     out = tmp_path / "scan"
     grid = ["--axis", "codebook_size=8,32", "--axis", "levels=2"]
-    assert scan(sample, out, *grid, "--shard", "1/2") == 0
-    assert len(pd.read_csv(out / "scan.csv")) == 1
+    assert scan(sample, out, *grid, "--shard", "1/2") == 0  # the reference job and one configuration
+    assert (out / "reference" / "result.json").exists() and len(pd.read_csv(out / "scan.csv")) == 2
     assert scan(sample, out, *grid, "--shard", "2/2") == 0  # the table gathers every shard's configurations
     table = pd.read_parquet(out / "scan.parquet")
-    assert sorted(table["codebook_size"]) == [8, 32] and sorted(table["bits_per_object"]) == [6, 10]
     assert sorted(pd.read_csv(out / "scan.csv")["config"]) == sorted(table["config"])
+    reference = table[table["reference"] == True].iloc[0]  # noqa: E712  (NaN in the configurations' rows)
+    table = table[table["reference"] != True]  # noqa: E712
+    assert sorted(table["codebook_size"]) == [8, 32] and sorted(table["bits_per_object"]) == [6, 10]
+
+    # the reference row: the reference muon tokenizer's quality, judged by the same classifier on the same test events
+    ref_quality = json.loads((sample / "ref" / "muons.json").read_text())["quality"]
+    assert reference["config"] == "muons-reference"
+    assert reference["pt_resolution"] == ref_quality["goals"]["pt_relative_resolution"]
+    assert reference["auc_minus_reference"] == 0 and reference["auc_verdict"] == "not distinguishable"
+    for d in [out / "reference", *(out / "configs" / c for c in table["config"])]:
+        # scratch without a backbone: run_all's architecture, the code geometry and the coarsest ids
+        config = json.loads((d / "finetune" / "scratch.json").read_text())["config"]
+        assert config["code_dim"] > 0 and config["id_levels"] == 1, d
     for _, r in table.iterrows():
+        # paired on the same events: the difference of the two AUCs, inside its own interval
+        assert abs(r["auc_minus_reference"] - (r["auc"] - reference["auc"])) < 1e-6
+        assert r["auc_minus_reference_ci_lo"] <= r["auc_minus_reference"] <= r["auc_minus_reference_ci_hi"]
+        assert r["auc_verdict"] in ("better", "worse", "not distinguishable")
         assert 0 <= r["auc"] <= 1 and r["auc_ci_lo"] <= r["auc"] <= r["auc_ci_hi"]
         assert 0 < r["pt_resolution"] < 10 and r["fit_seconds"] > 0 and r["encode_objects_per_s"] > 0
         assert r["used_L0"] + r["dead_L0"] <= r["codebook_size"] and 1 <= r["perplexity_L0"] <= r["codebook_size"]
@@ -145,13 +161,13 @@ def test_tiny_scan_shards_rerun_and_failure(sample, tmp_path, capsys):
     (out / "configs" / blocked / "tok").write_text("a file where the tokenizer folder goes")
     assert scan(sample, out, "--axis", "codebook_size=8,16,32", "--axis", "levels=2") == 1
     captured = capsys.readouterr()
-    assert captured.out.count("done, skipping") == 2  # a rerun skips the finished configurations
+    assert captured.out.count("done, skipping") == 3  # a rerun skips the finished configurations and the reference
     assert {p: p.stat().st_mtime_ns for p in out.glob("configs/*/result.json")} == done
     assert f"error: {blocked}: " in captured.err  # the failed one is listed ...
-    assert len(pd.read_csv(out / "scan.csv")) == 2  # ... and the table keeps the others
+    assert len(pd.read_csv(out / "scan.csv")) == 3  # ... and the table keeps the others (and the reference row)
     (out / "scan.csv").unlink()
     assert scan(sample, out, "--axis", "codebook_size=8,16,32", "--axis", "levels=2", "--table-only") == 0
-    assert len(pd.read_csv(out / "scan.csv")) == 2 and not (out / "configs" / blocked / "result.json").exists()
+    assert len(pd.read_csv(out / "scan.csv")) == 3 and not (out / "configs" / blocked / "result.json").exists()
 
 
 def test_report_ranks_the_scan(sample, tmp_path):
@@ -168,6 +184,11 @@ def test_report_ranks_the_scan(sample, tmp_path):
     table = pd.read_parquet(tmp_path / "scan" / "scan.parquet").sort_values("auc", ascending=False)
     shown = re.findall(r"<tr><td>\d+</td><td>([^<]+)</td>", m.group(1))
     assert shown == list(table["config"])
+    assert "muons-reference" in shown  # the reference tokenizer ranks among the configurations
+
+    from plotting.plot_scan import plot_scan
+    names = {p.name for p in plot_scan(table, tmp_path / "plots")}
+    assert {"auc_vs_bits.png", "auc_minus_reference_vs_bits.png", "pareto_pt_resolution_vs_bits.png"} <= names
 
 
 def test_unreadable_input_is_listed(sample, tmp_path, capsys):
