@@ -15,10 +15,12 @@ SEED="${SEED:-1}"
 PROCESSES="${PROCESSES:-hzz4l zz4l ttbar dy}"  # the labelled task's processes
 SIGNAL="${SIGNAL:-hzz4l}"
 BACKGROUND="${BACKGROUND:-zz4l,ttbar,dy}"
-PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz}"  # unlabelled corpus, beside the task's own events
+PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz vbfh4l whh4l zhh4l tthh4l}"  # unlabelled corpus,
+                                    # beside the task's own events: the generic four and the other Higgs production
+                                    # modes (what the corpus holds decides what pretraining buys: README.md)
 PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-1200}"  # events generated per corpus process
-PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-3}"  # step3 passes over the corpus: 10 pretrain better, most with few labels,
-                                    # but add about 3 minutes, more than the default's 15 allow (README.md)
+PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-6}"  # step3 passes over the corpus: more pretrain better, most with few labels,
+                                    # at about 35 s each on 2 cores (README.md)
 SEEDS="${SEEDS:-1}"                 # every classifier training is repeated with these seeds (1,2,3: the
                                     # seed spread of every figure, about 3x step4's time: README.md)
 RUN="${RUN:-runs/default}"          # output folder of this run

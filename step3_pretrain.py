@@ -57,7 +57,7 @@ OUT_DIR = "runs/pretrain"
 OBJECTIVE = "latent,event"  # chosen by measurement: bench/README.md, "pretraining objectives"
 OBJECTIVES = ("features", "latent", "tokens", "event")
 REPRESENTATION = "mean"  # the event representation fine-tuning reads: the mean of the object states
-EPOCHS = 3  # what run_all's 15 minutes allow; more pays most with few labels (bench/README.md, "Pretraining length")
+EPOCHS = 6  # run_all's setting; more pays most with few labels (bench/README.md, "Pretraining length")
 BATCH_SIZE = 32  # 4x the optimiser steps of 128 for 1.5x the CPU time: +0.021 / +0.003 / +0.012 fine-tuned AUC at
 #                  1 / 10 / 100% of run_all's labels (bench/README.md, "Pretraining batch size"). A GPU wants larger
 #                  batches: raise it with --lr, or run more --epochs
