@@ -116,6 +116,16 @@ done
 # 1. ROOT -> HDF5
 h5=()
 for p in "${all_processes[@]}"; do h5+=("$RUN/h5/$p.h5"); done
+# a process that TASKS or PRETRAIN_PROCESSES moved between the task (EVENTS) and the corpus (PRETRAIN_EVENTS) has
+# a converted file of this run made from its other ROOT file: every output after step0 is stale then
+stale="$(python -c 'import sys; from pathlib import Path; from common.h5io import converted_from
+h5, raw = sys.argv[1::2], sys.argv[2::2]
+print(*(Path(f).stem for f, r in zip(h5, raw) if Path(f).exists() and not converted_from(f, r)))' \
+    $(for i in "${!h5[@]}"; do echo "${h5[$i]} ${raw[$i]}"; done))"
+if [ -n "$stale" ] && [ "$OVERWRITE" != 1 ]; then
+    echo "[run_all] $stale: converted in $RUN from other ROOT files than this run's (TASKS or PRETRAIN_PROCESSES changed): redoing every step after step0"
+    OVERWRITE=1 overwrite=(--overwrite)
+fi
 run_step step1_convert "$(first_missing "${h5[@]}")" \
     python step1_convert.py "${raw[@]}" --out-dir "$RUN/h5" --workers "$WORKERS" --seed "$SEED" "${overwrite[@]}"
 
@@ -137,8 +147,8 @@ run_step step2_apply "$(first_missing "${parquet[@]}")" \
 
 # 3. masked-object pretraining on every process, task and corpus (train and validation splits only:
 #    the test events of the task are never pretrained on). A backbone is reused only if it was pretrained on
-#    every token file of this run: TASKS=multiclass added to a finished binary run brings the production modes,
-#    so the backbone is pretrained again, and the classifiers on it are trained again.
+#    every token file of this run: a process added to PRETRAIN_PROCESSES of a finished run is pretrained on, and the
+#    classifiers on the backbone are trained again.
 pretrained_on() {  # DIR FILES...: true when the step3 output in DIR read every one of FILES
     python -c 'import sys; from common.runtime import made_from; sys.exit(not made_from(sys.argv[1], sys.argv[2:]))' \
         "$1/metrics.json" "${@:2}"
@@ -151,9 +161,10 @@ redo_pretraining() {  # DIR FINETUNE_DIRS... : forget a backbone and the classif
 }
 [ -e "$RUN/pretrain/metrics.json" ] && ! pretrained_on "$RUN/pretrain" "${parquet[@]}" &&
     redo_pretraining "$RUN/pretrain" "$RUN/finetune" "$RUN/finetune_generalisation" "$RUN/finetune_multiclass"
+cpu_ranks=$(( WORKERS >= 2 ? 2 : 1 ))  # on CPU step3 runs as 2 ranks of one thread: 1.6x one process on 2 cores
 run_step step3_pretrain "$RUN/pretrain/metrics.json" \
     python step3_pretrain.py --parquet "${parquet[@]}" --tokenizers "$RUN/tok" --h5-dir "$RUN/h5" \
-        --out-dir "$RUN/pretrain" --epochs "$PRETRAIN_EPOCHS" --seed "$SEED" --device "$DEVICE"
+        --out-dir "$RUN/pretrain" --epochs "$PRETRAIN_EPOCHS" --seed "$SEED" --device "$DEVICE" --cpu-ranks "$cpu_ranks"
 
 # 4. fine-tuning and baselines on the main task, with the data-efficiency protocol;
 #    then (GENERALISATION=1) the generalisation protocol: trained against the first background only, tested on all
@@ -195,7 +206,8 @@ for v in $VARIANTS; do
         redo_pretraining "$RUN/pretrain_$name" "$RUN/finetune_$name"
     run_step "step3_$name" "$RUN/pretrain_$name/metrics.json" \
         python step3_pretrain.py --parquet "${vparquet[@]}" --tokenizers "$tok" --h5-dir "$RUN/h5" \
-            --out-dir "$RUN/pretrain_$name" --epochs "$PRETRAIN_EPOCHS" --seed "$SEED" --device "$DEVICE" "${model[@]}"
+            --out-dir "$RUN/pretrain_$name" --epochs "$PRETRAIN_EPOCHS" --seed "$SEED" --device "$DEVICE" \
+            --cpu-ranks "$cpu_ranks" "${model[@]}"
     run_step "step4_$name" "$RUN/finetune_$name/metrics.json" \
         python step4_finetune.py --parquet "${vtask[@]}" --signal "$SIGNAL" \
             --background "$BACKGROUND" --arms "$VARIANT_ARMS" --init "$RUN/pretrain_$name/backbone.pt" --h5-dir "$RUN/h5" \

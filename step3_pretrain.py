@@ -19,7 +19,10 @@ ids the baseline is the most frequent code of each (type, level).
 
 Only the train and validation splits are read: test events (the shared split hash) are never
 pretrained on. AdamW, warm-up + cosine decay, gradient clipping, a checkpoint per epoch
-(--resume). CPU, one GPU (bf16 autocast) or many with `torchrun --nproc_per_node N ...`.
+(--resume). CPU, one GPU (bf16 autocast) or many with `torchrun --nproc_per_node N ...`; --batch-size
+events make one optimiser step whatever the number of ranks (each reads its share). On CPU, two
+ranks of one thread do an epoch of run_all's batch 1.6x as fast as one process with both cores
+(bench/README.md), which is how run_all runs it.
 
   python step3_pretrain.py --parquet runs/x/tokens/*.parquet --h5-dir runs/x/h5 --out-dir runs/x/pretrain
 Outputs: backbone.pt + backbone.json (config, objective, representation, vocabulary checksum),
@@ -69,6 +72,8 @@ TYPED_HEAD = False  # True: the masked-object head has an output layer per objec
 #                    setting's fine-tuned AUC fell 0.009 at 1% and 10% of the labels (bench/README.md)
 BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
 SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
+CPU_RANKS = 1  # run_all passes 2 on 2 cores: an epoch of batch 32 in 0.64 of the time of one process with both
+#               (small batches leave a second thread mostly idle: bench/README.md, "Two CPU ranks")
 SEED = 1
 
 
@@ -82,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=OUT_DIR)
     T.add_model_args(p)
     p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="per rank")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="events per optimiser step, shared out over the ranks")
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--weight-decay", type=float, default=T.WEIGHT_DECAY)
     p.add_argument("--warmup-fraction", type=float, default=T.WARMUP_FRACTION)
@@ -95,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="events held for shuffling")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
     T.add_runtime_args(p)
+    p.add_argument("--cpu-ranks", type=int, default=CPU_RANKS,
+                   help="on CPU, run as this many ranks of one process group, each with its share of the CPUs")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true")
@@ -106,6 +114,8 @@ def parse_args(argv=None):
         p.error(f"--objective {args.objective!r}: choose one or more of {', '.join(OBJECTIVES)}")
     if not 0 < args.mask_prob < 1:
         p.error("--mask-prob must be in (0, 1)")
+    if args.cpu_ranks < 1:
+        p.error("--cpu-ranks must be >= 1")
     T.check_model_args(p, args)
     return args
 
@@ -318,6 +328,8 @@ def main(argv=None) -> int:
     if (out / "backbone.pt").exists() and not (args.overwrite or args.resume):
         print(f"{out / 'backbone.pt'} exists, skipping (use --overwrite to redo)")
         return EXIT_OK
+    if args.cpu_ranks > 1 and not D.launched() and not D.wants_cuda(args.device):
+        return D.run_as_cpu_ranks(args.cpu_ranks, [__file__, *map(str, sys.argv[1:] if argv is None else argv)])
     paths = input_files(args.parquet)
     vocab, paths, errors = open_sequences(paths)
     for line in errors:
@@ -348,8 +360,11 @@ def main(argv=None) -> int:
     constituents = constituent_model.open_reader(paths, args.h5_dir, args.constituent_fallback) if args.constituents else None
 
     # Data: train and validation splits only; the test split is never read.
+    if args.batch_size < dist.world or args.batch_size % dist.world:
+        die(f"--batch-size {args.batch_size}: events per step must be a positive multiple of the {dist.world} rank(s)")
+    rank_batch = args.batch_size // dist.world
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
-    stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS[split],  # noqa: E731
+    stream = lambda split, shuffle: SequenceStream(paths, vocab["levels"], rank_batch, split=SPLITS[split],  # noqa: E731
                                                    shuffle_buffer=args.shuffle_buffer if shuffle else 0, seed=args.seed,
                                                    rank=dist.rank, world=dist.world, features=cont, failed=failed,
                                                    observables=h5_files if "event" in args.objectives else None,
@@ -363,7 +378,7 @@ def main(argv=None) -> int:
     if args.max_steps:
         steps = min(steps, args.max_steps)
     if steps == 0:
-        die(f"{n_train} train events give no full step for {dist.world} rank(s) of batch {args.batch_size}")
+        die(f"{n_train} train events give no full step of batch {args.batch_size}")
     val_steps = val_stream.steps_per_epoch(n_val, even=False)
 
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),

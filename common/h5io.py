@@ -134,6 +134,15 @@ def read_metadata(path: str | os.PathLike) -> dict:
         return {k: decode_attr(v) for k, v in f["metadata"].attrs.items()}
 
 
+def converted_from(path: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """Whether the step1 file at `path` was converted from the ROOT file `source` (False when it is absent or
+    unreadable): run_all redoes a run whose converted files came from other ROOT files."""
+    try:
+        return Path(read_metadata(path)["input_file"]).resolve() == Path(source).resolve()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def object_datasets(obj: str, experiment: str) -> list[str]:
     """Every dataset path step1 writes for `obj` (an object or jet_constituents) in a file of `experiment`."""
     keys = [dataset_path(obj, f) for f in features_for(obj, experiment)]

@@ -165,8 +165,23 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2
-    single = SequenceStream([str(p) for p in sample["parquet"].values()], 2, 64, split=0)
-    assert m["steps_per_epoch"] == -(-single.count() // 64) // 2, "each rank takes half of the batches"
+    n = SequenceStream([str(p) for p in sample["parquet"].values()], 2, 64, split=0).count()
+    assert m["steps_per_epoch"] == -(-n // 32) // 2, "each rank reads 32 of every step's 64 events"
+    assert abs(m["steps_per_epoch"] - -(-n // 64)) <= 1, "as many optimiser steps as one process of batch 64"
+    # step3's own launcher (what run_all uses on CPU): the same two-rank training, loss for loss
+    out2 = tmp_path / "ranks"
+    r = subprocess.run([sys.executable, str(ROOT / "step3_pretrain.py"), "--parquet", *map(str, sample["parquet"].values()),
+                        "--out-dir", str(out2), "--epochs", "1", "--device", "cpu", *SMALL, "--cpu-ranks", "2"],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    losses = lambda metrics: [(h["train_loss"], h["val_loss"]) for h in metrics["history"]]  # noqa: E731
+    assert m2["world_size"] == 2 and losses(m2) == losses(m)
+    bad = subprocess.run([sys.executable, str(ROOT / "step3_pretrain.py"), "--parquet", str(tmp_path / "missing.parquet"),
+                          "--out-dir", str(tmp_path / "bad"), *SMALL, "--cpu-ranks", "2"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+    assert bad.stderr.count("error: no usable Parquet input") == 1, "one rank's error lines, not every rank's"
 
 
 def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
@@ -189,6 +204,9 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     write_sequences(tmp_path / "test_only.parquet", [table], make_vocab(), {})
     code, _, err = run(capsys, "--parquet", tmp_path / "test_only.parquet", "--out-dir", tmp_path / "o3", *SMALL)
     assert code != 0 and "split holds no events" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "--parquet", sample["parquet"]["dy"], "--out-dir", tmp_path / "o6", *SMALL, "--batch-size", "0")
+    assert code == 2 and "--batch-size 0: events per step must be a positive multiple of the 1 rank(s)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o6").exists()
     code, _, err = run(capsys, "--parquet", bad, "--mask-prob", "1.5")
     assert code == 2 and "--mask-prob must be in (0, 1)" in err
     code, _, err = run(capsys, "--parquet", sample["parquet"]["dy"], "--out-dir", tmp_path / "o5", "--id-levels", "1", *SMALL)

@@ -1,6 +1,6 @@
 """common.runtime: read_ahead, the background producer of apply's chunk pipeline, must hand over
 every item in order, raise the producer's error in the consumer, and stop when the consumer stops;
-made_from decides whether run_all reuses a backbone."""
+made_from decides whether run_all reuses a backbone, converted_from whether it redoes a run."""
 import os
 import subprocess
 import threading
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from common.h5io import H5EventWriter
 from common.runtime import made_from, provenance, read_ahead, write_json
 
 
@@ -55,7 +56,7 @@ def test_read_ahead_stops_the_producer_when_the_consumer_stops():
 
 def test_made_from_needs_every_input_recorded(tmp_path, monkeypatch):
     """run_all reuses a backbone only if its step3 read every token file of the run: one pretrained before
-    TASKS=multiclass added the production modes is pretrained again."""
+    PRETRAIN_PROCESSES or TASKS added a process is pretrained again."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "pretrain" / "metrics.json"
     out.parent.mkdir()
@@ -91,3 +92,28 @@ def test_run_all_pretrains_again_when_the_run_gains_processes(tmp_path):
     assert redo.returncode == 0 and "pretraining again" in redo.stdout
     assert not any((run / d / f).exists() for d, f in (("pretrain", "backbone.pt"), ("pretrain", "metrics.json"),
                                                        ("finetune", "metrics.json"), ("finetune_multiclass", "metrics.json")))
+
+
+def test_run_all_redoes_a_run_whose_files_came_from_other_root_files(tmp_path):
+    """A process moved from the corpus (PRETRAIN_EVENTS) into the task (EVENTS) by TASKS=multiclass has a converted
+    file made from its corpus ROOT file: run_all's check (run by bash) must name it and redo every later step."""
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "run_all.sh").read_text()
+    check = script[script.index('stale="$('):script.index("run_step step1_convert")]
+    run = tmp_path / "run"
+    (run / "h5").mkdir(parents=True)
+    for p, source in (("hzz4l", "task/hzz4l.root"), ("vbfh4l", "corpus/vbfh4l.root")):
+        writer = H5EventWriter(run / "h5" / f"{p}.h5")
+        writer.close({"input_file": str(tmp_path / source)})
+    prelude = ('RUN="$1" OVERWRITE=0 overwrite=(); h5=("$RUN/h5/hzz4l.h5" "$RUN/h5/vbfh4l.h5" "$RUN/h5/new.h5"); '
+               'raw=("$2/task/hzz4l.root" "$2/$3/vbfh4l.root" "$2/task/new.root")\n')
+    report = '\necho "overwrite=$OVERWRITE ${overwrite[*]}"'
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def run_check(vbf_dir):
+        return subprocess.run(["bash", "-c", prelude + check + report, "-", run, tmp_path, vbf_dir],
+                              capture_output=True, text=True, env=env, cwd=root, check=True).stdout
+    assert run_check("corpus").strip() == "overwrite=0", "the same ROOT files (a new process is only missing)"
+    moved = run_check("task")
+    assert "vbfh4l: converted" in moved and "hzz4l" not in moved.split(":")[0], moved
+    assert moved.strip().endswith("overwrite=1 --overwrite")
