@@ -161,7 +161,7 @@ redo_pretraining() {  # DIR FINETUNE_DIRS... : forget a backbone and the classif
 }
 [ -e "$RUN/pretrain/metrics.json" ] && ! pretrained_on "$RUN/pretrain" "${parquet[@]}" &&
     redo_pretraining "$RUN/pretrain" "$RUN/finetune" "$RUN/finetune_generalisation" "$RUN/finetune_multiclass"
-cpu_ranks=$(( WORKERS >= 2 ? 2 : 1 ))  # on CPU step3 runs as 2 ranks of one thread: 1.6x one process on 2 cores
+cpu_ranks=$(( WORKERS >= 2 ? 2 : 1 ))  # on CPU step3 runs as 2 ranks of one thread: 1.63x one process on 2 cores
 run_step step3_pretrain "$RUN/pretrain/metrics.json" \
     python step3_pretrain.py --parquet "${parquet[@]}" --tokenizers "$RUN/tok" --h5-dir "$RUN/h5" \
         --out-dir "$RUN/pretrain" --epochs "$PRETRAIN_EPOCHS" --seed "$SEED" --device "$DEVICE" --cpu-ranks "$cpu_ranks"

@@ -21,7 +21,7 @@ Only the train and validation splits are read: test events (the shared split has
 pretrained on. AdamW, warm-up + cosine decay, gradient clipping, a checkpoint per epoch
 (--resume). CPU, one GPU (bf16 autocast) or many with `torchrun --nproc_per_node N ...`; --batch-size
 events make one optimiser step whatever the number of ranks (each reads its share). On CPU, two
-ranks of one thread do an epoch of run_all's batch 1.6x as fast as one process with both cores
+ranks of one thread train at run_all's batch 1.63x as fast as one process with both cores
 (bench/README.md), which is how run_all runs it.
 
   python step3_pretrain.py --parquet runs/x/tokens/*.parquet --h5-dir runs/x/h5 --out-dir runs/x/pretrain
@@ -72,8 +72,8 @@ TYPED_HEAD = False  # True: the masked-object head has an output layer per objec
 #                    setting's fine-tuned AUC fell 0.009 at 1% and 10% of the labels (bench/README.md)
 BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
 SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
-CPU_RANKS = 1  # run_all passes 2 on 2 cores: an epoch of batch 32 in 0.64 of the time of one process with both
-#               (small batches leave a second thread mostly idle: bench/README.md, "Two CPU ranks")
+CPU_RANKS = 1  # run_all passes 2 on 2 cores: 1.63x the events/s of one process with both, 1.15x one thread alone
+#               (a second thread costs more than it gives on small batches: bench/README.md, "Two CPU ranks")
 SEED = 1
 
 

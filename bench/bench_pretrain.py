@@ -6,6 +6,8 @@ peak memory of each child is compared with the first (streaming keeps it flat).
   python bench/bench_pretrain.py                                   # synthetic sample, 4 x 5000 events
   python bench/bench_pretrain.py --parquet runs/default/tokens/*.parquet --h5-dir runs/default/h5
   python bench/bench_pretrain.py --scales 1,10 --max-steps 300     # memory as the corpus grows 10x
+  python bench/bench_pretrain.py ... --cpu-ranks 2 --batch-size 32   # also step3 --cpu-ranks 2 (run_all's way)
+                                                                   # against one process of 2 threads
 """
 from __future__ import annotations
 
@@ -41,11 +43,11 @@ def synthetic(out: Path, n: int) -> list[str]:
     return [str(p) for p in make_sample(out, n=n)["parquet"].values()]
 
 
-def child_epoch(paths, out, args) -> tuple[float, float, float]:
-    """(train events/s, peak RSS MB, wall s) of one step3 epoch in a child process, on one thread."""
+def child_epoch(paths, out, args, threads: int = 1, ranks: int = 1) -> tuple[float, float, float]:
+    """(train events/s, peak RSS MB of the largest process, wall s) of one step3 epoch in a child process."""
     cmd = [sys.executable, str(ROOT / "step3_pretrain.py"), "--parquet", *paths, "--out-dir", str(out), "--epochs", "1",
-           "--batch-size", str(args.batch_size), "--no-plots", "--device", args.device, "--threads", "1",
-           "--objective", args.objective]
+           "--batch-size", str(args.batch_size), "--no-plots", "--device", args.device, "--objective", args.objective]
+    cmd += ["--cpu-ranks", str(ranks)] if ranks > 1 else ["--threads", str(threads)]
     cmd += ["--h5-dir", args.h5_dir] if args.h5_dir else []
     cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
     cmd += ["--tokenizers", args.tokenizers] if args.tokenizers else ["--no-code-geometry", "--pair-bias", "0"]
@@ -94,6 +96,8 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=None, help="cap on the child's training steps")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cpu-ranks", type=int, default=1,
+                   help="also time step3 --cpu-ranks N against one process with N threads")
     args = p.parse_args()
     args.objective = args.objective or ("latent,event" if args.tokenizers else "features,event")
     torch.set_num_threads(1)  # one thread for both measurements, so the ratio compares like with like
@@ -114,6 +118,9 @@ def main() -> int:
             on_device = [(b, T.to_device(b, args.device)) for b in batches]
             fwd_eps = {mode: n_train / forward_seconds(model, kinematics, on_device, mode) for mode in ("eval", "train")}
             rows.append((scale, n_train, tokens / n_train, train_eps, fwd_eps, peak_mb, wall))
+        if args.cpu_ranks > 1:  # on the last corpus: N ranks of one thread against one process of N threads
+            one = child_epoch(paths, Path(tmp) / "one", args, threads=args.cpu_ranks)
+            ranks = child_epoch(paths, Path(tmp) / "ranks", args, ranks=args.cpu_ranks)
     print(f"device {args.device}, 1 torch thread, objective {args.objective}, batch {args.batch_size}, "
           f"pair bias {T.PAIR_BIAS if args.tokenizers else 0}")
     print("| corpus | train events read | mean length | step3 train events/s | tokens/s | forward-only events/s, eval "
@@ -122,6 +129,11 @@ def main() -> int:
     for scale, n, length, tr, fw, peak, wall in rows:
         print(f"| {scale}x | {n} | {length:.1f} | {tr:.0f} | {tr * length:.0f} | {fw['eval']:.0f} / {fw['train']:.0f} | "
               f"{tr / fw['eval']:.2f} / {tr / fw['train']:.2f} | {peak:.0f} | {peak / rows[0][5]:.2f} |")
+    if args.cpu_ranks > 1:
+        n = args.cpu_ranks
+        print(f"step3 --cpu-ranks {n}: {ranks[0]:.0f} events/s, epoch {ranks[2]:.1f} s wall with start-up, peak RSS "
+              f"{ranks[1]:.0f} MB (the largest process); one process of {n} threads: {one[0]:.0f} events/s, "
+              f"{one[2]:.1f} s, {one[1]:.0f} MB; ratio {ranks[0] / one[0]:.2f} (events/s), {one[2] / ranks[2]:.2f} (wall)")
     return 0
 
 
