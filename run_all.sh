@@ -20,7 +20,7 @@ PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz vbfh4l whh4l zh
                                     # modes (what the corpus holds decides what pretraining buys: README.md)
 PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-1200}"  # events generated per corpus process
 PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-6}"  # step3 passes over the corpus: more pretrain better, most with few labels,
-                                    # at about 35 s each on 2 cores (README.md)
+                                    # at about 22 s each on 2 cores (README.md)
 SEEDS="${SEEDS:-1}"                 # every classifier training is repeated with these seeds (1,2,3: the
                                     # seed spread of every figure, about 3x step4's time: README.md)
 RUN="${RUN:-runs/default}"          # output folder of this run

@@ -177,19 +177,41 @@ def read_h5_summaries(run_dir: Path) -> tuple[list[dict], list[str]]:
     return out, errors
 
 
+def process_roles(run_dir: Path) -> dict[str, str]:
+    """process -> what this run's classifiers use it as (signal, background, a multi-class class); a process
+    that none uses was read by the pretraining alone. Unreadable step4 outputs give no roles (the classifier
+    section reports them)."""
+    def task(name: str) -> dict:
+        try:
+            return (load_json(run_dir / name / "metrics.json") or {}).get("task", {})
+        except ValueError:
+            return {}
+
+    roles = {}
+    for role in ("signal", "background"):
+        roles.update({p: role for p in task("finetune").get(role, [])})
+    for name, members in task("finetune_multiclass").get("classes", {}).items():
+        for p in members:
+            roles[p] = f"{roles[p]}, class {name}" if p in roles else f"class {name}"
+    return roles
+
+
 def section_sample(run_dir: Path, sample_dir: Path | None, h5s: list[dict], errors: list[str],
                    generated: list[tuple[Path, dict]]) -> str:
     parts = []
     if not h5s:
         parts.append(missing(f"no step1 HDF5 files under {run_dir / 'h5'}: sample not shown"))
     else:
-        rows = []
+        rows, roles = [], process_roles(run_dir)
         for s in h5s:
             m = s["meta"]
             xs = m["cross_section_pb"]
-            rows.append([m["process"], str(m["dsid"]), m["experiment"], m["n_events"],
-                         xs if math.isfinite(xs) else "n/a", m["sum_weights"], s["path"].name])
-        parts.append(table(["process", "dsid", "experiment", "events", "cross-section [pb]", "sum of weights", "file"], rows))
+            rows.append([m["process"], roles.get(m["process"], "pretraining only"), str(m["dsid"]), m["experiment"],
+                         m["n_events"], xs if math.isfinite(xs) else "n/a", m["sum_weights"], s["path"].name])
+        parts.append('<p class="note">Every process is pretrained on (its train and validation events); the role '
+                     "says what the classifiers of this run read it as.</p>")
+        parts.append(table(["process", "role", "dsid", "experiment", "events", "cross-section [pb]", "sum of weights",
+                            "file"], rows))
         parts.append("<h3>Object multiplicities</h3>")
         parts.append('<p class="note">Mean number of stored objects per event (after the step1 pT cuts), '
                      "and the fraction of events with at least one.</p>")

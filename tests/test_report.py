@@ -112,6 +112,7 @@ def test_sample_and_conversion_from_step0_and_step1(real_run):
         assert f"<td>{len(meta['missing_features'])}</td>" in conv
         assert f"{meta['truncated_objects']['tracks']:,}" in conv
     assert html.escape(meta["met_definition"]) in conv
+    assert "<td>hzz4l</td><td>signal</td>" in sample and "<td>dy</td><td>background</td>" in sample
     with uproot.open(real_run["raw"] / "hzz4l.root") as f:  # step0's generator metadata tree, listed with the file
         gen = f["GeneratorMetaData"].arrays(library="np")
     assert str(gen["description"][0]) in html.unescape(sample) and f"{shown(float(gen['cross_section_pb'][0]))} ±" in sample
@@ -278,3 +279,8 @@ def test_multiclass_and_weighting_from_step4(tmp_path):
         first = a["confusion"]
         assert f"<td>H</td><td>{first['normalised'][0][0]:.3f} ({first['counts'][0][0]})</td>" in clf
     assert "finetune_multiclass/plots/confusion.png" in clf and "finetune_multiclass/plots/class_roc.png" in clf
+    from plotting import report as r
+    assert r.process_roles(run) == {"hzz4l": "class H", "zz4l": "class ZZ", "ttbar": "class top"}
+    (run / "finetune").mkdir()  # beside a binary task: both roles, and a process neither reads is absent
+    (run / "finetune" / "metrics.json").write_text(json.dumps({"task": {"signal": ["hzz4l"], "background": ["zz4l"]}}))
+    assert r.process_roles(run) == {"hzz4l": "signal, class H", "zz4l": "background, class ZZ", "ttbar": "class top"}
