@@ -146,13 +146,13 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     code, _, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "7", "--resume",
                        *SMALL, "--objective", "features,tokens")
     assert code == 1 and "does not fit this model" in err and len(err.strip().splitlines()) == 1, err[-1500:]
-    # --typed-head: its own run trains; the shared head's checkpoint does not fit it
-    code, _, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", tmp_path / "typed", "--epochs", "1",
-                       "--max-steps", "4", "--typed-head", *SMALL, "--objective", "features,tokens,event")
+    # --no-typed-head (one shared output layer): its own run trains; the typed head's checkpoint does not fit it
+    code, _, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", tmp_path / "shared", "--epochs", "1",
+                       "--max-steps", "4", "--no-typed-head", *SMALL, "--objective", "features,tokens,event")
     assert code == 0, err[-1500:]
-    assert {"electrons", "muons", "jets"} <= set(json.loads((tmp_path / "typed/metrics.json").read_text())["context_gain"])
+    assert {"electrons", "muons", "jets"} <= set(json.loads((tmp_path / "shared/metrics.json").read_text())["context_gain"])
     code, _, err = run(capsys, "--parquet", *sample["parquet"].values(), "--out-dir", out, "--epochs", "7", "--resume",
-                       "--typed-head", *SMALL, "--objective", "features,tokens,event")
+                       "--no-typed-head", *SMALL, "--objective", "features,tokens,event")
     assert code == 1 and "does not fit this model" in err and len(err.strip().splitlines()) == 1, err[-1500:]
 
 
