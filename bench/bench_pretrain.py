@@ -8,11 +8,14 @@ peak memory of each child is compared with the first (streaming keeps it flat).
   python bench/bench_pretrain.py --scales 1,10 --max-steps 300     # memory as the corpus grows 10x
   python bench/bench_pretrain.py ... --cpu-ranks 2 --batch-size 32   # also step3 --cpu-ranks 2 (run_all's way)
                                                                    # against one process of 2 threads
+The step3 epoch and its reference are repeated (--repeats, one after the other) and the
+median is printed with the range of the ratio: on a shared machine one pair can be off by 20%.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +38,7 @@ PEAK_OF_CHILD = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[
                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
 EVENTS_PER_PROCESS = 5000
 BATCH_SIZE = 128
+REPEATS = 3
 
 
 def synthetic(out: Path, n: int) -> list[str]:
@@ -96,9 +100,12 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=None, help="cap on the child's training steps")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=REPEATS, help="pairs of (step3 epoch, reference) per corpus")
     p.add_argument("--cpu-ranks", type=int, default=1,
                    help="also time step3 --cpu-ranks N against one process with N threads")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     args.objective = args.objective or ("latent,event" if args.tokenizers else "features,event")
     torch.set_num_threads(1)  # one thread for both measurements, so the ratio compares like with like
     rows = []
@@ -110,25 +117,34 @@ def main() -> int:
             batches = list(stream.batches(max_steps=args.max_steps))  # the epoch the child trains on
             n_train = sum(len(b["length"]) for b in batches)
             tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            train_eps, peak_mb, wall = child_epoch(paths, Path(tmp) / f"pre{k}", args)
-
-            # reference: the same model, forward only, the same batches, this process; in eval mode
-            # (torch's fused inference kernel, no dropout) and in train mode (the kernels a training step runs)
+            # reference: the same model, forward only, the same batches, this process; in eval mode (no dropout;
+            # torch's fused inference kernel where there is no pair bias) and in train mode (a training step's kernels)
             model, kinematics = reference_model(vocab, args.tokenizers, args.device)
             on_device = [(b, T.to_device(b, args.device)) for b in batches]
-            fwd_eps = {mode: n_train / forward_seconds(model, kinematics, on_device, mode) for mode in ("eval", "train")}
-            rows.append((scale, n_train, tokens / n_train, train_eps, fwd_eps, peak_mb, wall))
+            runs = []  # (train events/s, {mode: forward events/s}, peak MB)
+            for r in range(args.repeats):
+                train_eps, peak_mb, _ = child_epoch(paths, Path(tmp) / f"pre{k}_{r}", args)
+                fwd = {mode: n_train / forward_seconds(model, kinematics, on_device, mode) for mode in ("eval", "train")}
+                runs.append((train_eps, fwd, peak_mb))
+            rows.append((scale, n_train, tokens / n_train, runs))
         if args.cpu_ranks > 1:  # on the last corpus: N ranks of one thread against one process of N threads
             one = child_epoch(paths, Path(tmp) / "one", args, threads=args.cpu_ranks)
             ranks = child_epoch(paths, Path(tmp) / "ranks", args, ranks=args.cpu_ranks)
     print(f"device {args.device}, 1 torch thread, objective {args.objective}, batch {args.batch_size}, "
           f"pair bias {T.PAIR_BIAS if args.tokenizers else 0}")
+    print(f"medians of {args.repeats} repeats; the ratio's range over the repeats in brackets")
     print("| corpus | train events read | mean length | step3 train events/s | tokens/s | forward-only events/s, eval "
           "/ train mode | train / forward, eval / train mode | peak RSS (MB) | peak / first |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for scale, n, length, tr, fw, peak, wall in rows:
+    first_peak = statistics.median(peak for *_, peak in rows[0][3])
+    for scale, n, length, runs in rows:
+        tr = statistics.median(r[0] for r in runs)
+        fw = {m: statistics.median(r[1][m] for r in runs) for m in ("eval", "train")}
+        ratio = {m: [r[0] / r[1][m] for r in runs] for m in ("eval", "train")}
+        span = {m: f"{statistics.median(v):.2f} [{min(v):.2f}, {max(v):.2f}]" for m, v in ratio.items()}
+        peak = statistics.median(r[2] for r in runs)
         print(f"| {scale}x | {n} | {length:.1f} | {tr:.0f} | {tr * length:.0f} | {fw['eval']:.0f} / {fw['train']:.0f} | "
-              f"{tr / fw['eval']:.2f} / {tr / fw['train']:.2f} | {peak:.0f} | {peak / rows[0][5]:.2f} |")
+              f"{span['eval']} / {span['train']} | {peak:.0f} | {peak / first_peak:.2f} |")
     if args.cpu_ranks > 1:
         n = args.cpu_ranks
         print(f"step3 --cpu-ranks {n}: {ranks[0]:.0f} events/s, epoch {ranks[2]:.1f} s wall with start-up, peak RSS "
