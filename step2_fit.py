@@ -11,6 +11,9 @@ tokenize=True features present in all inputs (`--mode combined`: one over all ob
 that group's features, written as <obj>.<group>.pt; apply concatenates their codes).
 `--encoder transformer`: each object's encoder also attends over the leading objects of the same
 type in its event (common/tokenizer.ContextEncoder); minibatches are then whole events.
+Nested levels (`--nested-levels`, default electrons, muons, jets and tracks to 8): after the fit, more
+levels are trained on what its levels leave, with the encoder and those levels frozen, so an object's
+first codes stay those of the plain fit and the new ones only add detail (for the decoded physics).
 Preprocessing is fitted on a bounded sample of events drawn uniformly from all inputs; training
 streams minibatches from the HDF5 files (memory does not grow with the number of events); the
 quality is measured on held-out events (the `test` split of common/token_parquet.split_of) and
@@ -48,12 +51,15 @@ from common.tokenizer import (COMBINED, ENCODERS, FSQ_LEVELS, GRANULARITIES, MAX
                               build_specs, combined_specs, fit_preprocessing, quantizer_problem, tokenizer_name)
 from common.tokenizer_quality import btag_cuts, evaluate, save_eval_sample
 from common.tokenizer_training import (KMEANS_FACTOR, choose_codebook_size, choose_fsq_levels, choose_levels,
-                                       ranks_digests, train, weight_pt)
+                                       nest_levels, ranks_digests, train, weight_pt)
 
 # --- fit defaults (quick: the run_all sample); `--preset production` is the long fit's setting ---
 QUANTIZER = "vq"  # vq: residual EMA VQ; fsq: finite scalar quantisation, one level; rfsq: residual FSQ
 DIM = 8
 LEVELS = "auto"  # auto: 4, more where few objects cap the codebook (common/tokenizer_training.AUTO_BITS per object)
+NESTED_LEVELS = "electrons=8,muons=8,jets=8,tracks=8"  # levels added after the fit, its encoder and levels frozen:
+#   the decoded closure (m4l, mll: the leptons' angles; mjj: the jets') and the tracks' worst pT bins need 8, while a
+#   model reading an object's first levels still gets the 4-level fit's codes (8 fitted at once say less in their first)
 CODEBOOK_SIZE = "auto"  # auto: a power of two near (training objects / 32), 64 to 2048 (common/tokenizer_training.py)
 HIDDEN = 128
 DEPTH = 2
@@ -102,6 +108,10 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=DEPTH)
     p.add_argument("--encoder", choices=ENCODERS, default=ENCODER,
                    help="transformer: each object's code also sees the leading objects of its type in its event")
+    p.add_argument("--nested-levels", default=None, metavar="OBJ=N,...",
+                   help=f"after the fit, add levels up to N with the encoder and the fitted levels frozen (vq, per "
+                        f"object): 'OBJ=N,...', N for every type, or none (default {NESTED_LEVELS})")
+    p.add_argument("--nested-steps", type=int, default=None, help="training steps of the nested levels (default: --steps)")
     p.add_argument("--decay", type=float, default=DECAY, help="EMA decay of the codebooks")
     p.add_argument("--cosine", action="store_true", help="cosine-similarity code search")
     p.add_argument("--dead-fraction", type=float, default=DEAD_FRACTION)
@@ -151,6 +161,27 @@ def parse_transforms(items: list[str]) -> dict[str, dict[str, str]]:
             runtime.die(f"--transform {text!r}: only continuous features, transform one of {TRANSFORMS}")
         out.setdefault(obj, {})[name] = transform
     return out
+
+
+def parse_nested_levels(args, objs: list[str]) -> dict[str, int]:
+    """--nested-levels -> {object type: levels in all}; the default applies to vq fits of object tokenizers only."""
+    text = args.nested_levels
+    plain = args.quantizer == "vq" and args.mode == "per-object" and args.granularity == "object"
+    if text is None:
+        text = NESTED_LEVELS if plain else "none"
+    if text == "none":
+        return {}
+    if not plain:
+        runtime.die("--nested-levels needs --quantizer vq, --mode per-object and --granularity object")
+    try:
+        pairs = [(o, text) for o in objs] if text.isdigit() else [item.split("=") for item in text.split(",")]
+        nested = {o.strip(): int(n) for o, n in pairs}
+    except ValueError:
+        runtime.die(f"--nested-levels {text!r}: expected OBJ=N,... (e.g. {NESTED_LEVELS}), N, or none")
+    bad = [f"{o}={n}" for o, n in nested.items() if o not in TOKENIZED_OBJECTS or not 1 <= n <= MAX_LEVELS]
+    if bad:
+        runtime.die(f"--nested-levels: {', '.join(bad)}: object types of {', '.join(TOKENIZED_OBJECTS)}, levels 1-{MAX_LEVELS}")
+    return {o: n for o, n in nested.items() if o in objs}
 
 
 def check_quantizer(args, objs: list[str]) -> None:
@@ -257,6 +288,15 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
     history = train(model, specs, batches, steps=args.steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                     lr=args.lr, commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
                     ddp_model=ddp_model, label=name, progress=args.rank == 0 and args.progress)
+    if args.nested.get(obj, 0) > levels:  # the finer levels, on the frozen fit
+        model = tok.model = nest_levels(model, args.nested[obj])
+        tok.settings.update(levels=args.nested[obj], nested_from_levels=levels, nested_steps=args.nested_steps)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if args.world > 1 else model
+        history += [{**h, "nested": True} for h in train(
+            model, specs, batches, steps=args.nested_steps, warmup_steps=0, batch_size=args.batch_size, lr=args.lr,
+            commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
+            ddp_model=ddp_model, label=f"{name} levels {levels + 1}-{args.nested[obj]}",
+            progress=args.rank == 0 and args.progress)]
     model.eval()
     digests = ranks_digests(model, args.world)
     model.cpu()  # evaluated and saved on the CPU, where apply and the plots load it
@@ -280,7 +320,7 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
         from plotting.plot_tokenizer import plot_object
 
         plot_object(out_dir, name)
-    return {"object": name, "sha256": sha, "goals": q["goals"], "settings": settings}
+    return {"object": name, "sha256": sha, "goals": q["goals"], "settings": tok.settings}
 
 
 def fit_or_error(target: tuple, objs: list[str], infos: list[dict], transforms: dict, args) -> dict:
@@ -358,6 +398,8 @@ def main(argv=None) -> int:
     if str(args.levels) != "auto" and not (str(args.levels).isdigit() and 1 <= int(args.levels) <= MAX_LEVELS):
         runtime.die(f"--levels must be 1..{MAX_LEVELS} or auto, got {args.levels}")
     check_quantizer(args, objs)
+    args.nested = parse_nested_levels(args, objs)
+    args.nested_steps = args.nested_steps or args.steps
     transforms = parse_transforms(args.transform)
     paths = runtime.input_files(args.h5)
     if not paths:

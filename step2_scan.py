@@ -3,8 +3,9 @@
   python step2_scan.py --grid scans/starter.json --h5 runs/default/h5 \
       --reference-tokenizers runs/default/tok --out-dir runs/default/scan [--shard K/N]
 
-The grid ({axis: [values]}, common/tokenizer_scan.AXES: codebook_size, levels, dim, hidden, depth,
-cosine, decay, commit_weight, pt_weight, transform, encoder, quantizer, fsq_levels) is given as a JSON file and/or --axis flags;
+The grid ({axis: [values]}, common/tokenizer_scan.AXES: codebook_size, levels, nested_levels, dim,
+hidden, depth, cosine, decay, commit_weight, pt_weight, transform, encoder, quantizer, fsq_levels) is
+given as a JSON file and/or --axis flags (no nested levels unless the grid has them);
 every object type of --objects is scanned over all of its points. Each configuration is one
 independent job in <out>/configs/<id>/:
   1. tok/: the reference tokenizers (.pt, .json) of the other object types, and step2_fit of this
@@ -164,7 +165,7 @@ def run_config(cfg: dict, h5: list[str], task: list[dict], args) -> dict:
     fit_seconds = step("step2_fit", step2_fit.main, [
         "--h5", *h5, "--out-dir", tok_dir, "--objects", obj, "--steps", args.fit_steps,
         "--warmup-steps", fit_warmup(args.fit_steps), "--workers", 1, "--no-plots", "--overwrite",
-        *S.fit_flags(cfg["settings"]), "--seed", args.seed, "--threads", args.threads])
+        "--nested-levels", "none", *S.fit_flags(cfg["settings"]), "--seed", args.seed, "--threads", args.threads])
     judged = judge(tok_dir, d, task, args)
     sidecar = json.loads((tok_dir / f"{obj}.json").read_text())
     row = {"config": cfg["id"], "object": obj, **{f"axis_{k}": json.dumps(v) if isinstance(v, list) else v

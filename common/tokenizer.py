@@ -50,7 +50,8 @@ from common.code_search import nearest_codes
 from common.schema import OBJECTS, TOKEN_GROUPS, Feature, dataset_path
 
 N_QUANTILES = 1001  # quantile-table points of the quantile -> normal transform
-QUANTILE_EPS = 1e-4  # clip of the uniform variable: +-3.7 sigma at most
+QUANTILE_Z = 5.0  # the table spans +-5 sigma, its points evenly spaced in z: the tails keep their resolution
+OLD_QUANTILE_Z = 3.719  # the clip of tables fitted before QUANTILE_Z (evenly spaced in probability), kept for them
 SCORE_EPS = 1e-6  # floor of a score before its log-ratio
 SEARCH_BLOCK = 512  # rows per nearest-code matmul block: the distance block stays in cache
 COMPILED_SEARCH_ON_CPU = True  # CPU code search with common.code_search (False: the torch matmul search)
@@ -137,12 +138,12 @@ def fit_preprocessing(specs: list[dict], sample: dict[str, np.ndarray]) -> None:
                 raise ValueError(f"feature {name} has no finite values in the fit sample")
             s["fill"] = float(np.median(x))
             if s["transform"] == "quantile":
-                probs = np.linspace(0.0, 1.0, N_QUANTILES)
+                probs = ndtr(np.linspace(-QUANTILE_Z, QUANTILE_Z, N_QUANTILES))
                 qs = np.quantile(x, probs)
                 # ties (a spike, e.g. isolation = 0) become one point at the mean probability
                 xu, inv = np.unique(qs, return_inverse=True)
                 pu = np.bincount(inv, weights=probs) / np.bincount(inv)
-                s["xq"], s["pq"] = xu.tolist(), pu.tolist()
+                s["xq"], s["pq"], s["z_max"] = xu.tolist(), pu.tolist(), QUANTILE_Z
             else:
                 y = np.log1p(np.clip(x, 0, None)) if s["transform"] == "log_standard" else x
                 s["mean"], s["std"] = float(y.mean()), float(y.std() + 1e-8)
@@ -156,7 +157,8 @@ def _quantile_forward(x: np.ndarray, s: dict) -> np.ndarray:
     if len(xq) == 1:
         return np.zeros_like(x)
     u = np.interp(x, xq, pq)
-    return ndtri(np.clip(u, QUANTILE_EPS, 1 - QUANTILE_EPS))
+    z_max = s.get("z_max", OLD_QUANTILE_Z)
+    return ndtri(np.clip(u, ndtr(-z_max), ndtr(z_max)))
 
 
 def _quantile_inverse(z: np.ndarray, s: dict) -> np.ndarray:
@@ -319,6 +321,7 @@ class ResidualEMAQuantizer(nn.Module):
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # vectors since the last check
         self.register_buffer("resets", torch.zeros(levels, dtype=torch.long))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.frozen_levels = 0  # the first levels of a nested refit: kept as loaded (no EMA, resets or k-means)
 
     def _norm(self, x):
         return F.normalize(x, dim=-1) if self.cosine else x
@@ -357,15 +360,16 @@ class ResidualEMAQuantizer(nn.Module):
         counts = torch.stack([torch.bincount(codes[:, l], minlength=self.size).float() for l in range(self.levels)])
         sums = torch.stack([torch.zeros(self.size, self.dim, device=codes.device).index_add_(0, codes[:, l], residuals[l])
                             for l in range(self.levels)])
+        free = slice(self.frozen_levels, None)
         n = torch.tensor(float(len(codes)), device=codes.device)
         if _distributed():
             for t in (counts, sums, n):
                 dist.all_reduce(t)
-        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        total = self.ema_count.sum(1, keepdim=True)
-        smoothed = (self.ema_count + self.eps) / (total + self.size * self.eps) * total  # Laplace smoothing
-        self.codebooks.copy_(self._norm(self.ema_sum / smoothed.unsqueeze(-1)))
+        self.ema_count[free].mul_(self.decay).add_(counts[free], alpha=1 - self.decay)
+        self.ema_sum[free].mul_(self.decay).add_(sums[free], alpha=1 - self.decay)
+        total = self.ema_count[free].sum(1, keepdim=True)
+        smoothed = (self.ema_count[free] + self.eps) / (total + self.size * self.eps) * total  # Laplace smoothing
+        self.codebooks[free] = self._norm(self.ema_sum[free] / smoothed.unsqueeze(-1))
         self.usage.add_(counts)
         self.seen.add_(n.long())
 
@@ -376,8 +380,9 @@ class ResidualEMAQuantizer(nn.Module):
         expected = float(self.seen) / self.size
         threshold = max(1.0, self.dead_fraction * expected)
         dead = self.usage < threshold
+        dead[: self.frozen_levels] = False
         n_reset = dead.sum(1)
-        for level in range(self.levels):
+        for level in range(self.frozen_levels, self.levels):
             k = int(n_reset[level])
             if k == 0:
                 continue
@@ -402,6 +407,9 @@ class ResidualEMAQuantizer(nn.Module):
         residual = z.clone()
         for level in range(self.levels):
             r = self._norm(residual)
+            if level < self.frozen_levels:
+                residual = residual - self.codebooks[level][nearest(r, self.codebooks[level], self.cosine)]
+                continue
             cb = kmeans(r, self.size, iters, self.cosine, generator)
             if _distributed():
                 dist.broadcast(cb, 0)

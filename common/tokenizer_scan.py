@@ -84,6 +84,7 @@ def _transform(v):
 AXES = {
     "codebook_size": ("--codebook-size", _integer(2, why=" (one code carries no information)"), "K"),
     "levels": ("--levels", _integer(1, MAX_LEVELS), "L"),
+    "nested_levels": ("--nested-levels", _integer(1, MAX_LEVELS), "N"),  # levels in all after the nested refit
     "dim": ("--dim", _integer(1), "d"),
     "hidden": ("--hidden", _integer(1), "h"),
     "depth": ("--depth", _integer(1), "D"),
@@ -121,6 +122,8 @@ def check_grid(grid: dict) -> dict[str, list]:
         s = dict(zip(out, point))
         problem = quantizer_problem(s.get("quantizer", "vq"), s.get("levels", "auto"), s.get("codebook_size", "auto"),
                                     s.get("fsq_levels"), s.get("cosine", False))
+        if not problem and s.get("nested_levels") and s.get("quantizer", "vq") != "vq":
+            problem = "nested levels need the residual EMA VQ (quantizer vq)"
         if problem:
             raise ValueError(f"the grid point {json.dumps(s)}: {problem}")
     return out

@@ -5,6 +5,7 @@ the FSQ kinds: a fixed grid, trained end to end from the first step) and the cod
 that show every torchrun rank ends with the same codebooks."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -104,6 +105,24 @@ def train(model: VQAutoencoder, specs: list[dict], batches, *, steps: int, warmu
             bar.set_postfix(loss=f"{loss.item():.3f}")
     history.append({"seconds": time.time() - t0, "objects_per_s": steps * batch_size / (time.time() - t0)})
     return history
+
+
+def nest_levels(model: VQAutoencoder, levels: int) -> VQAutoencoder:
+    """A fitted residual-VQ autoencoder with more levels (`levels` in all), to be trained on: its encoder and
+    fitted levels frozen, so an object's first codes stay those of the fit and the new levels only add detail;
+    the decoder learns to read them, and train() k-means-initialises the new levels on the residuals."""
+    q = model.quantizer
+    if not isinstance(q, ResidualEMAQuantizer):
+        raise ValueError("nested levels need the residual EMA VQ (--quantizer vq)")
+    nested = copy.deepcopy(model)
+    new = ResidualEMAQuantizer(levels, q.size, q.dim, q.decay, q.cosine, q.dead_fraction).to(q.codebooks.device)
+    for name, buf in q.named_buffers():  # the per-level buffers' first rows; counters restart
+        if buf.dim() and len(buf) == q.levels:
+            getattr(new, name)[: q.levels] = buf
+    new.frozen_levels = q.levels
+    nested.quantizer = new
+    nested.encoder.requires_grad_(False)
+    return nested
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
