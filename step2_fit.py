@@ -166,12 +166,12 @@ def parse_transforms(items: list[str]) -> dict[str, dict[str, str]]:
 def parse_nested_levels(args, objs: list[str]) -> dict[str, int]:
     """--nested-levels -> {object type: levels in all}; the default applies to vq fits of object tokenizers only."""
     text = args.nested_levels
-    plain = args.quantizer == "vq" and args.mode == "per-object" and args.granularity == "object"
+    nestable = args.quantizer == "vq" and args.mode == "per-object" and args.granularity == "object"
     if text is None:
-        text = NESTED_LEVELS if plain else "none"
+        text = NESTED_LEVELS if nestable else "none"
     if text == "none":
         return {}
-    if not plain:
+    if not nestable:
         runtime.die("--nested-levels needs --quantizer vq, --mode per-object and --granularity object")
     try:
         pairs = [(o, text) for o in objs] if text.isdigit() else [item.split("=") for item in text.split(",")]
