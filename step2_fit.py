@@ -278,25 +278,25 @@ def fit_one(target: tuple, objs: list[str], infos: list[dict], transforms: dict,
     device = torch.device(args.device)
     model = tok.model.to(device)
     model.train()
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if args.world > 1 else model
     batch_rng = np.random.default_rng(args.seed + args.rank)
     if tok.model.context:  # whole events, with each object's event
         batches = ((x.to(device), ev.to(device)) for x, ev in event_minibatches(train_stream, specs, tok.d_in,
                                                                                  args.batch_size, batch_rng))
     else:
         batches = (x.to(device) for x in minibatches(train_stream, specs, tok.d_in, args.batch_size, batch_rng))
-    history = train(model, specs, batches, steps=args.steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
-                    lr=args.lr, commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
-                    ddp_model=ddp_model, label=name, progress=args.rank == 0 and args.progress)
+
+    def fit_stage(model, steps: int, warmup_steps: int, label: str) -> list[dict]:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if args.world > 1 else model
+        return train(model, specs, batches, steps=steps, warmup_steps=warmup_steps, batch_size=args.batch_size,
+                     lr=args.lr, commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
+                     ddp_model=ddp_model, label=label, progress=args.rank == 0 and args.progress)
+
+    history = fit_stage(model, args.steps, args.warmup_steps, name)
     if args.nested.get(obj, 0) > levels:  # the finer levels, on the frozen fit
         model = tok.model = nest_levels(model, args.nested[obj])
         tok.settings.update(levels=args.nested[obj], nested_from_levels=levels, nested_steps=args.nested_steps)
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if args.world > 1 else model
-        history += [{**h, "nested": True} for h in train(
-            model, specs, batches, steps=args.nested_steps, warmup_steps=0, batch_size=args.batch_size, lr=args.lr,
-            commit_weight=args.commit_weight, discrete_weight=args.discrete_weight, seed=args.seed,
-            ddp_model=ddp_model, label=f"{name} levels {levels + 1}-{args.nested[obj]}",
-            progress=args.rank == 0 and args.progress)]
+        history += [{**h, "nested": True}
+                    for h in fit_stage(model, args.nested_steps, 0, f"{name} levels {levels + 1}-{args.nested[obj]}")]
     model.eval()
     digests = ranks_digests(model, args.world)
     model.cpu()  # evaluated and saved on the CPU, where apply and the plots load it

@@ -116,7 +116,7 @@ def nest_levels(model: VQAutoencoder, levels: int) -> VQAutoencoder:
         raise ValueError("nested levels need the residual EMA VQ (--quantizer vq)")
     nested = copy.deepcopy(model)
     new = ResidualEMAQuantizer(levels, q.size, q.dim, q.decay, q.cosine, q.dead_fraction).to(q.codebooks.device)
-    for name, buf in q.named_buffers():  # the per-level buffers' first rows; counters restart
+    for name, buf in q.named_buffers():  # the per-level buffers' first rows; `seen` and `initialised` start afresh
         if buf.dim() and len(buf) == q.levels:
             getattr(new, name)[: q.levels] = buf
     new.frozen_levels = q.levels
