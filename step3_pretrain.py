@@ -1,7 +1,8 @@
 """Step 3: masked-object pretraining of the event transformer on step2's token Parquet files.
 
-Whole object positions are masked (15%: 80% [MASK], 10% a random code legal for the type, 10%
-kept) and the model predicts, from the rest of the event, what stood there. Objectives
+Whole object positions are masked (15% of the jets, tracks and MET, 50% of the leptons, taus and
+photons; 80% [MASK], 10% a random code legal for the type, 10% kept) and the model predicts, from the
+rest of the event, what stood there. Objectives
 (--objective, one or several, comma separated; the losses add):
   features  the masked object's normalised features, read from the step1 HDF5 (regression)
   latent    its quantised latent, the sum of its codebook vectors in the step2 tokenizer (regression);
@@ -51,6 +52,7 @@ from common.event_data import SequenceStream, code_ranges, mask_objects, open_se
 from common.pair_kinematics import open_kinematics
 from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
                             seed_everything, set_threads, write_json)
+from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
 from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, RegressionHead,
                                 TypedRegressionHead, backbone_sidecar, codebook_table, load_tensors, save_module)
@@ -64,8 +66,11 @@ EPOCHS = 6  # run_all's setting; more pays most with few labels (bench/README.md
 BATCH_SIZE = 32  # 4x the optimiser steps of 128 for 1.5x the CPU time: +0.021 / +0.003 / +0.012 fine-tuned AUC at
 #                  1 / 10 / 100% of run_all's labels (bench/README.md, "Pretraining batch size"). A GPU wants larger
 #                  batches: raise it with --lr, or run more --epochs
-LR = 1e-3
+LR = 2e-3  # at batch 32: every type's context gain up, the classifier level (bench/README.md, "Masking rates")
 MASK_PROB = 0.15
+TYPE_MASK_PROB = "electrons=0.5,muons=0.5,taus=0.5,photons=0.5"  # these rates instead of MASK_PROB ("none": one
+#                  rate for all): the few objects of these types are the ones least learnt from their context, and
+#                  masking them more often teaches their predictions more (bench/README.md, "Masking rates")
 SHUFFLE_BUFFER = 16384
 TYPED_HEAD = True  # the masked-object head has an output layer per object type: every type but the tracks is
 #                   predicted better from its context, the fine-tuned AUC level with the shared head's and the frozen
@@ -93,7 +98,10 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=T.WEIGHT_DECAY)
     p.add_argument("--warmup-fraction", type=float, default=T.WARMUP_FRACTION)
     p.add_argument("--grad-clip", type=float, default=T.GRAD_CLIP)
-    p.add_argument("--mask-prob", type=float, default=MASK_PROB)
+    p.add_argument("--mask-prob", type=float, default=MASK_PROB,
+                   help="masking rate of the object types --type-mask-prob leaves out")
+    p.add_argument("--type-mask-prob", default=TYPE_MASK_PROB,
+                   help="OBJ=P,...: masking rates of these object types instead of --mask-prob (none: one rate)")
     p.add_argument("--typed-head", action=argparse.BooleanOptionalAction, default=TYPED_HEAD,
                    help="an output layer per object type in the masked-object regression head")
     p.add_argument("--balance-types", action="store_true", default=BALANCE_TYPES,
@@ -114,10 +122,35 @@ def parse_args(argv=None):
         p.error(f"--objective {args.objective!r}: choose one or more of {', '.join(OBJECTIVES)}")
     if not 0 < args.mask_prob < 1:
         p.error("--mask-prob must be in (0, 1)")
+    args.type_mask = parse_type_mask(p, args.type_mask_prob)
     if args.cpu_ranks < 1:
         p.error("--cpu-ranks must be >= 1")
     T.check_model_args(p, args)
     return args
+
+
+def parse_type_mask(p, text: str) -> dict[str, float]:
+    """--type-mask-prob -> {object type: masking rate}."""
+    if text == "none":
+        return {}
+    try:
+        rates = {o.strip(): float(v) for o, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        p.error(f"--type-mask-prob {text!r}: expected OBJ=P,... (e.g. taus=0.5,photons=0.5) or none")
+    bad = [f"{o}={v}" for o, v in rates.items() if o not in TOKENIZED_OBJECTS or not 0 < v < 1]
+    if bad:
+        p.error(f"--type-mask-prob: {', '.join(bad)}: object types of {', '.join(TOKENIZED_OBJECTS)}, rates in (0, 1)")
+    return rates
+
+
+def mask_rates(args, type_ids: dict[str, int], n_types: int) -> float | np.ndarray:
+    """--mask-prob, or a rate per type id where --type-mask-prob names types."""
+    if not args.type_mask:
+        return args.mask_prob
+    rates = np.full(n_types, args.mask_prob)
+    for obj, rate in args.type_mask.items():
+        rates[type_ids[obj]] = rate
+    return rates
 
 
 # --- the masked-token statistics (objective 'tokens') -------------------------------------------------
@@ -237,7 +270,7 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
     bar = tqdm(total=steps, desc=desc, disable=not dist.main, leave=False, file=sys.stderr)
     for batch in stream.batches(epoch, max_steps=steps):
         ids_np, labels, chosen_np = mask_objects(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                                                 ctx["ranges"], rng, args.mask_prob)
+                                                 ctx["ranges"], rng, ctx["mask_rates"])
         if code_counts is not None:
             count_codes(code_counts, batch)
         orig, types, attn = T.to_device(batch, dist.device)
@@ -422,7 +455,7 @@ def main(argv=None) -> int:
         if dist.main:
             print(f"resuming after epoch {start_epoch - 1} from {ckpt}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
-    ctx = {"ranges": ranges, "code_table": table, "scalers": scalers, "event_type": event_type, "kinematics": kinematics}
+    ctx = {"ranges": ranges, "mask_rates": mask_rates(args, vocab["type_ids"], cfg.n_types), "code_table": table, "scalers": scalers, "event_type": event_type, "kinematics": kinematics}
     if dist.main:
         n_params = sum(p.numel() for p in backbone.parameters())
         print(f"pretraining ({', '.join(args.objectives)}) on {n_train} train / {n_val} val events, {steps} steps/epoch "

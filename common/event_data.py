@@ -198,16 +198,17 @@ def code_ranges(vocab: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mask_objects(input_ids: np.ndarray, token_type_ids: np.ndarray, attention_mask: np.ndarray,
-                 ranges: tuple[np.ndarray, np.ndarray], rng: np.random.Generator, prob: float = 0.15,
+                 ranges: tuple[np.ndarray, np.ndarray], rng: np.random.Generator, prob: float | np.ndarray = 0.15,
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """BERT masking of whole object positions: each object position is chosen with `prob`; of
+    """BERT masking of whole object positions: each object position is chosen with `prob` (a number,
+    or an array indexed by type id: a rate per object type); of
     the chosen, 80% get [MASK] at every level, 10% a random code legal for the same type at
     every level, 10% stay. Returns (masked ids, labels (B,L,Q) with -100 where not predicted,
     chosen (B,L) bool)."""
     start, count = ranges
     t = token_type_ids.astype(np.int64)
     has_codes = (count[t] > 0).any(-1) & (attention_mask > 0)
-    chosen = has_codes & (rng.random(t.shape) < prob)
+    chosen = has_codes & (rng.random(t.shape) < (prob[t] if np.ndim(prob) else prob))
     action = rng.random(t.shape)
     ids = input_ids.copy()
     to_mask = chosen & (action < 0.8)

@@ -73,6 +73,18 @@ def test_masking_whole_objects_80_10_10_with_legal_random_codes(sample):
     assert (new[~chosen] == ids[~chosen]).all()
 
 
+def test_masking_rate_per_object_type(sample):
+    vocab, b = sample["vocab"], _batch(sample)
+    ids, types, attn = (np.tile(b[k], (20,) + (1,) * (b[k].ndim - 1)) for k in ("input_ids", "token_type_ids", "attention_mask"))
+    t = vocab["type_ids"]
+    rates = np.full(max(t.values()) + 1, 0.1)
+    rates[t["jets"]] = 0.6
+    chosen = mask_objects(ids, types, attn, code_ranges(vocab), np.random.default_rng(0), rates)[2]
+    for obj, want in (("jets", 0.6), ("tracks", 0.1)):
+        of_type = (types == t[obj]) & (attn > 0)
+        assert of_type.sum() > 500 and abs(chosen[of_type].mean() - want) < 0.03, obj
+
+
 def test_stream_splits_and_rank_shards(sample):
     paths = [str(p) for p in sample["parquet"].values()]
     seen = {}
@@ -209,6 +221,10 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o6").exists()
     code, _, err = run(capsys, "--parquet", bad, "--mask-prob", "1.5")
     assert code == 2 and "--mask-prob must be in (0, 1)" in err
+    for value, says in (("taus=1.5", "taus=1.5: object types of"), ("gluons=0.5", "gluons=0.5: object types of"),
+                        ("taus", "expected OBJ=P,...")):
+        code, _, err = run(capsys, "--parquet", bad, "--type-mask-prob", value)
+        assert code == 2 and says in err, value
     code, _, err = run(capsys, "--parquet", sample["parquet"]["dy"], "--out-dir", tmp_path / "o5", "--id-levels", "1", *SMALL)
     assert code == 2 and "--id-levels needs object-granularity tokens and the code geometry" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o5").exists()
