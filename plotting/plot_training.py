@@ -46,7 +46,8 @@ def plot_pretraining(metrics_path, out_dir) -> list[Path]:
         intervals = key == "gain" and all("gain_ci95" in gain[n] for n in names)  # recorded since 2026-12-02
         errors = np.abs(np.array([gain[n]["gain_ci95"] for n in names]).T - values) if intervals else None
         ax.bar(names, values, yerr=errors, capsize=4)  # the 95% interval (events resampled)
-        ax.axhline(3.0 if key == "ratio" else 0.2, color="k", ls="--", lw=1, label="goal")
+        from plotting.report import CONTEXT_GAIN_GOAL  # the goal the report judges by, in one place
+        ax.axhline(CONTEXT_GAIN_GOAL[key], color="k", ls="--", lw=1, label="goal")
         ax.set(ylabel="accuracy / frequency baseline" if key == "ratio" else "1 - MSE / no-context MSE",
                title=f"context gain of the masked-object prediction ({m['objectives'][0]}, validation)")
         ax.legend()
