@@ -173,14 +173,13 @@ def parse_nested_levels(args, objs: list[str]) -> dict[str, int]:
         return {}
     if not nestable:
         runtime.die("--nested-levels needs --quantizer vq, --mode per-object and --granularity object")
-    try:
-        pairs = [(o, text) for o in objs] if text.isdigit() else [item.split("=") for item in text.split(",")]
-        nested = {o.strip(): int(n) for o, n in pairs}
-    except ValueError:
-        runtime.die(f"--nested-levels {text!r}: expected OBJ=N,... (e.g. {NESTED_LEVELS}), N, or none")
-    bad = [f"{o}={n}" for o, n in nested.items() if o not in TOKENIZED_OBJECTS or not 1 <= n <= MAX_LEVELS]
-    if bad:
-        runtime.die(f"--nested-levels: {', '.join(bad)}: object types of {', '.join(TOKENIZED_OBJECTS)}, levels 1-{MAX_LEVELS}")
+    if text.isdigit():
+        nested = dict.fromkeys(objs, int(text))
+    else:
+        nested = runtime.per_object(text, dict.fromkeys(TOKENIZED_OBJECTS), "--nested-levels", int)
+        nested = {o: n for o, n in nested.items() if n is not None}
+    if bad := [f"{o}={n}" for o, n in nested.items() if not 1 <= n <= MAX_LEVELS]:
+        runtime.die(f"--nested-levels: {', '.join(bad)}: levels 1-{MAX_LEVELS}")
     return {o: n for o, n in nested.items() if o in objs}
 
 

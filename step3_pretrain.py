@@ -50,8 +50,8 @@ from common import training as T
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
 from common.pair_kinematics import open_kinematics
-from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, provenance,
-                            seed_everything, set_threads, write_json)
+from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, per_object,
+                            provenance, seed_everything, set_threads, write_json)
 from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
 from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, RegressionHead,
@@ -122,24 +122,21 @@ def parse_args(argv=None):
         p.error(f"--objective {args.objective!r}: choose one or more of {', '.join(OBJECTIVES)}")
     if not 0 < args.mask_prob < 1:
         p.error("--mask-prob must be in (0, 1)")
-    args.type_mask = parse_type_mask(p, args.type_mask_prob)
+    args.type_mask = parse_type_mask(args.type_mask_prob)
     if args.cpu_ranks < 1:
         p.error("--cpu-ranks must be >= 1")
     T.check_model_args(p, args)
     return args
 
 
-def parse_type_mask(p, text: str) -> dict[str, float]:
+def parse_type_mask(text: str) -> dict[str, float]:
     """--type-mask-prob -> {object type: masking rate}."""
     if text == "none":
         return {}
-    try:
-        rates = {o.strip(): float(v) for o, v in (item.split("=") for item in text.split(","))}
-    except ValueError:
-        p.error(f"--type-mask-prob {text!r}: expected OBJ=P,... (e.g. taus=0.5,photons=0.5) or none")
-    bad = [f"{o}={v}" for o, v in rates.items() if o not in TOKENIZED_OBJECTS or not 0 < v < 1]
-    if bad:
-        p.error(f"--type-mask-prob: {', '.join(bad)}: object types of {', '.join(TOKENIZED_OBJECTS)}, rates in (0, 1)")
+    rates = per_object(text, dict.fromkeys(TOKENIZED_OBJECTS), "--type-mask-prob", float)
+    rates = {o: r for o, r in rates.items() if r is not None}
+    if bad := [f"{o}={r:g}" for o, r in rates.items() if not 0 < r < 1]:
+        die(f"--type-mask-prob: {', '.join(bad)}: rates must be in (0, 1)")
     return rates
 
 

@@ -221,8 +221,8 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o6").exists()
     code, _, err = run(capsys, "--parquet", bad, "--mask-prob", "1.5")
     assert code == 2 and "--mask-prob must be in (0, 1)" in err
-    for value, says in (("taus=1.5", "taus=1.5: object types of"), ("gluons=0.5", "gluons=0.5: object types of"),
-                        ("taus", "expected OBJ=P,...")):
+    for value, says in (("taus=1.5", "taus=1.5: rates must be in (0, 1)"), ("gluons=0.5", "got 'gluons=0.5'"),
+                        ("taus", "expected OBJECT=VALUE")):
         code, _, err = run(capsys, "--parquet", bad, "--type-mask-prob", value)
         assert code == 2 and says in err, value
     code, _, err = run(capsys, "--parquet", sample["parquet"]["dy"], "--out-dir", tmp_path / "o5", "--id-levels", "1", *SMALL)
