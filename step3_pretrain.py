@@ -76,6 +76,8 @@ TYPED_HEAD = True  # the masked-object head has an output layer per object type:
 #                   predicted better from its context, the fine-tuned AUC level with the shared head's and the frozen
 #                   probe's higher (bench/README.md, "An output layer per object type"); --no-typed-head: one shared layer
 BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
+VAL_MASKS = 4  # independent mask draws per validation event: about 94% of the objects of a type masked at 50% are
+#               scored (half with one draw), and the context gains' intervals narrow (events stay their units)
 SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
 CPU_RANKS = 1  # run_all passes 2 on 2 cores: 1.63x the events/s of one process with both, 1.15x one thread alone
 #               (a second thread costs more than it gives on small batches: bench/README.md, "Two CPU ranks")
@@ -106,6 +108,8 @@ def parse_args(argv=None):
                    help="an output layer per object type in the masked-object regression head")
     p.add_argument("--balance-types", action="store_true", default=BALANCE_TYPES,
                    help="masked-object regression loss: the mean of each object type's error, not of all objects")
+    p.add_argument("--val-masks", type=int, default=VAL_MASKS,
+                   help="validation: independent mask draws per event (more objects scored, narrower intervals)")
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="events held for shuffling")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
     T.add_runtime_args(p)
@@ -123,6 +127,8 @@ def parse_args(argv=None):
     if not 0 < args.mask_prob < 1:
         p.error("--mask-prob must be in (0, 1)")
     args.type_mask = parse_type_mask(args.type_mask_prob)
+    if args.val_masks < 1:
+        p.error("--val-masks must be >= 1")
     if args.cpu_ranks < 1:
         p.error("--cpu-ranks must be >= 1")
     T.check_model_args(p, args)
@@ -258,14 +264,18 @@ def cont_valid(types: np.ndarray, cont: ContinuousFeatures, width: int) -> np.nd
 # --- one pass over a stream ---------------------------------------------------------------------------
 
 def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sched=None, code_counts=None, desc=""):
-    """One pass: trains when an optimizer is given, else evaluates (the same masks every epoch)."""
+    """One pass: trains when an optimizer is given, else evaluates (the same masks every epoch, each event
+    masked --val-masks times: its copies are one unit of the intervals)."""
     train = opt is not None
+    copies = 1 if train else args.val_masks
     model.train(train)
     rng = np.random.default_rng([args.seed, epoch if train else 10**6, dist.rank])
     amp = T.use_amp(args.amp, dist.device)
     n_events = 0
     bar = tqdm(total=steps, desc=desc, disable=not dist.main, leave=False, file=sys.stderr)
     for batch in stream.batches(epoch, max_steps=steps):
+        if copies > 1:
+            batch = {k: np.repeat(v, copies, axis=0) for k, v in batch.items()}
         ids_np, labels, chosen_np = mask_objects(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                                                  ctx["ranges"], rng, ctx["mask_rates"])
         if code_counts is not None:
@@ -274,7 +284,7 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
         ids = torch.from_numpy(ids_np).to(dist.device)
         chosen = torch.from_numpy(chosen_np).to(dist.device)
         b_labels = torch.from_numpy(labels).long().to(dist.device)[chosen]
-        m_types, m_events = types[chosen].long(), torch.nonzero(chosen)[:, 0]
+        m_types, m_events = types[chosen].long(), torch.nonzero(chosen)[:, 0] // copies
         targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"])
         kin = None  # decoded from the masked ids: a [MASK]ed object has none
         if ctx["kinematics"] is not None:
@@ -293,13 +303,13 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
                 ev_types = torch.full((len(x),), ctx["event_type"], device=x.device)
                 z, valid = ctx["scalers"][name].standardise(ev_types, torch.nan_to_num(x))
                 valid = valid * torch.isfinite(x)
-                loss = loss + stats[name].add(ev_types, out[name], z * valid, valid, torch.arange(len(x), device=x.device))
+                loss = loss + stats[name].add(ev_types, out[name], z * valid, valid, torch.arange(len(x), device=x.device) // copies)
             else:
                 z, valid = ctx["scalers"][name].standardise(m_types, targets[name])
                 loss = loss + stats[name].add(m_types, out[name], z, valid, m_events, args.balance_types)
         if train:
             T.optimiser_step(loss, model, opt, sched, args.grad_clip)
-        n_events += len(ids)
+        n_events += len(ids) // copies
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
@@ -326,7 +336,7 @@ def context_gain(val: dict, objective: str) -> dict:
                     "ratio": v["acc"] / v["frequency_baseline_acc"] if v["frequency_baseline_acc"] else float("nan")}
                 for o, v in per_type.items()}
     return {o: {"mse": v["mse"], "baseline_mse": v["baseline_mse"], "gain": v["context_gain"],
-                "gain_ci95": v["context_gain_ci95"]} for o, v in per_type.items()}
+                "gain_ci95": v["context_gain_ci95"], "n": v["n"], "n_events": v["n_events"]} for o, v in per_type.items()}
 
 
 def history_row(epoch, step, lr, train, val, seconds, events):

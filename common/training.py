@@ -239,6 +239,6 @@ class RegressionStats:
                "baseline_mse": ratio(base.sum(), values.sum()), **gain(-1, model.sum(), base.sum()), "per_type": {}}
         for obj, t in vocab["type_ids"].items():
             if n[t]:
-                out["per_type"][obj] = {"n": int(n[t]), "mse": ratio(model[t], values[t]),
+                out["per_type"][obj] = {"n": int(n[t]), "n_events": int(n_ev[t]), "mse": ratio(model[t], values[t]),
                                         "baseline_mse": ratio(base[t], values[t]), **gain(t, model[t], base[t])}
         return out

@@ -527,10 +527,11 @@ def context_gain_table(metrics: dict) -> str:
                 for t, v in gain.items()]
         return table(["type", "masked-token accuracy", "most frequent code", "ratio", "goal: >= 3x"], rows)
     interval = lambda v: "[{:.3f}, {:.3f}]".format(*v["gain_ci95"]) if "gain_ci95" in v else "-"  # noqa: E731  (step3 before it)
-    rows = [[t, v["mse"], v["baseline_mse"], v["gain"], interval(v), pass_mark(v["gain"] >= CONTEXT_GAIN_GOAL["gain"])]
-            for t, v in gain.items()]
+    scored = lambda v: f"{v['n']} in {v['n_events']} events" if "n_events" in v else "-"  # noqa: E731  (step3 before it)
+    rows = [[t, v["mse"], v["baseline_mse"], v["gain"], interval(v), scored(v),
+             pass_mark(v["gain"] >= CONTEXT_GAIN_GOAL["gain"])] for t, v in gain.items()]
     return table(["type", "MSE (standardised)", "no-context MSE", "context gain 1 - MSE / no-context",
-                  "95% interval (events resampled)", "goal: >= 0.2"], rows)
+                  "95% interval (events resampled)", "masked predictions", "goal: >= 0.2"], rows)
 
 
 def pass_mark(ok: bool) -> str:
