@@ -235,7 +235,7 @@ def build_network(arm: str, cfg: ModelConfig, args, cont: ContinuousFeatures | N
                   code_table: np.ndarray | None = None) -> EventClassifier:
     """code_table: the codebook vectors of scratch's code geometry without --init (with it: the backbone's)."""
     if arm == "finetune":
-        backbone, _ = load_backbone(args.init)
+        backbone, _ = load_backbone(args.init, dropout=args.dropout)
     elif arm == "continuous":  # features replace the codes: one vector per object, no sub-tokens
         backbone = EventTransformer(replace(cfg, continuous_dims=cont.continuous_dims(), code_dim=0, id_levels=0,
                                             granularity="object", slot_groups={}))
@@ -498,8 +498,9 @@ def prepare(args, dist) -> dict:
             check_vocab(sidecar, read_vocab(paths[0]), args.init)
         except ValueError as exc:
             die(str(exc), EXIT_SOME_FAILED)
-        # scratch: the backbone's architecture (its observables head only where the networks read it)
-        cfg = ModelConfig(**{**sidecar["config"], "continuous_dims": {},
+        # scratch: the backbone's architecture (its observables head only where the networks read it); the dropout
+        # is this step's, as for the fine-tuned backbone: a training setting, not a part of the architecture
+        cfg = ModelConfig(**{**sidecar["config"], "dropout": args.dropout, "continuous_dims": {},
                              "observables": sidecar["config"].get("observables", 0) if args.observables else 0})
         if args.observables and not cfg.observables:
             die(f"{args.init}: --observables, but the backbone has no observables head (pretrain it with the event "

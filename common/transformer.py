@@ -440,7 +440,8 @@ def backbone_sidecar(cfg: ModelConfig, vocab: dict, **extra) -> dict:
     return {"config": asdict(cfg), "vocab_checksum": vocab_checksum(vocab), "vocab": vocab, **extra}
 
 
-def load_backbone(path: str | os.PathLike) -> tuple[EventTransformer, dict]:
+def load_backbone(path: str | os.PathLike, **training) -> tuple[EventTransformer, dict]:
+    """training: settings that do not shape the weights, here the dropout, set for the run that loads it."""
     path = Path(path)
     side = path.with_suffix(".json")
     if not path.exists():
@@ -448,7 +449,7 @@ def load_backbone(path: str | os.PathLike) -> tuple[EventTransformer, dict]:
     if not side.exists():
         raise FileNotFoundError(f"{path}: the JSON sidecar {side.name} is missing")
     sidecar = json.loads(side.read_text())
-    model = EventTransformer(ModelConfig(**sidecar["config"]))
+    model = EventTransformer(ModelConfig(**{**sidecar["config"], **training}))
     model.load_state_dict(load_tensors(path))
     return model, sidecar
 

@@ -275,6 +275,21 @@ def test_observables_are_read_beside_the_pooled_state_only_when_asked(sample, tm
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o3").exists()
 
 
+def test_dropout_is_step4s_own_whatever_the_backbone_was_pretrained_with(sample, tmp_path, capsys):
+    """The shared backbone was pretrained without dropout; step 4 trains both networks at its own --dropout."""
+    assert load_backbone(sample["init"])[1]["config"]["dropout"] == 0
+    code, _, err = step4(capsys, "--parquet", *sample["parquet"].values(), "--signal", "hzz4l", "--background", "zz4l",
+                         "--init", sample["init"], "--arms", "scratch,finetune", "--label-fractions", "1", "--no-plots",
+                         *SMALL, "--dropout", "0.3", "--out-dir", tmp_path / "o")
+    assert code == 0, err[-1500:]
+    for arm in ("scratch", "finetune"):
+        assert json.loads((tmp_path / "o" / f"{arm}.json").read_text())["config"]["dropout"] == 0.3, arm
+    tuned, _ = load_backbone(sample["init"], dropout=0.3)
+    assert {m.p for m in tuned.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert all(torch.equal(a, b) for a, b in zip(load_backbone(sample["init"])[0].state_dict().values(),
+                                                   tuned.state_dict().values()))
+
+
 def test_pickled_backbone_is_refused_in_one_line(sample, tmp_path, capsys):
     import argparse
     import shutil
