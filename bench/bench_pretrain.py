@@ -68,9 +68,10 @@ def reference_model(vocab: dict, tokenizers: str | None, device: str):
     """(model, kinematics decoder or None): step3's default architecture for these token files. With their
     tokenizers that includes the code geometry and the pair-kinematics bias, as in the child's training."""
     if not tokenizers:
-        return EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=0)).to(device), None
+        return EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=0, type_rank=T.TYPE_RANK)).to(device), None
     table = codebook_table(vocab, tokenizers)
-    model = EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=T.PAIR_BIAS, code_dim=table.shape[1]))
+    model = EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=T.PAIR_BIAS, code_dim=table.shape[1],
+                                                    type_rank=T.TYPE_RANK))
     model.set_code_vectors(table)
     return model.to(device), open_kinematics(vocab, tokenizers, "the pair-kinematics bias")
 

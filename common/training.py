@@ -18,6 +18,10 @@ PAIR_BIAS = 32  # > 0: the width of the pair-kinematics attention bias MLP (comm
 # Where the tokens allow it (object granularity with the code geometry): scratch gains 0.012 / 0.011 AUC at 10 / 100%
 # of run_all's labels, fine-tuned level (bench/README.md, "The coarsest ids by default")
 ID_LEVELS = 1
+# Embed each object's rank among the objects of its type (they stand in pT order): the fine-tuned AUC rose by 0.005 /
+# 0.006 at 10 / 100% of run_all's labels and the photons' and jets' context gains by 0.03 (bench/README.md, "Where the
+# taus stand")
+TYPE_RANK = True
 WEIGHT_DECAY = 0.01
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 1.0
@@ -45,6 +49,8 @@ def add_model_args(p) -> None:
                    help="embed the code ids of the N coarsest quantizer levels only (0: all); the finer levels enter "
                         f"through their codebook vectors (code geometry). Default: {ID_LEVELS} where the tokens allow "
                         "it (object granularity with the code geometry), else 0 (step4 --init: the backbone's)")
+    p.add_argument("--no-type-rank", dest="type_rank", action="store_false", default=TYPE_RANK,
+                   help="do not embed each object's rank within its type (step4 --init: the backbone's)")
     p.add_argument("--constituents", action="store_true",
                    help="enrich each jet with its constituents (common/jet_constituents in the HDF5, step1)")
     p.add_argument("--constituent-dim", type=int, default=CONSTITUENT_DIM)
@@ -66,7 +72,7 @@ def check_model_args(p, args) -> None:
 
 def model_sizes(args) -> dict:
     sizes = {k: getattr(args, k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "dropout", "group_pooling",
-                                           "group_attention", "pair_bias")}
+                                           "group_attention", "pair_bias", "type_rank")}
     return {**sizes, "id_levels": args.id_levels or 0, "constituent_dim": args.constituent_dim if args.constituents else 0}
 
 
@@ -88,7 +94,8 @@ def id_levels_problem(cfg) -> str | None:
 def model_record(cfg) -> dict:
     """What metrics.json records of the architecture beyond its sizes."""
     return {"granularity": cfg.granularity, "group_pooling": cfg.group_pooling if cfg.granularity == "group" else None,
-            "group_attention": cfg.group_attention, "constituent_dim": cfg.constituent_dim, "pair_bias": cfg.pair_bias}
+            "group_attention": cfg.group_attention, "constituent_dim": cfg.constituent_dim, "pair_bias": cfg.pair_bias,
+            "type_rank": cfg.type_rank}
 
 
 def constituent_tensors(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor] | None:

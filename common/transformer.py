@@ -75,6 +75,8 @@ class ModelConfig:
     group_attention: int = 0  # > 0: a GroupAttentionLayer over this many slices of each position's embedding
     pair_bias: int = 0  # > 0: an attention bias from the decoded pair kinematics, an MLP of this width (PairBias)
     id_levels: int = 0  # > 0: only the N coarsest levels' ids are embedded (the finer ones through code_dim)
+    type_rank: bool = False  # embed each position's rank among the positions of its type (objects stand in pT order);
+    #                          False in the backbones saved before it
     observables: int = 0  # > 0: a head predicting this many event observables from the pooled state (step3's event
     #                       objective); a classifier may read its prediction beside that state (EventClassifier)
 
@@ -144,6 +146,11 @@ class SubTokenEncoder(nn.Module):
         return (h * torch.softmax(scores, 1).unsqueeze(-1)).sum(1)
 
 
+def rank_in_type(types: torch.Tensor, n_types: int) -> torch.Tensor:
+    """(B, L) type ids -> (B, L): the number of earlier positions of the same type in the sequence."""
+    return nn.functional.one_hot(types, n_types).cumsum(1).gather(2, types[..., None])[..., 0] - 1
+
+
 class EventTransformer(nn.Module):
     """(input_ids (B,L,Q), token_type_ids (B,L), attention_mask (B,L)[, features (B,L,F)][, kinematics (B,L,4)])
     -> (B,L,d)."""
@@ -157,6 +164,7 @@ class EventTransformer(nn.Module):
         self.code_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD)
         self.type_emb = nn.Embedding(cfg.n_types, d)
         self.pos_emb = nn.Embedding(cfg.max_length, d)
+        self.rank_emb = nn.Embedding(cfg.max_length, d) if cfg.type_rank else None
         self.proj = nn.ModuleDict({t: nn.Linear(n, d) for t, n in cfg.continuous_dims.items()})
         if cfg.code_dim:
             # Code geometry: an id embedding alone does not know which codes are close; the sum of an
@@ -203,7 +211,11 @@ class EventTransformer(nn.Module):
         if self.constituents is not None and constituents is not None:
             x = self.constituents(x, token_type_ids, *constituents)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.norm(x + self.type_emb(token_type_ids.long()) + self.pos_emb(pos)[None])
+        types = token_type_ids.long()
+        x = x + self.type_emb(types) + self.pos_emb(pos)[None]
+        if self.rank_emb is not None:  # where a masked object stands among its type: between which pTs
+            x = x + self.rank_emb(rank_in_type(types, self.cfg.n_types))
+        x = self.norm(x)
         return self.drop(x if self.group_attention is None else self.group_attention(x))
 
     def grouped_embedding(self, input_ids, types):

@@ -277,6 +277,26 @@ def test_a_backbone_with_the_observables_head_leaves_the_callers_random_stream_a
     assert torch.equal(with_head.code_emb.weight, plain.code_emb.weight)
 
 
+def test_rank_in_type_counts_the_earlier_objects_of_the_same_type_and_old_backbones_load_without_it():
+    from dataclasses import asdict
+    from common.schema import TYPE_IDS
+    from common.transformer import EventTransformer, ModelConfig, rank_in_type
+    seq = ["CLS", "event", "electrons", "electrons", "SEP", "jets", "tracks", "jets", "jets", "SEP", "PAD", "PAD"]
+    types = torch.tensor([[TYPE_IDS[n] for n in seq]])
+    assert rank_in_type(types, max(TYPE_IDS.values()) + 1).tolist()[0][:9] == [0, 0, 0, 1, 0, 0, 0, 1, 2]
+    cfg = ModelConfig(vocab_size=40, levels=2, n_types=13, max_length=12, d_model=16, n_heads=2, d_ff=32, dropout=0.0,
+                      type_rank=True)
+    model = EventTransformer(cfg).eval()
+    old = {k: v for k, v in asdict(cfg).items() if k != "type_rank"}  # a sidecar written before the rank embedding
+    plain = EventTransformer(ModelConfig(**old)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "rank_emb.weight"})  # loads, strict
+    ids, mask = torch.randint(4, 40, (1, 12, 2)), (types != TYPE_IDS["PAD"]).long()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, types, mask), plain(ids, types, mask))
+        model.rank_emb.weight.zero_()  # the rank embedding is the only difference
+        assert torch.allclose(model(ids, types, mask), plain(ids, types, mask), atol=1e-6)
+
+
 def test_id_levels_embed_the_coarse_ids_and_the_fine_levels_through_their_code_vectors():
     from common.transformer import EventTransformer, ModelConfig
 
