@@ -19,7 +19,7 @@ PAIR_BIAS = 32  # > 0: the width of the pair-kinematics attention bias MLP (comm
 # of run_all's labels, fine-tuned level (bench/README.md, "The coarsest ids by default")
 ID_LEVELS = 1
 # Embed each object's rank among the objects of its type (they stand in pT order): the fine-tuned AUC rose by 0.005 /
-# 0.006 at 10 / 100% of run_all's labels and the photons' and jets' context gains by 0.03 (bench/README.md, "Where the
+# 0.007 at 10 / 100% of run_all's labels and the photons' and jets' context gains by 0.03 (bench/README.md, "Where the
 # taus stand")
 TYPE_RANK = True
 WEIGHT_DECAY = 0.01

@@ -150,7 +150,8 @@ def test_pretrain_records_the_group_model(grouped):
     d, _ = grouped
     metrics = json.loads((d / "pre" / "metrics.json").read_text())
     assert metrics["model"] == {"granularity": "group", "group_pooling": "attention", "group_attention": 0, "constituent_dim": 0,
-                                "pair_bias": 32}, "the default model: a pair bias from the kinematics group"
+                                "pair_bias": 32, "type_rank": True}, \
+        "the default model: a pair bias from the kinematics group, the rank embedding"
     config = json.loads((d / "pre" / "backbone.json").read_text())["config"]
     assert config["granularity"] == "group" and config["slot_groups"][str(TYPE_IDS["jets"])] == [0, 0, 1, 1, 2, 2]
     assert config["id_levels"] == 0, "group tokens: every level's ids, whatever the object default"
