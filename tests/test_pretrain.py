@@ -224,6 +224,8 @@ def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o6").exists()
     code, _, err = run(capsys, "--parquet", bad, "--mask-prob", "1.5")
     assert code == 2 and "--mask-prob must be in (0, 1)" in err
+    code, _, err = run(capsys, "--parquet", bad, "--val-masks", "0")
+    assert code == 2 and "--val-masks must be >= 1" in err
     for value, says in (("taus=1.5", "taus=1.5: rates must be in (0, 1)"), ("gluons=0.5", "got 'gluons=0.5'"),
                         ("taus", "expected OBJECT=VALUE")):
         code, _, err = run(capsys, "--parquet", bad, "--type-mask-prob", value)
