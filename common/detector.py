@@ -80,6 +80,7 @@ ISO_TRACK_PT_MIN_GEV, ISO_VARCONE_KT_GEV, ISO_VARCONE_MAX = 1.0, 10.0, 0.3
 TAU_PT_MIN_GEV, TAU_ETA_MAX, TAU_EFF, TAU_PT_RES = 15.0, 2.5, 0.75, 0.08
 TAU_MODE_CORRECT = 0.70
 TAU_FAKE_PROB = 0.10
+TAU_PRONGS = (1, 3)  # charged tracks of a reconstructed tau, and of a jet that fakes one
 TAU_TRUE_JETSCORE, TAU_FAKE_JETSCORE, TAU_ELESCORE = (5.0, 1.5), (1.2, 5.0), (1.0, 8.0)
 # --- jets, flavour, tagging -----------------------------------------------------------------
 JET_R, JET_INPUT_ETA_MAX, JET_CLUSTER_PT_MIN_GEV = 0.4, 4.9, 10.0
@@ -595,10 +596,10 @@ def reconstruct_taus(p, final, anc, jets, rng) -> dict:
     t["RNNJetScore"] = rng.beta(*TAU_TRUE_JETSCORE, n)
     t["truth_tau"] = np.ones(n, bool)
     t = take(t, (t["pt"] > TAU_PT_MIN_GEV) & (np.abs(t["eta"]) < TAU_ETA_MAX) & (rng.random(n) < TAU_EFF)
-             & np.isin(t["n_prong"], (1, 3)))
+             & np.isin(t["n_prong"], TAU_PRONGS))
 
     # jets faking taus: narrow jets with 1 or 3 charged tracks, not matched to a true tau
-    fake = ((jets["label"] != 15) & np.isin(jets["QG_nTracks"], (1, 3)) & (np.abs(jets["eta"]) < TAU_ETA_MAX)
+    fake = ((jets["label"] != 15) & np.isin(jets["QG_nTracks"], TAU_PRONGS) & (np.abs(jets["eta"]) < TAU_ETA_MAX)
             & (jets["pt"] > TAU_PT_MIN_GEV) & (rng.random(len(jets["pt"])) < TAU_FAKE_PROB))
     nf = int(fake.sum())
     f = {"event": jets["event"][fake], "pt": jets["pt"][fake], "eta": jets["eta"][fake], "phi": jets["phi"][fake],
