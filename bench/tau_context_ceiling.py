@@ -27,6 +27,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common import detector  # noqa: E402
+from common.runtime import EXIT_SOME_FAILED, die  # noqa: E402
 from common.token_parquet import SPLITS, split_of  # noqa: E402
 from common.tokenizer import load_tokenizer  # noqa: E402
 from common.training import RegressionStats  # noqa: E402
@@ -100,11 +101,25 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     run = Path(args.run)
-    tau_tok, jet_tok = load_tokenizer(run / "tok/taus.pt"), load_tokenizer(run / "tok/jets.pt")
-    parts = [read_file(h5, tau_tok, jet_tok, args.jets == "tokens") for h5 in sorted((run / "h5").glob("*.h5"))]
+    try:
+        tau_tok, jet_tok = load_tokenizer(run / "tok/taus.pt"), load_tokenizer(run / "tok/jets.pt")
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        die(f"{run / 'tok'}: no readable taus and jets tokenizers ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    files = sorted((run / "h5").glob("*.h5"))
+    if not files:
+        die(f"{run / 'h5'}: no step1 HDF5 files")
+    parts = []
+    for h5 in files:
+        try:
+            parts.append(read_file(h5, tau_tok, jet_tok, args.jets == "tokens"))
+        except (OSError, KeyError, ValueError) as exc:
+            die(f"{h5}: cannot read its taus and jets ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                EXIT_SOME_FAILED)
     data = {k: np.concatenate([d[k] for d in parts]) for k in ("x", "latent", "split")}
     data["event"] = np.concatenate([d["event"] + 10**9 * i for i, d in enumerate(parts)])  # unique per file
     train = data["split"] == SPLITS["train"]
+    if train.sum() < 2:
+        die(f"{run / 'h5'}: {train.sum()} train taus, too few to fit", EXIT_SOME_FAILED)
     mean, std = data["latent"][train].mean(0), data["latent"][train].std(0)
     used = std > 0  # a type's latent fills only some columns of the codebook dim
     z = (data["latent"][:, used] - mean[used]) / std[used]

@@ -136,3 +136,13 @@ def test_closure_bench_bad_input_is_one_line(tokenizers, code, says, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == code and len(lines) == 1 and says in lines[0], r.stderr[-1500:]
     assert not (tmp_path / "out.json").exists()
+
+
+def test_tau_ceiling_bench_bad_input_is_one_line(tmp_path):
+    """bench/tau_context_ceiling.py on a folder without a run's tokenizers: one line naming it, exit 2."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "tau_context_ceiling.py"
+    r = subprocess.run([sys.executable, str(bench), "--run", str(tmp_path / "no_run")], capture_output=True, text=True,
+                       cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "no readable taus and jets tokenizers" in lines[0], r.stderr[-1500:]
+    assert str(tmp_path / "no_run" / "tok") in lines[0]
