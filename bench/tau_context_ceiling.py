@@ -30,7 +30,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common import detector  # noqa: E402
-from common.runtime import EXIT_SOME_FAILED, die  # noqa: E402
+from common.runtime import EXIT_SOME_FAILED, die, first_line  # noqa: E402
 from common.token_parquet import SPLITS, split_of  # noqa: E402
 from common.tokenizer import load_tokenizer  # noqa: E402
 from common.training import RegressionStats  # noqa: E402
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     try:
         tau_tok, jet_tok = load_tokenizer(run / "tok/taus.pt"), load_tokenizer(run / "tok/jets.pt")
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        die(f"{run / 'tok'}: no readable taus and jets tokenizers ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        die(f"{run / 'tok'}: no readable taus and jets tokenizers ({first_line(exc)})")
     files = sorted((run / "h5").glob("*.h5"))
     if not files:
         die(f"{run / 'h5'}: no step1 HDF5 files")
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
         try:
             parts.append(read_file(h5, tau_tok, jet_tok, args.jets == "tokens"))
         except (OSError, KeyError, ValueError) as exc:
-            die(f"{h5}: cannot read its taus and jets ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
-                EXIT_SOME_FAILED)
+            die(f"{h5}: cannot read its taus and jets ({first_line(exc)})", EXIT_SOME_FAILED)
     data = {k: np.concatenate([d[k] for d in parts]) for k in ("x", "latent", "split")}
     data["event"] = np.concatenate([d["event"] + 10**9 * i for i, d in enumerate(parts)])  # unique per file
     train = data["split"] == SPLITS["train"]

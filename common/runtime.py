@@ -30,9 +30,13 @@ class InputError(Exception):
     """A bad input: the message is one line naming the cause (the file is added by the caller)."""
 
 
+def first_line(cause: object) -> str:
+    """An exception (or any cause) as one line: its message's first line, else its type's name."""
+    return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+
+
 def error_line(path: str | os.PathLike, cause: object) -> str:
-    cause = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return f"error: {path}: {cause}"
+    return f"error: {path}: {first_line(cause)}"
 
 
 def die(message: str, code: int = EXIT_USAGE) -> None:
