@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +67,13 @@ def child_epoch(paths, out, args, threads: int = 1, ranks: int = 1) -> tuple[flo
 
 def reference_model(vocab: dict, tokenizers: str | None, device: str):
     """(model, kinematics decoder or None): step3's default architecture for these token files. With their
-    tokenizers that includes the code geometry and the pair-kinematics bias, as in the child's training."""
+    tokenizers that includes the code geometry, the coarsest ids only (step3's default --id-levels) and the
+    pair-kinematics bias, as in the child's training."""
     if not tokenizers:
         return EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=0, type_rank=T.TYPE_RANK)).to(device), None
     table = codebook_table(vocab, tokenizers)
-    model = EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=T.PAIR_BIAS, code_dim=table.shape[1],
-                                                    type_rank=T.TYPE_RANK))
+    cfg = ModelConfig.from_vocab(vocab, pair_bias=T.PAIR_BIAS, code_dim=table.shape[1], type_rank=T.TYPE_RANK)
+    model = EventTransformer(replace(cfg, id_levels=T.id_levels(argparse.Namespace(id_levels=None), cfg)))
     model.set_code_vectors(table)
     return model.to(device), open_kinematics(vocab, tokenizers, "the pair-kinematics bias")
 

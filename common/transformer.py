@@ -79,15 +79,29 @@ class ModelConfig:
     #                          False in the backbones saved before it
     observables: int = 0  # > 0: a head predicting this many event observables from the pooled state (step3's event
     #                       objective); a classifier may read its prediction beside that state (EventClassifier)
+    level_ranges: list = field(default_factory=list)  # per quantizer level, the [start, count] id range of each object
+    #                   type (object granularity): with id_levels, code_emb holds no rows for the finer levels' ids
 
     @classmethod
     def from_vocab(cls, vocab: dict, **sizes) -> "ModelConfig":
         """The vocabulary's sizes; in granularity group also its slot -> feature-group layout."""
         slots = {str(vocab["type_ids"][obj]): [g for g, (_, n) in enumerate(layout) for _ in range(n)]
                  for obj, layout in (vocab.get("groups") or {}).items()}
+        levels = [[list(r[q]) for r in vocab["ranges"].values() if q < len(r)] for q in range(int(vocab["levels"]))]
         return cls(vocab_size=int(vocab["vocab_size"]), levels=int(vocab["levels"]),
                    n_types=max(vocab["type_ids"].values()) + 1, max_length=int(vocab["max_length"]),
-                   granularity=granularity(vocab), slot_groups=slots, **sizes)
+                   granularity=granularity(vocab), slot_groups=slots,
+                   level_ranges=levels if granularity(vocab) == "object" else [], **sizes)
+
+    def embedded_ids(self) -> np.ndarray | None:
+        """The ids code_emb has rows for, ascending (PAD first): every id but those of the levels at or past
+        id_levels. None: all of them (id_levels 0, or a backbone saved before level_ranges)."""
+        if not self.id_levels or not self.level_ranges:
+            return None
+        keep = np.ones(self.vocab_size, bool)
+        for start, count in (r for level in self.level_ranges[self.id_levels :] for r in level):
+            keep[start : start + count] = False
+        return np.flatnonzero(keep)
 
 
 class GroupAttentionLayer(nn.Module):
@@ -105,6 +119,34 @@ class GroupAttentionLayer(nn.Module):
     def forward(self, x):
         s = x.reshape(-1, self.n, x.shape[-1] // self.n)
         return self.norm(s + self.attn(s, s, s, need_weights=False)[0]).reshape(x.shape)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose mask, on CPU, comes from 15 random bits per element, four elements to a 64-bit draw. torch's
+    CPU dropout draws a Bernoulli per element, 5.5 ns each: 17% of a run_all pretraining step on one thread; this
+    draw takes less than half of that (bench/README.md, "Dropout and the unused embedding rows"). The drop
+    probability is rounded to a multiple of 2^-15 (0.1 -> 0.100006) and the scale keeps the expectation exact.
+    Elsewhere (CUDA) torch's own."""
+
+    BITS = 15
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        n, one = x.numel(), 1 << self.BITS
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
+        cut = round(self.p * one)  # the top 16-bit word of each draw has 15 random bits: 15 of every word are read
+        return x * (((bits & (one - 1)) >= cut) * (one / (one - cut))).to(x.dtype)
+
+
+def cheap_dropouts(module: nn.Module) -> nn.Module:
+    """module with each of its nn.Dropout layers (those of torch's encoder layers too) replaced by Dropout."""
+    for name, child in module.named_children():
+        if type(child) is nn.Dropout:
+            setattr(module, name, Dropout(child.p))
+        else:
+            cheap_dropouts(child)
+    return module
 
 
 SUB_TOKEN_FF = 2  # feed-forward width of the sub-token layer, in units of d_model
@@ -162,6 +204,16 @@ class EventTransformer(nn.Module):
         if cfg.id_levels and not cfg.code_dim:
             raise ValueError("id_levels needs the code geometry (code_dim): the finer levels would be lost")
         self.code_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD)
+        self.register_buffer("id_row", None, persistent=False)  # vocabulary id -> code_emb row, where they differ
+        if (ids := cfg.embedded_ids()) is not None:
+            # The rows of ids never embedded (86% of run_all's vocabulary with id_levels 1) would cost every step a
+            # dense gradient, its norm and an AdamW update: 15% of a run_all pretraining step (bench/README.md).
+            # The full table is drawn and cut, so every other parameter draws the initial values it drew before
+            assert ids[PAD] == PAD
+            self.id_row = torch.zeros(cfg.vocab_size, dtype=torch.long)  # an id without a row reads PAD's: zeros
+            self.id_row[torch.from_numpy(ids)] = torch.arange(len(ids))
+            self.code_emb = nn.Embedding.from_pretrained(self.code_emb.weight.detach()[ids].clone(), freeze=False,
+                                                         padding_idx=PAD)
         self.type_emb = nn.Embedding(cfg.n_types, d)
         self.pos_emb = nn.Embedding(cfg.max_length, d)
         self.rank_emb = nn.Embedding(cfg.max_length, d) if cfg.type_rank else None
@@ -177,10 +229,11 @@ class EventTransformer(nn.Module):
         self.pair_bias = PairBias(cfg.pair_bias, cfg.n_heads) if cfg.pair_bias else None
         self.observables = None
         self.norm = nn.LayerNorm(d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         block = nn.TransformerEncoderLayer(d, cfg.n_heads, cfg.d_ff, cfg.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(block, cfg.n_layers, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        self.encoder = cheap_dropouts(nn.TransformerEncoder(block, cfg.n_layers, norm=nn.LayerNorm(d),
+                                                            enable_nested_tensor=False))
         if cfg.observables:  # on a side stream: building (or loading) a backbone draws the caller's random numbers
             with torch.random.fork_rng(devices=[]):  # as one without the head did, so seeded runs stay as they were
                 self.set_observables_head(cfg.observables)
@@ -199,7 +252,8 @@ class EventTransformer(nn.Module):
         else:
             # combine the Q levels of each position; ids of fine levels (--id-levels) would be noise to a model
             # trained on a few hundred labels: their codebook vectors below carry them (bench/README.md)
-            x = self.code_emb(input_ids[..., : self.cfg.id_levels or None]).sum(dim=-2)
+            ids = input_ids[..., : self.cfg.id_levels or None]
+            x = self.code_emb(ids if self.id_row is None else self.id_row[ids]).sum(dim=-2)
             if self.cfg.code_dim:  # [MASK] and PAD have zero vectors: a masked object leaks nothing
                 latent = self.code_vectors[input_ids].sum(dim=-2)
                 x = x + torch.einsum("blc,blcd->bld", latent, self.code_proj[token_type_ids.long()])
@@ -408,7 +462,7 @@ class ClassifierHead(nn.Module):
     def __init__(self, d_model: int, n_classes: int = 2, dropout: float = 0.1, linear: bool = False):
         super().__init__()
         self.net = nn.Linear(d_model, n_classes) if linear else nn.Sequential(
-            nn.Linear(d_model, d_model), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_model, n_classes))
+            nn.Linear(d_model, d_model), nn.ReLU(), Dropout(dropout), nn.Linear(d_model, n_classes))
 
     def forward(self, x):
         return self.net(x)

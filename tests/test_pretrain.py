@@ -320,6 +320,54 @@ def test_id_levels_embed_the_coarse_ids_and_the_fine_levels_through_their_code_v
         EventTransformer(ModelConfig(**{**cfg.__dict__, "code_dim": 0}))
 
 
+def test_id_levels_keep_no_rows_for_the_fine_ids_and_leave_every_output_and_initial_value_as_it_was():
+    from common.transformer import EventTransformer, ModelConfig
+
+    # per level the id range of each type: jets 10-14 then 20-24, taus 15-19 then 25-29; ids 4-9 stand for the event tokens
+    levels = [[[10, 5], [15, 5]], [[20, 5], [25, 5]]]
+    cfg = ModelConfig(vocab_size=30, levels=2, n_types=12, max_length=8, d_model=16, n_heads=2, d_ff=32,
+                      dropout=0.0, code_dim=3, id_levels=1, level_ranges=levels)
+    assert cfg.embedded_ids().tolist() == list(range(20))
+    torch.manual_seed(0)
+    full = EventTransformer(ModelConfig(**{**cfg.__dict__, "level_ranges": []})).eval()  # a backbone saved before
+    after_full = torch.rand(3)
+    torch.manual_seed(0)
+    compact = EventTransformer(cfg).eval()
+    assert torch.equal(torch.rand(3), after_full), "cutting the table draws no other random numbers"
+    assert compact.code_emb.weight.shape == (20, 16) and full.code_emb.weight.shape == (30, 16)
+    assert torch.equal(compact.code_emb.weight, full.code_emb.weight[:20])
+    table = torch.randn(30, 3).numpy()
+    full.set_code_vectors(table), compact.set_code_vectors(table)
+    types = torch.tensor([[1, 6, 6, 11, 2, 0]])
+    ids = torch.tensor([[[1, 1], [12, 22], [3, 3], [16, 27], [2, 2], [0, 0]]])
+    mask = (types != 0).long()
+    with torch.no_grad():
+        assert torch.equal(compact(ids, types, mask), full(ids, types, mask))
+    # a backbone written in the compact form loads back into it, strictly
+    EventTransformer(cfg).load_state_dict(compact.state_dict())
+    assert EventTransformer(ModelConfig(**{**cfg.__dict__, "id_levels": 0})).code_emb.weight.shape[0] == 30
+
+
+def test_dropout_drops_at_its_rate_keeps_the_expectation_and_repeats_with_the_seed():
+    from torch import nn
+    from common.transformer import Dropout, EventTransformer, ModelConfig
+
+    drop, x = Dropout(0.1), torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 5 * (0.1 * 0.9 / x.numel()) ** 0.5, dropped
+    assert abs(y.mean().item() - 1.0) < 2e-3 and torch.allclose(y[y > 0], torch.tensor(1 / (1 - 3277 / 32768)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach()), "the gradient passes where the mask keeps"
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+    model = EventTransformer(ModelConfig(vocab_size=40, levels=2, n_types=12, max_length=8))
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.Dropout)}
+    assert kinds == {Dropout}, "the encoder layers' dropouts too"
+
+
 def test_damaged_inputs_skip_the_file_and_keep_the_run(sample, tmp_path, capsys):
     """A Parquet file with a corrupted data page (its footer still reads) is skipped where it is found and
     listed in metrics.json; a file of another vocabulary given first loses to the majority; a checkpoint
