@@ -123,15 +123,15 @@ class GroupAttentionLayer(nn.Module):
 
 class Dropout(nn.Dropout):
     """nn.Dropout whose mask, on CPU, comes from 15 random bits per element, four elements to a 64-bit draw. torch's
-    CPU dropout draws a Bernoulli per element, 5.5 ns each: 17% of a run_all pretraining step on one thread; this
-    draw takes less than half of that (bench/README.md, "Dropout and the unused embedding rows"). The drop
-    probability is rounded to a multiple of 2^-15 (0.1 -> 0.100006) and the scale keeps the expectation exact.
-    Elsewhere (CUDA) torch's own."""
+    CPU dropout draws a Bernoulli per element, 5.5 ns each, about 15% of a run_all pretraining step on one thread;
+    this one takes 2.6 ns (bench/README.md, "Dropout and the unused embedding rows"). The drop probability is
+    rounded to a multiple of 2^-15 (0.1 -> 0.100006) and the scale keeps the expectation exact. Elsewhere (CUDA)
+    torch's own."""
 
     BITS = 15
 
     def forward(self, x):
-        if not self.training or self.p == 0 or x.device.type != "cpu":
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu":
             return super().forward(x)
         n, one = x.numel(), 1 << self.BITS
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
@@ -206,9 +206,10 @@ class EventTransformer(nn.Module):
         self.code_emb = nn.Embedding(cfg.vocab_size, d, padding_idx=PAD)
         self.register_buffer("id_row", None, persistent=False)  # vocabulary id -> code_emb row, where they differ
         if (ids := cfg.embedded_ids()) is not None:
-            # The rows of ids never embedded (86% of run_all's vocabulary with id_levels 1) would cost every step a
-            # dense gradient, its norm and an AdamW update: 15% of a run_all pretraining step (bench/README.md).
-            # The full table is drawn and cut, so every other parameter draws the initial values it drew before
+            # The rows of ids never embedded (86% of run_all's vocabulary with id_levels 1, 1.9M of 2.3M parameters)
+            # would cost every step a dense gradient, its norm and an AdamW update (one thread: 839 -> 938 events/s
+            # without them; bench/README.md, "Dropout and the unused embedding rows"). The full table is drawn and
+            # cut: every other parameter draws the initial values it drew before, and the outputs are the same
             assert ids[PAD] == PAD
             self.id_row = torch.zeros(cfg.vocab_size, dtype=torch.long)  # an id without a row reads PAD's: zeros
             self.id_row[torch.from_numpy(ids)] = torch.arange(len(ids))
