@@ -423,7 +423,7 @@ def main(argv=None) -> int:
 
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args),
                                  code_dim=0 if code_table is None or not args.code_geometry else code_table.shape[1])
-    cfg = replace(cfg, id_levels=T.id_levels(args, cfg))
+    cfg = replace(cfg, id_levels=T.id_levels(args.id_levels, cfg))
     if problem := T.id_levels_problem(cfg):
         die(problem)
     ranges = code_ranges(vocab)

@@ -519,7 +519,7 @@ def prepare(args, dist) -> dict:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 die(f"code geometry (or run with --no-code-geometry) needs the step2 tokenizers: {str(exc).splitlines()[0]}")
             cfg = replace(cfg, code_dim=code_table.shape[1])
-        cfg = replace(cfg, id_levels=T.id_levels(args, cfg))
+        cfg = replace(cfg, id_levels=T.id_levels(args.id_levels, cfg))
         if problem := T.id_levels_problem(cfg):
             die(problem)
 

@@ -73,7 +73,7 @@ def reference_model(vocab: dict, tokenizers: str | None, device: str):
         return EventTransformer(ModelConfig.from_vocab(vocab, pair_bias=0, type_rank=T.TYPE_RANK)).to(device), None
     table = codebook_table(vocab, tokenizers)
     cfg = ModelConfig.from_vocab(vocab, pair_bias=T.PAIR_BIAS, code_dim=table.shape[1], type_rank=T.TYPE_RANK)
-    model = EventTransformer(replace(cfg, id_levels=T.id_levels(argparse.Namespace(id_levels=None), cfg)))
+    model = EventTransformer(replace(cfg, id_levels=T.id_levels(None, cfg)))
     model.set_code_vectors(table)
     return model.to(device), open_kinematics(vocab, tokenizers, "the pair-kinematics bias")
 

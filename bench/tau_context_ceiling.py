@@ -91,8 +91,7 @@ def read_file(path: Path, tau_tok, jet_tok, through_tokens: bool) -> dict:
     event = np.repeat(np.arange(len(tmask)), n_taus)
     rank = np.arange(len(event)) - np.repeat(np.cumsum(n_taus) - n_taus, n_taus)  # taus stand in pT order
     codes = tau_tok.encode({k: v[tmask] for k, v in taus.items()}, event)
-    books = tau_tok.model.quantizer.code_vectors().numpy()  # (levels, codes, dim), as common.transformer.codebook_table
-    latent = books[np.arange(codes.shape[1]), codes].sum(1)
+    latent = tau_tok.quantised_latent(codes).numpy()
     x = np.column_stack([context(jets, jmask, counts, met)[event], rank, n_taus[event]])
     return {"x": x, "latent": latent, "split": split_of(path.name, event), "event": event}
 

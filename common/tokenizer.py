@@ -671,11 +671,15 @@ class Tokenizer:
         return out
 
     @torch.inference_mode()
-    def decode(self, codes: np.ndarray) -> dict[str, np.ndarray]:
+    def quantised_latent(self, codes: np.ndarray) -> torch.Tensor:
+        """(n, dim): each object's codebook vectors summed over the levels, what the decoder reads."""
         codes = torch.as_tensor(np.asarray(codes, dtype=np.int64))
         table = self.model.quantizer.code_vectors()
-        zq = sum(table[l][codes[:, l]] for l in range(len(table)))
-        return postprocess(self.specs, self.model.decoder(zq).numpy())
+        return sum(table[l][codes[:, l]] for l in range(len(table)))
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray) -> dict[str, np.ndarray]:
+        return postprocess(self.specs, self.model.decoder(self.quantised_latent(codes)).numpy())
 
     def reconstruct(self, feats: dict[str, np.ndarray], events: np.ndarray | None = None
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -76,10 +76,10 @@ def model_sizes(args) -> dict:
     return {**sizes, "id_levels": args.id_levels or 0, "constituent_dim": args.constituent_dim if args.constituents else 0}
 
 
-def id_levels(args, cfg) -> int:
-    """--id-levels as given, or its default where cfg's tokens allow it (object granularity, code geometry)."""
-    if args.id_levels is not None:
-        return args.id_levels
+def id_levels(requested: int | None, cfg) -> int:
+    """--id-levels as given, or (None) its default where cfg's tokens allow it (object granularity, code geometry)."""
+    if requested is not None:
+        return requested
     return ID_LEVELS if cfg.code_dim and cfg.granularity == "object" else 0
 
 
