@@ -263,9 +263,11 @@ def cont_valid(types: np.ndarray, cont: ContinuousFeatures, width: int) -> np.nd
 
 # --- one pass over a stream ---------------------------------------------------------------------------
 
-def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sched=None, code_counts=None, desc=""):
+def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sched=None, code_counts=None, desc="",
+              by_process=None):
     """One pass: trains when an optimizer is given, else evaluates (the same masks every epoch, each event
-    masked --val-masks times: its copies are one unit of the intervals)."""
+    masked --val-masks times: its copies are one unit of the intervals). `by_process`: a RegressionStats of
+    the first objective's errors per (process, type), filed under process index x n_types + type."""
     train = opt is not None
     copies = 1 if train else args.val_masks
     model.train(train)
@@ -307,6 +309,11 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
             else:
                 z, valid = ctx["scalers"][name].standardise(m_types, targets[name])
                 loss = loss + stats[name].add(m_types, out[name], z, valid, m_events, args.balance_types)
+                if by_process is not None and name == args.objectives[0]:
+                    rows = torch.nonzero(chosen)[:, 0].cpu().numpy()
+                    process = np.searchsorted(ctx["processes"], batch["process"][rows].astype(str))
+                    by_process.add(torch.from_numpy(process).to(m_types.device) * ctx["n_types"] + m_types, out[name], z,
+                                   valid, m_events)
         if train:
             T.optimiser_step(loss, model, opt, sched, args.grad_clip)
         n_events += len(ids) // copies
@@ -335,8 +342,20 @@ def context_gain(val: dict, objective: str) -> dict:
         return {o: {"accuracy": v["acc"], "baseline_accuracy": v["frequency_baseline_acc"],
                     "ratio": v["acc"] / v["frequency_baseline_acc"] if v["frequency_baseline_acc"] else float("nan")}
                 for o, v in per_type.items()}
-    return {o: {"mse": v["mse"], "baseline_mse": v["baseline_mse"], "gain": v["context_gain"],
-                "gain_ci95": v["context_gain_ci95"], "n": v["n"], "n_events": v["n_events"]} for o, v in per_type.items()}
+    return {o: regression_gain(v) for o, v in per_type.items()}
+
+
+def regression_gain(v: dict) -> dict:
+    return {"mse": v["mse"], "baseline_mse": v["baseline_mse"], "gain": v["context_gain"],
+            "gain_ci95": v["context_gain_ci95"], "n": v["n"], "n_events": v["n_events"]}
+
+
+def context_gain_by_process(stats: T.RegressionStats, processes, n_types: int, vocab: dict, dist) -> dict:
+    """{process: {type: context gain}} of the first objective: the headline gain per type is their mix, so
+    it moves with the corpus's processes as well as with what the model learns."""
+    keys = {(p, o): i * n_types + t for i, p in enumerate(processes) for o, t in vocab["type_ids"].items()}
+    per_key = stats.summary({"type_ids": keys}, lambda t: D.all_sum(t, dist))["per_type"]
+    return {p: {o: regression_gain(v) for (q, o), v in per_key.items() if q == p} for p in processes}
 
 
 def history_row(epoch, step, lr, train, val, seconds, events):
@@ -410,7 +429,9 @@ def main(argv=None) -> int:
                                                    observables=h5_files if "event" in args.objectives else None,
                                                    constituents=constituents)
     train_stream, val_stream = stream("train", True), stream("val", False)
-    n_train, n_val = train_stream.count(), val_stream.count()
+    val_totals = val_stream.totals()  # every rank reads all of it: the per-process sums line up
+    val_processes = sorted(val_totals)
+    n_train, n_val = train_stream.count(), sum(v["events"] for v in val_totals.values())
     for name, n in (("train", n_train), ("validation", n_val)):
         if n == 0:
             die(f"{', '.join(paths)}: the {name} split holds no events", EXIT_SOME_FAILED)
@@ -462,7 +483,9 @@ def main(argv=None) -> int:
         if dist.main:
             print(f"resuming after epoch {start_epoch - 1} from {ckpt}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
-    ctx = {"ranges": ranges, "mask_rates": mask_rates(args, vocab["type_ids"], cfg.n_types), "code_table": table, "scalers": scalers, "event_type": event_type, "kinematics": kinematics}
+    ctx = {"ranges": ranges, "mask_rates": mask_rates(args, vocab["type_ids"], cfg.n_types), "code_table": table,
+           "scalers": scalers, "event_type": event_type, "kinematics": kinematics, "n_types": cfg.n_types,
+           "processes": np.array(val_processes)}
     if dist.main:
         n_params = sum(p.numel() for p in backbone.parameters())
         print(f"pretraining ({', '.join(args.objectives)}) on {n_train} train / {n_val} val events, {steps} steps/epoch "
@@ -470,7 +493,7 @@ def main(argv=None) -> int:
 
     if dist.main:
         output_dir(out)
-    train_summary = val_summary = None
+    train_summary = val_summary = gain_by_process = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         train_stats = new_stats(args.objectives, cfg, dist.device)
@@ -480,14 +503,19 @@ def main(argv=None) -> int:
         if token_head:  # the most frequent code of each (type, level) in train
             ctx["mode"] = D.all_sum(torch.from_numpy(code_counts).to(dist.device), dist).argmax(-1)
         val_stats = new_stats(args.objectives, cfg, dist.device)
+        by_process = None if args.objectives[0] in ("tokens", "event") else \
+            T.RegressionStats(cfg.n_types * len(val_processes), dist.device)
         if backbone.constituents is not None:
             backbone.constituents.reset()
         with torch.no_grad():
-            run_epoch(model, val_stream, 0, val_steps, ctx, args, dist, val_stats, desc=f"epoch {epoch} val")
+            run_epoch(model, val_stream, 0, val_steps, ctx, args, dist, val_stats, desc=f"epoch {epoch} val",
+                      by_process=by_process)
         if backbone.constituents is not None:  # validation jets; masked ones count as without constituents
             usage = {**backbone.constituents.summary(), "methods": constituents.methods, "files_without": constituents.missing,
                      "track_hits": constituents.track_hits}
         train_summary, val_summary = summarise(train_stats, vocab, dist), summarise(val_stats, vocab, dist)
+        if by_process is not None:
+            gain_by_process = context_gain_by_process(by_process, val_processes, cfg.n_types, vocab, dist)
         n_ev = int(D.all_sum(torch.tensor([n_ev], dtype=torch.float64, device=dist.device), dist).item())
         history.append(history_row(epoch, sched.last_epoch, sched.get_last_lr()[0], train_summary, val_summary, seconds, n_ev))
         if dist.main:
@@ -511,6 +539,7 @@ def main(argv=None) -> int:
         prov = provenance("step3_pretrain.py", args, paths)
         metrics = {"objectives": args.objectives, "representation": REPRESENTATION, "train": train_summary,
                    "val": val_summary, "context_gain": context_gain(val_summary, args.objectives[0]) if val_summary else None,
+                   "context_gain_by_process": gain_by_process,
                    "target_scalers": {o: s.state() for o, s in scalers.items()},
                    "n_events": {"train": n_train, "val": n_val}, "epochs": args.epochs, "steps_per_epoch": steps,
                    "world_size": dist.world, "model": T.model_record(cfg), "history": history, "input_errors": errors,

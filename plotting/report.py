@@ -534,6 +534,19 @@ def context_gain_table(metrics: dict) -> str:
                   "95% interval (events resampled)", "masked predictions", "goal: >= 0.2"], rows)
 
 
+def context_gain_by_process_table(metrics: dict) -> str:
+    """Rows of processes, columns of object types: the per-type gain above is their mix."""
+    by_process = metrics.get("context_gain_by_process")  # step3 before it, or a token objective: none
+    if not by_process:
+        return ""
+    types = list(dict.fromkeys(o for v in by_process.values() for o in v))
+    cell = lambda v: "{:.3f} [{:.3f}, {:.3f}] ({})".format(v["gain"], *v["gain_ci95"], v["n"]) if v else "-"  # noqa: E731
+    rows = [[p] + [cell(v.get(o)) for o in types] for p, v in by_process.items()]
+    return ("<p><b>Context gain per process</b> (validation; gain [95% interval] (masked predictions)): the gain "
+            "per type above is their mix, so it moves with what the corpus holds as well as with what the model "
+            "learns</p>" + table(["process"] + types, rows))
+
+
 def pass_mark(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
@@ -574,7 +587,7 @@ def section_pretraining(run_dir: Path) -> str:
              f"{esc(fmt(metrics['steps_per_epoch']))} steps; events: train {esc(fmt(n['train']))}, val "
              f"{esc(fmt(n['val']))}; ranks: {esc(fmt(metrics['world_size']))}</p>",
              '<h3 id="context-gain">Context gain per object type (validation)</h3>', context_gain_table(metrics),
-             objective_tables(metrics)]
+             context_gain_by_process_table(metrics), objective_tables(metrics)]
     backbone = load_json(d / "backbone.json")
     if backbone is not None:
         parts.append("<details><summary>backbone configuration</summary>" + kv_table(backbone["config"]) + "</details>")

@@ -126,6 +126,13 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     assert m["objectives"] == ["features", "tokens", "event"] and {"electrons", "muons", "jets", "met"} <= set(gain)
     assert min(gain[o]["gain"] for o in ("electrons", "muons", "jets")) > 0.03, gain  # eta, phi: 3 of ~9 features
     assert m["val"]["features"]["context_gain"] > 0.05
+    # per process: the same masked objects, so a type's gain is their mix and lies between their extremes
+    by_process = m["context_gain_by_process"]
+    assert set(by_process) == set(sample["parquet"])
+    for obj, v in gain.items():
+        parts = [p[obj] for p in by_process.values() if obj in p]
+        assert sum(x["n"] for x in parts) == v["n"] and sum(x["n_events"] for x in parts) == v["n_events"]
+        assert min(x["gain"] for x in parts) - 1e-12 <= v["gain"] <= max(x["gain"] for x in parts) + 1e-12, (obj, parts)
     # the event representation learns the event's observables (hzz4l's harder leptons, ttbar's jets, ...)
     # each validation event is masked VAL_MASKS times, and its copies make one unit of the intervals
     event = m["val"]["event"]["per_type"]["event"]

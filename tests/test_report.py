@@ -148,6 +148,10 @@ def test_pretraining_from_step3_metrics(real_run):
         assert lo < v["gain"] < hi or np.isnan([lo, hi]).all(), (obj, v)  # no interval from one event
         assert (f"<td>{obj}</td><td>{shown(v['mse'])}</td><td>{shown(v['baseline_mse'])}</td><td>{shown(v['gain'])}</td>"
                 f"<td>[{lo:.3f}, {hi:.3f}]</td>") in pre
+    for process, per_type in m["context_gain_by_process"].items():  # rows of processes, a column per type
+        jets = per_type["jets"]
+        assert f"<td>{process}</td>" in pre and "<td>{:.3f} [{:.3f}, {:.3f}] ({})</td>".format(
+            jets["gain"], *jets["gain_ci95"], jets["n"]) in pre
     # step3 ran with --no-plots: the report draws its plots from metrics.json
     assert "training_curves.png (drawn by the report)" in pre and "data:image/png;base64," in pre
 
