@@ -87,7 +87,7 @@ def load_tokenizers(tok_dir: str, granularity: str = "auto") -> tuple[dict[str, 
         try:
             return {o: load_grouped(d, o) for o in TOKENIZED_OBJECTS}, found
         except (ValueError, RuntimeError, OSError, KeyError) as exc:
-            runtime.die(f"{tok_dir}: {str(exc).splitlines()[0]}")
+            runtime.die(f"{tok_dir}: {runtime.first_line(exc)}")
     missing = [o for o in TOKENIZED_OBJECTS if not (d / f"{o}.pt").exists()]
     if missing:
         runtime.die(f"{tok_dir}: no tokenizer for {', '.join(missing)} (run step2_fit.py)")

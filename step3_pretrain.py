@@ -50,8 +50,8 @@ from common import training as T
 from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, code_ranges, mask_objects, open_sequences
 from common.pair_kinematics import open_kinematics
-from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, input_files, output_dir, per_object,
-                            provenance, seed_everything, set_threads, write_json)
+from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, atomic_output, die, first_line, input_files, output_dir,
+                            per_object, provenance, seed_everything, set_threads, write_json)
 from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import SPLITS, legal_id_mask, recorded_tokenizers
 from common.transformer import (EventTransformer, MaskedTokenHead, ModelConfig, PretrainModel, RegressionHead,
@@ -286,7 +286,8 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
         ids = torch.from_numpy(ids_np).to(dist.device)
         chosen = torch.from_numpy(chosen_np).to(dist.device)
         b_labels = torch.from_numpy(labels).long().to(dist.device)[chosen]
-        m_types, m_events = types[chosen].long(), torch.nonzero(chosen)[:, 0] // copies
+        m_rows = torch.nonzero(chosen)[:, 0]  # each masked object's row of the batch
+        m_types, m_events = types[chosen].long(), m_rows // copies
         targets = regression_targets(batch, orig, chosen, args.objectives, ctx["code_table"])
         kin = None  # decoded from the masked ids: a [MASK]ed object has none
         if ctx["kinematics"] is not None:
@@ -310,8 +311,7 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
                 z, valid = ctx["scalers"][name].standardise(m_types, targets[name])
                 loss = loss + stats[name].add(m_types, out[name], z, valid, m_events, args.balance_types)
                 if by_process is not None and name == args.objectives[0]:
-                    rows = torch.nonzero(chosen)[:, 0].cpu().numpy()
-                    process = np.searchsorted(ctx["processes"], batch["process"][rows].astype(str))
+                    process = np.searchsorted(ctx["processes"], batch["process"][m_rows.cpu().numpy()].astype(str))
                     by_process.add(torch.from_numpy(process).to(m_types.device) * ctx["n_types"] + m_types, out[name], z,
                                    valid, m_events)
         if train:
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
             code_table = codebook_table(vocab, tok_dir)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             need = "--objective latent" if "latent" in args.objectives else "code geometry (or run with --no-code-geometry)"
-            die(f"{need} needs the step2 tokenizers: {str(exc).splitlines()[0]}")
+            die(f"{need} needs the step2 tokenizers: {first_line(exc)}")
     kinematics = open_kinematics(vocab, args.tokenizers or recorded_tokenizers(paths[0]), "--pair-bias") \
         if args.pair_bias else None
     h5_files = None
@@ -415,7 +415,7 @@ def main(argv=None) -> int:
             if "features" in args.objectives:
                 cont = ContinuousFeatures(h5_files, vocab, args.tokenizers or recorded_tokenizers(paths[0]))
         except (OSError, ValueError, KeyError) as exc:
-            die(f"--objective {args.objective} needs the step1 HDF5 files: {str(exc).splitlines()[0]}")
+            die(f"--objective {args.objective} needs the step1 HDF5 files: {first_line(exc)}")
     constituents = constituent_model.open_reader(paths, args.h5_dir, args.constituent_fallback) if args.constituents else None
 
     # Data: train and validation splits only; the test split is never read.
@@ -473,7 +473,7 @@ def main(argv=None) -> int:
         except ValueError as exc:
             die(str(exc), EXIT_SOME_FAILED)
         except RuntimeError as exc:  # another model's checkpoint (other sizes, objectives or code version)
-            die(f"{ckpt}: does not fit this model ({str(exc).splitlines()[0]}); resume with the settings that wrote it, "
+            die(f"{ckpt}: does not fit this model ({first_line(exc)}); resume with the settings that wrote it, "
                 "or delete it", EXIT_SOME_FAILED)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])

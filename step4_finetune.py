@@ -66,8 +66,8 @@ from common.continuous_inputs import ContinuousFeatures, h5_locations
 from common.event_data import SequenceStream, fraction_keep, open_sequences
 from common.constituent_model import open_reader
 from common.pair_kinematics import open_kinematics
-from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, input_files, output_dir, provenance, seed_everything,
-                            set_threads, usable_cpus, write_json)
+from common.runtime import (EXIT_OK, EXIT_SOME_FAILED, die, first_line, input_files, output_dir, provenance,
+                            seed_everything, set_threads, usable_cpus, write_json)
 from common.schema import TOKENIZED_OBJECTS
 from common.token_parquet import SPLITS, read_vocab, recorded_tokenizers
 from common.transformer import (EventClassifier, EventTransformer, ModelConfig, check_vocab, codebook_table, granularity,
@@ -483,7 +483,7 @@ def prepare(args, dist) -> dict:
         try:
             _, sidecar = load_backbone(args.init)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            die(f"{args.init}: cannot load the backbone: {str(exc).splitlines()[0]}")
+            die(f"{args.init}: cannot load the backbone: {first_line(exc)}")
     vocab, paths, errors = open_sequences(input_files(args.parquet), want=sidecar and sidecar.get("vocab_checksum"))
     cfg = ModelConfig.from_vocab(vocab, **T.model_sizes(args)) if vocab else None
     if sidecar and paths:
@@ -517,7 +517,7 @@ def prepare(args, dist) -> dict:
             try:
                 code_table = codebook_table(vocab, args.tokenizers or recorded_tokenizers(paths[0]))
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                die(f"code geometry (or run with --no-code-geometry) needs the step2 tokenizers: {str(exc).splitlines()[0]}")
+                die(f"code geometry (or run with --no-code-geometry) needs the step2 tokenizers: {first_line(exc)}")
             cfg = replace(cfg, code_dim=code_table.shape[1])
         cfg = replace(cfg, id_levels=T.id_levels(args.id_levels, cfg))
         if problem := T.id_levels_problem(cfg):
@@ -532,7 +532,7 @@ def prepare(args, dist) -> dict:
         try:
             task.scale = xsec_scale(h5_locations(paths, args.h5_dir), task.labelled + task.test_background)
         except ValueError as exc:
-            die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
+            die(first_line(exc), EXIT_SOME_FAILED)
     labelled, test_bkg = task.labelled, task.test_background
     failed = {}  # files whose data pages turn out unreadable: skipped where found, listed in metrics.json
     constituents = open_reader(paths, args.h5_dir, args.constituent_fallback) if cfg.constituent_dim else None
@@ -570,7 +570,7 @@ def prepare(args, dist) -> dict:
             if "continuous" in args.arm_list:
                 ctx["cont"] = ContinuousFeatures(ctx["h5_files"], vocab, args.tokenizers or recorded_tokenizers(paths[0]))
         except (OSError, ValueError, KeyError) as exc:
-            die(f"HDF5 inputs for the continuous / standard baselines: {str(exc).splitlines()[0]}", EXIT_SOME_FAILED)
+            die(f"HDF5 inputs for the continuous / standard baselines: {first_line(exc)}", EXIT_SOME_FAILED)
     return ctx
 
 
@@ -590,7 +590,7 @@ def run_job(ctx, arm, fraction, seed, save_path=None) -> dict:
     try:
         s, history, model = run_arm(arm, ctx, fraction, seed)
     except ValueError as exc:
-        return {"error": f"not computable: {str(exc).splitlines()[0]}"}
+        return {"error": f"not computable: {first_line(exc)}"}
     if save_path and model is not None:
         save_module(save_path, model, {"arm": arm, "config": asdict(model.backbone.cfg), "pooling": ctx["args"].pooling,
                                        "history": history, **task_members(ctx["task"])})

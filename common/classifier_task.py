@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.h5io import read_metadata
+from common.runtime import first_line
 
 WEIGHTINGS = ("events", "xsec")
 
@@ -153,7 +154,7 @@ def xsec_scale(h5_files: dict[str, str], processes: list[str]) -> dict[str, floa
         try:
             meta = read_metadata(path)
         except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            raise ValueError(f"{path}: {first_line(exc)}") from exc
         proc = meta.get("process")
         if proc not in processes:
             continue

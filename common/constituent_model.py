@@ -26,7 +26,7 @@ from torch import nn
 
 from common.continuous_inputs import h5_locations
 from common.h5io import read_metadata
-from common.runtime import EXIT_SOME_FAILED, die
+from common.runtime import EXIT_SOME_FAILED, die, first_line
 from common.schema import JET_CONSTITUENTS, OBJECTS, dataset_path
 
 GROUP = "common/jet_constituents"
@@ -129,7 +129,7 @@ def open_reader(parquet: list[str], h5_dir: str | None, fallback: bool) -> Const
     try:
         return ConstituentReader(h5_locations(parquet, h5_dir), fallback)
     except (OSError, ValueError, KeyError) as exc:
-        die(str(exc).splitlines()[0], EXIT_SOME_FAILED)
+        die(first_line(exc), EXIT_SOME_FAILED)
 
 
 def dense(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:

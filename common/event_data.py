@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from common import constituent_model, highlevel
-from common.runtime import InputError
+from common.runtime import InputError, first_line
 from common.schema import MASK, PAD
 from common.token_parquet import (REQUIRED_COLUMNS, _splitmix64, batch_to_numpy, check_columns, interleaved_batches,
                                   iter_batches, read_vocab, split_of)
@@ -37,7 +37,7 @@ def open_sequences(paths: Sequence[str], want: str | None = None) -> tuple[dict 
             v = read_vocab(path)
             vocabs.setdefault(vocab_checksum(v), (v, []))[1].append(path)
         except (InputError, OSError, ValueError, KeyError, pa.ArrowException) as exc:
-            errors.append(f"error: {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            errors.append(f"error: {path}: {first_line(exc)}")
     if not vocabs:
         return None, [], errors
     chosen = want if want in vocabs else max(vocabs, key=lambda k: len(vocabs[k][1]))

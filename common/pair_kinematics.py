@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from common.physics import LEPTON_MASS, delta_phi
-from common.runtime import die
+from common.runtime import die, first_line
 
 KINEMATICS = ("pt", "eta", "phi", "mass")  # the decoded columns, in this order
 PAIR_FEATURES = ("ln_delta_r", "ln_kt", "ln_z", "ln_m2")
@@ -82,7 +82,7 @@ def open_kinematics(vocab: dict, tok_dir: str | os.PathLike | None, need: str) -
     try:
         return KinematicsDecoder(vocab, tok_dir)
     except (OSError, ValueError, KeyError) as exc:
-        die(f"{need}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        die(f"{need}: {first_line(exc)}")
 
 
 def pair_features(kin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

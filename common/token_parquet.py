@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.runtime import atomic_output
+from common.runtime import atomic_output, first_line
 from common.schema import CLS, SEP
 
 VOCAB_KEY = b"vocab"
@@ -239,5 +239,5 @@ def iter_batches(paths: Sequence[str | os.PathLike], batch_size: int, columns: S
         except (OSError, pa.ArrowException) as exc:
             if failed is None:
                 raise
-            failed[str(path)] = f"error: {path}: unreadable data ({str(exc).splitlines()[0]}); skipped from here on"
+            failed[str(path)] = f"error: {path}: unreadable data ({first_line(exc)}); skipped from here on"
             print(failed[str(path)], file=sys.stderr)

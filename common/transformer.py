@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.constituent_model import ConstituentEncoder
 from common.pair_kinematics import PairBias
-from common.runtime import atomic_output, write_json
+from common.runtime import atomic_output, first_line, write_json
 from common.schema import PAD, SPECIAL_TYPE_ID
 
 # The parts of the vocabulary that decide what an id means; a backbone is valid for any
@@ -527,7 +527,7 @@ def load_tensors(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{path}: refusing to unpickle it (not a tensor-only checkpoint: "
-                         f"{str(exc).splitlines()[0][:120]})") from None
+                         f"{first_line(exc)[:120]})") from None
 
 
 def check_vocab(sidecar: dict, vocab: dict, backbone: str) -> None:

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from common import h5io  # noqa: E402
 from common.classifier_metrics import WORKING_POINTS  # noqa: E402
-from common.runtime import EXIT_OK, EXIT_USAGE, InputError, atomic_output, die, provenance  # noqa: E402
+from common.runtime import EXIT_OK, EXIT_USAGE, InputError, atomic_output, die, first_line, provenance  # noqa: E402
 from common.schema import LIST_OBJECTS, TOKENIZED_OBJECTS  # noqa: E402
 from common.decoded_closure import QUANTITIES  # noqa: E402
 from common.tokenizer_quality import WORST_BIN_MIN_OBJECTS  # noqa: E402
@@ -173,7 +173,7 @@ def read_h5_summaries(run_dir: Path) -> tuple[list[dict], list[str]]:
                 counts[obj] = hist
             out.append({"path": path, "meta": meta, "counts": counts})
         except (OSError, ValueError, KeyError) as exc:
-            errors.append(f"{path.name}: {str(exc).splitlines()[0]}")
+            errors.append(f"{path.name}: {first_line(exc)}")
     return out, errors
 
 
