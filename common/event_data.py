@@ -27,9 +27,10 @@ LIGHT_COLUMNS = ("event_index", "source_file", "process", "dsid", "weight")
 
 
 def open_sequences(paths: Sequence[str], want: str | None = None) -> tuple[dict | None, list[str], list[str]]:
-    """Check every file (columns, vocabulary). Returns (vocab, usable paths, error lines). Files of
-    another vocabulary than the chosen one are errors, not a silent mix: the chosen one is the
-    vocabulary with checksum `want` (a backbone's, say), else the one most files share."""
+    """Check every file (columns, vocabulary). Returns (vocab, usable paths in name order, error lines).
+    Files of another vocabulary than the chosen one are errors, not a silent mix: the chosen one is the
+    vocabulary with checksum `want` (a backbone's, say), else the one most files share. The name order
+    makes a training independent of how its files were listed: the shuffle reads them in this order."""
     vocabs, errors = {}, []
     for path in paths:
         try:
@@ -46,7 +47,7 @@ def open_sequences(paths: Sequence[str], want: str | None = None) -> tuple[dict 
             why = "the backbone's" if want == chosen else f"the one of {len(vocabs[chosen][1])} other file(s)"
             errors += [f"error: {f}: token vocabulary (checksum {checksum}) differs from {why} ({chosen})" for f in files]
     vocab, good = vocabs[chosen]
-    return vocab, [p for p in paths if p in good], errors
+    return vocab, sorted(p for p in paths if p in good), errors
 
 
 def fraction_keep(source_file: str, event_index: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:

@@ -178,6 +178,21 @@ def test_pretraining_beats_no_context_baselines_and_resumes(sample, tmp_path, ca
     assert code == 1 and "does not fit this model" in err and len(err.strip().splitlines()) == 1, err[-1500:]
 
 
+def test_the_same_seed_repeats_whatever_the_order_the_files_are_named_in(sample, tmp_path, capsys):
+    files = list(sample["parquet"].values())
+    runs = []
+    for name, order in (("given", files), ("reversed", files[::-1])):
+        code, _, err = run(capsys, "--parquet", *order, "--out-dir", tmp_path / name, "--epochs", "1", "--max-steps", "6",
+                           *SMALL, "--objective", "features,tokens")
+        assert code == 0, err[-1500:]
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text())["history"][0])
+    assert runs[0]["train_loss"] == runs[1]["train_loss"] and runs[0]["val_loss"] == runs[1]["val_loss"], runs
+    # and another seed is another run
+    code, _, err = run(capsys, "--parquet", *files, "--out-dir", tmp_path / "seed2", "--epochs", "1", "--max-steps", "6",
+                       *SMALL, "--objective", "features,tokens", "--seed", "2")
+    assert code == 0 and json.loads((tmp_path / "seed2/metrics.json").read_text())["history"][0]["train_loss"] != runs[0]["train_loss"]
+
+
 def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
