@@ -62,7 +62,8 @@ OUT_DIR = "runs/pretrain"
 OBJECTIVE = "latent,event"  # chosen by measurement: bench/README.md, "pretraining objectives"
 OBJECTIVES = ("features", "latent", "tokens", "event")
 REPRESENTATION = "mean"  # the event representation fine-tuning reads: the mean of the object states
-EPOCHS = 6  # run_all's setting; more pays most with few labels (bench/README.md, "Pretraining length")
+EPOCHS = 6  # run_all's setting; more pays most with few labels (bench/README.md, "Pretraining length"), and the taus
+#             need 8 over a corpus four times larger ("Eight passes over a corpus four times larger")
 BATCH_SIZE = 32  # 4x the optimiser steps of 128 for 1.5x the CPU time: +0.021 / +0.003 / +0.012 fine-tuned AUC at
 #                  1 / 10 / 100% of run_all's labels (bench/README.md, "Pretraining batch size"). A GPU wants larger
 #                  batches: raise it with --lr, or run more --epochs
@@ -76,8 +77,9 @@ TYPED_HEAD = True  # the masked-object head has an output layer per object type:
 #                   predicted better from its context, the fine-tuned AUC level with the shared head's and the frozen
 #                   probe's higher (bench/README.md, "An output layer per object type"); --no-typed-head: one shared layer
 BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
-VAL_MASKS = 4  # independent mask draws per validation event: about 94% of the objects of a type masked at 50% are
-#               scored (half with one draw), and the context gains' intervals narrow (events stay their units)
+VAL_MASKS = 4  # independent mask draws per validation event in the last epoch, whose figures metrics.json keeps: about
+#               94% of the objects of a type masked at 50% are scored (half with one draw), and the context gains'
+#               intervals narrow (events stay their units). The epochs before draw once: their curve costs a quarter
 SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
 CPU_RANKS = 1  # run_all passes 2 on 2 cores: 1.63x the events/s of one process with both, 1.15x one thread alone
 #               (a second thread costs more than it gives on small batches: bench/README.md, "Two CPU ranks")
@@ -109,7 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--balance-types", action="store_true", default=BALANCE_TYPES,
                    help="masked-object regression loss: the mean of each object type's error, not of all objects")
     p.add_argument("--val-masks", type=int, default=VAL_MASKS,
-                   help="validation: independent mask draws per event (more objects scored, narrower intervals)")
+                   help="validation of the last epoch: independent mask draws per event (more objects scored, narrower "
+                        "intervals); the epochs before draw once")
     p.add_argument("--shuffle-buffer", type=int, default=SHUFFLE_BUFFER, help="events held for shuffling")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)")
     T.add_runtime_args(p)
@@ -264,12 +267,11 @@ def cont_valid(types: np.ndarray, cont: ContinuousFeatures, width: int) -> np.nd
 # --- one pass over a stream ---------------------------------------------------------------------------
 
 def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sched=None, code_counts=None, desc="",
-              by_process=None):
+              by_process=None, copies=1):
     """One pass: trains when an optimizer is given, else evaluates (the same masks every epoch, each event
-    masked --val-masks times: its copies are one unit of the intervals). `by_process`: a RegressionStats of
+    masked `copies` times: its copies are one unit of the intervals). `by_process`: a RegressionStats of
     the first objective's errors per (process, type), filed under process index x n_types + type."""
     train = opt is not None
-    copies = 1 if train else args.val_masks
     model.train(train)
     rng = np.random.default_rng([args.seed, epoch if train else 10**6, dist.rank])
     amp = T.use_amp(args.amp, dist.device)
@@ -502,14 +504,15 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         if token_head:  # the most frequent code of each (type, level) in train
             ctx["mode"] = D.all_sum(torch.from_numpy(code_counts).to(dist.device), dist).argmax(-1)
+        last = epoch == args.epochs - 1  # its validation, with --val-masks draws, gives metrics.json's figures
         val_stats = new_stats(args.objectives, cfg, dist.device)
-        by_process = None if args.objectives[0] in ("tokens", "event") else \
+        by_process = None if args.objectives[0] in ("tokens", "event") or not last else \
             T.RegressionStats(cfg.n_types * len(val_processes), dist.device)
         if backbone.constituents is not None:
             backbone.constituents.reset()
         with torch.no_grad():
             run_epoch(model, val_stream, 0, val_steps, ctx, args, dist, val_stats, desc=f"epoch {epoch} val",
-                      by_process=by_process)
+                      by_process=by_process, copies=args.val_masks if last else 1)
         if backbone.constituents is not None:  # validation jets; masked ones count as without constituents
             usage = {**backbone.constituents.summary(), "methods": constituents.methods, "files_without": constituents.missing,
                      "track_hits": constituents.track_hits}
