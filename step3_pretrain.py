@@ -79,7 +79,7 @@ TYPED_HEAD = True  # the masked-object head has an output layer per object type:
 BALANCE_TYPES = False  # True: every object type weighs alike in the masked-object loss (tracks dominate the plain mean)
 VAL_MASKS = 4  # independent mask draws per validation event in the last epoch, whose figures metrics.json keeps: about
 #               94% of the objects of a type masked at 50% are scored (half with one draw), and the context gains'
-#               intervals narrow (events stay their units). The epochs before draw once: their curve costs a quarter
+#               intervals narrow (events stay their units). The epochs before draw once, for the curve: a quarter the time
 SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
 CPU_RANKS = 1  # run_all passes 2 on 2 cores: 1.63x the events/s of one process with both, 1.15x one thread alone
 #               (a second thread costs more than it gives on small batches: bench/README.md, "Two CPU ranks")
