@@ -33,11 +33,11 @@ OVERWRITE="${OVERWRITE:-0}"
 TRACKS_IN_SEQUENCE="${TRACKS_IN_SEQUENCE:-10}"  # leading tracks per event in the token sequence
 LABEL_FRACTIONS="${LABEL_FRACTIONS:-0.01,0.1,1}"  # data-efficiency protocol
 ARMS="${ARMS:-scratch,finetune,frozen,counts_gbdt,standard_gbdt}"  # step4 arms at 100% of the labels (add
-#                                   continuous, the continuous-input transformer: one more training, ~35 s per seed)
+#                                   continuous, the continuous-input transformer: one more training, ~25 s per seed)
 FRACTION_ARMS="${FRACTION_ARMS:-scratch,finetune,frozen,counts_gbdt,standard_gbdt}"  # those of ARMS also run below
 #                                   100% of the labels
 GENERALISATION="${GENERALISATION:-0}"  # 1: also the generalisation protocol, trained against the first background
-#                                   only and tested on every background (two more trainings, ~75 s per seed)
+#                                   only and tested on every background (two more trainings, ~30 s per seed)
 TASKS="${TASKS:-binary}"            # binary and/or multiclass (the Higgs production modes; generates them too)
 CLASSES="${CLASSES:-ggF=hzz4l;VBF=vbfh4l;VH=whh4l,zhh4l;ttH=tthh4l}"  # the multiclass task's classes
 WEIGHTING="${WEIGHTING:-events}"    # events | xsec (cross-section x generator weight / sum of weights)
