@@ -42,7 +42,7 @@ def child_train(args) -> float:
     from common.transformer import EventTransformer, MaskedTokenHead, MaskedTokenModel, ModelConfig
 
     torch.manual_seed(0)
-    vocab, paths, _ = open_sequences(sorted(str(p) for p in Path(args.data).glob("*.parquet")))
+    vocab, paths, _ = open_sequences([str(p) for p in Path(args.data).glob("*.parquet")])
     stream = SequenceStream(paths, vocab["levels"], 128, split=SPLITS["train"])
     cfg = ModelConfig.from_vocab(vocab)
     model = MaskedTokenModel(EventTransformer(cfg), MaskedTokenHead(cfg, legal_id_mask(vocab)))
