@@ -81,8 +81,9 @@ VAL_MASKS = 4  # independent mask draws per validation event in the last epoch, 
 #               94% of the objects of a type masked at 50% are scored (half with one draw), and the context gains'
 #               intervals narrow (events stay their units). The epochs before draw once, for the curve: a quarter the time
 SCALER_EVENTS = 2560  # training events that fix the standardisation of the regression targets
-CPU_RANKS = 1  # run_all passes 2 on 2 cores: 1.63x the events/s of one process with both, 1.15x one thread alone
-#               (a second thread costs more than it gives on small batches: bench/README.md, "Two CPU ranks")
+CPU_RANKS = 1  # run_all passes 2 on 2 cores: 1.63x the events/s of one process with both, 1.04-1.15x one thread
+#               alone (a second thread costs more than it gives on small batches; the ranks meet at every step:
+#               bench/README.md, "Two CPU ranks", "where the second core goes")
 SEED = 1
 
 
