@@ -36,7 +36,5 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # shell; for a step run alone: LD_PRELOAD=$MIMALLOC python step3_pretrain.py ...  MIMALLOC= keeps glibc's.
 _lib="$(ls "$VENV"/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so 2>/dev/null | head -n 1)"
 [[ "$_lib" == *[[:space:]:]* ]] && _lib=""  # LD_PRELOAD splits at blanks and colons
-# an empty MIMALLOC is kept (glibc's malloc), as is a library of your own; a stale path is replaced
-if [ -z "${MIMALLOC+set}" ] || { [ -n "$MIMALLOC" ] && [ ! -f "$MIMALLOC" ]; }; then MIMALLOC="$_lib"; fi
-export MIMALLOC
+export MIMALLOC="${MIMALLOC-$_lib}"
 unset _here _stamp _want _recipe _lib
