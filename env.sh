@@ -30,4 +30,13 @@ export MPLBACKEND=Agg
 # Idle OpenMP threads (torch, numba, LightGBM) sleep instead of spinning: on a shared node spinning
 # threads wait for cores other jobs hold. Set OMP_WAIT_POLICY=ACTIVE yourself on a dedicated node.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-unset _here _stamp _want _recipe
+# mimalloc, a drop-in malloc (requirements.txt, Linux). run_all (steps 2-4) and the tests preload it
+# (LD_PRELOAD=$MIMALLOC): under glibc's malloc step3's heap grows by some 50 MB a pass and its passes slow by
+# 12-16% over six (bench/README.md, "mimalloc"). Not preloaded here, so it touches no other program of your
+# shell; for a step run alone: LD_PRELOAD=$MIMALLOC python step3_pretrain.py ...  MIMALLOC= keeps glibc's.
+_lib="$(ls "$VENV"/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so 2>/dev/null | head -n 1)"
+[[ "$_lib" == *[[:space:]:]* ]] && _lib=""  # LD_PRELOAD splits at blanks and colons
+# an empty MIMALLOC is kept (glibc's malloc), as is a library of your own; a stale path is replaced
+if [ -z "${MIMALLOC+set}" ] || { [ -n "$MIMALLOC" ] && [ ! -f "$MIMALLOC" ]; }; then MIMALLOC="$_lib"; fi
+export MIMALLOC
+unset _here _stamp _want _recipe _lib

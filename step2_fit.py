@@ -375,17 +375,18 @@ def closure(out_dir: str, infos: list[dict], max_events: int) -> list[str]:
     return []
 
 
-def setup_distributed(args) -> None:
+def setup_distributed(args) -> D.Dist:
     d = D.setup(args.device)  # ranks talk over gloo on the CPU, nccl on GPUs
     args.world, args.rank, args.device = d.world, d.rank, str(d.device)  # the device as resolved, recorded
     runtime.set_threads(args.threads)
     if args.workers == 0:
         args.workers = max(1, runtime.usable_cpus() // (args.threads or runtime.usable_cpus()))
+    return d
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_distributed(args)
+    d = setup_distributed(args)
     objs = [o.strip() for o in args.objects.split(",") if o.strip()]
     bad = [o for o in objs if o not in TOKENIZED_OBJECTS]
     if bad:
@@ -429,12 +430,8 @@ def main(argv=None) -> int:
             plot_closure(Path(args.out_dir))
         if args.data_mc and fitted:  # every tokenizer in out-dir
             errors += data_mc.fit_data_mc(args.out_dir, infos, args.eval_objects, plots=not args.no_plots)
-    if args.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-    return runtime.exit_code(errors)
+    D.barrier(d)  # no rank leaves while rank 0 writes the closure
+    return D.finish(d, runtime.exit_code(errors))
 
 
 if __name__ == "__main__":

@@ -555,8 +555,7 @@ def main(argv=None) -> int:
             from plotting.plot_training import plot_pretraining
             plot_pretraining(out / "metrics.json", out / "plots")
         print(f"wrote {out / 'backbone.pt'}, metrics.json, history.csv")
-    D.teardown(dist)
-    return EXIT_SOME_FAILED if errors else EXIT_OK
+    return D.finish(dist, EXIT_SOME_FAILED if errors else EXIT_OK)
 
 
 if __name__ == "__main__":

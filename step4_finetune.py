@@ -730,8 +730,7 @@ def main(argv=None) -> int:
             from plotting.plot_classifier import plot_all
             plot_all(out / "metrics.json", out / "plots")
         print(f"wrote {out / 'metrics.json'}")
-    D.teardown(dist)
-    return EXIT_SOME_FAILED if errors else EXIT_OK
+    return D.finish(dist, EXIT_SOME_FAILED if errors else EXIT_OK)
 
 
 def arm_summaries(per_arm: dict) -> dict:

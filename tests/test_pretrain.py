@@ -219,6 +219,14 @@ def test_torchrun_ddp_two_gloo_processes(sample, tmp_path):
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
     assert bad.stderr.count("error: no usable Parquet input") == 1, "one rank's error lines, not every rank's"
+    # a bad file beside a good one: the ranks train on the good one and leave with exit 1 (D.finish)
+    mixed = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(sample["parquet"]["dy"]).drop(["input_ids"]), mixed)
+    r = subprocess.run([sys.executable, str(ROOT / "step3_pretrain.py"), "--parquet", str(mixed), str(sample["parquet"]["dy"]),
+                        "--out-dir", str(tmp_path / "mixed"), "--epochs", "1", "--max-steps", "2", "--device", "cpu", *SMALL,
+                        "--cpu-ranks", "2"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 1 and (tmp_path / "mixed" / "backbone.pt").exists() and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "lacks the column(s) input_ids" in r.stderr and "wrote" in r.stdout
 
 
 def test_bad_inputs_one_line_errors(sample, tmp_path, capsys):

@@ -3,6 +3,7 @@ every item in order, raise the producer's error in the consumer, and stop when t
 made_from decides whether run_all reuses a backbone, converted_from whether it redoes a run."""
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -117,3 +118,25 @@ def test_run_all_redoes_a_run_whose_files_came_from_other_root_files(tmp_path):
     moved = run_check("task")
     assert "vbfh4l: converted" in moved and "hzz4l" not in moved.split(":")[0], moved
     assert moved.strip().endswith("overwrite=1 --overwrite")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="mimalloc is preloaded on Linux only")
+def test_env_sh_finds_the_mimalloc_that_run_all_preloads():
+    """env.sh's own lines find the environment's mimalloc (MIMALLOC, which run_all and the tests preload; an
+    empty MIMALLOC keeps glibc's malloc); a process started with it runs on mimalloc, and provenance says so."""
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "env.sh").read_text()
+    find = script[script.index("_lib="):script.index("unset _here")] + 'echo "$MIMALLOC"'
+    env = {k: v for k, v in os.environ.items() if k != "MIMALLOC"}
+    lib = subprocess.run(["bash", "-c", find], env={**env, "VENV": sys.prefix}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert lib.endswith("libmimalloc.so") and Path(lib).is_file(), lib
+    kept = subprocess.run(["bash", "-c", find], env={**env, "VENV": sys.prefix, "MIMALLOC": ""}, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert kept == ""
+    code = ("import torch; from common.runtime import provenance; torch.randn(512, 512).matmul(torch.randn(512, 512)); "
+            "print(provenance('x', None)['allocator'])")
+    for preload, want in ((lib, "mimalloc"), ("", "system")):
+        child = subprocess.run([sys.executable, "-c", code], env={**env, "LD_PRELOAD": preload, "PYTHONPATH": str(root)},
+                               capture_output=True, text=True)
+        assert (child.returncode, child.stdout.strip(), child.stderr) == (0, want, ""), (preload, child.stderr)
