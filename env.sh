@@ -40,3 +40,6 @@ _lib="$(ls "$VENV"/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so 2>
 if [ -z "${MIMALLOC+set}" ] || { [ -n "$MIMALLOC" ] && [ ! -f "$MIMALLOC" ]; }; then MIMALLOC="$_lib"; fi
 export MIMALLOC
 unset _here _stamp _want _recipe _lib
+preload_mimalloc() {  # run_all (from step2 on) and tests/run.sh: this shell's later programs run on mimalloc
+    if [ -n "$MIMALLOC" ]; then export LD_PRELOAD="$MIMALLOC${LD_PRELOAD:+ $LD_PRELOAD}"; fi
+}

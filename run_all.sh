@@ -138,7 +138,7 @@ plot_sample_pid=$!
 
 # 2. tokenizers, then token sequences. The torch steps from here on run on mimalloc (env.sh); step0's
 # detector code is a little slower on it (bench/README.md, "mimalloc")
-if [ -n "$MIMALLOC" ]; then export LD_PRELOAD="$MIMALLOC${LD_PRELOAD:+ $LD_PRELOAD}"; fi
+preload_mimalloc
 run_step step2_fit "$RUN/tok/met.json" \
     python step2_tokenize.py fit --h5 "${h5[@]}" --out-dir "$RUN/tok" --seed "$SEED" --workers "$WORKERS"
 parquet=() task_parquet=()

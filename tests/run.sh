@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ./env.sh
-if [ -n "$MIMALLOC" ]; then export LD_PRELOAD="$MIMALLOC${LD_PRELOAD:+ $LD_PRELOAD}"; fi  # env.sh: "mimalloc"
+preload_mimalloc  # env.sh
 exec python -m pytest tests "$@"
