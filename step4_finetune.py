@@ -475,6 +475,20 @@ def verdicts(scores: dict, task, args) -> dict:
     return out
 
 
+def test_score_arrays(scores: dict, task, first_seed: int) -> dict[str, np.ndarray]:
+    """test_scores.npz: the test events' process, generator weight, task label (-1: not in the task) and task
+    weight; each arm's scores at 100% of the labels and the first seed (score_<arm>, the plots'), and those of every
+    label fraction and seed (score_<arm>_<fraction>_seed<seed>), so that two runs on the same test events can be
+    compared pair by pair (bench/compare_classifiers.py)."""
+    ref = next(s for arms in scores.values() for seeds in arms.values() for s in seeds.values())
+    out = {"process": ref["process"].astype(str), "weight": ref["weight"], "label": task.labels(ref["process"]),
+           "event_weight": task.event_weights(ref["process"], ref["weight"])}
+    out.update({f"score_{a}": s[first_seed]["score"] for a, s in scores.get(1.0, {}).items() if first_seed in s})
+    out.update({f"score_{a}_{fraction:g}_seed{seed}": s["score"] for fraction, arms in scores.items()
+                for a, seeds in arms.items() for seed, s in seeds.items()})
+    return out
+
+
 def prepare(args, dist) -> dict:
     """Everything a training needs: the sequences, the vocabulary, the task and its splits. Bad
     input ends here, in one line."""
@@ -720,11 +734,8 @@ def main(argv=None) -> int:
             "provenance": provenance("step4_finetune.py", args, ctx["paths"]),
         }
         out.mkdir(parents=True, exist_ok=True)
-        main_scores = {a: s[args.seed_list[0]] for a, s in scores.get(1.0, {}).items() if args.seed_list[0] in s}
-        if main_scores:
-            ref = next(iter(main_scores.values()))
-            np.savez_compressed(out / "test_scores.npz", process=ref["process"].astype(str), weight=ref["weight"],
-                                **{f"score_{a}": s["score"] for a, s in main_scores.items()})
+        if scores:
+            np.savez_compressed(out / "test_scores.npz", **test_score_arrays(scores, task, args.seed_list[0]))
         write_json(out / "metrics.json", metrics)
         if not args.no_plots:
             from plotting.plot_classifier import plot_all

@@ -11,6 +11,9 @@ pair_features gives per pair of objects the four ParT features ln Delta R, ln kT
 (z = min pT / (pT_i + pT_j), kT = min pT Delta R, m the pair's invariant mass), and which pairs
 are valid: two different decoded objects. PairBias turns them into one additive attention bias
 per head (a small MLP, evaluated on the valid pairs only; the others get 0).
+
+overlap_targets gives step3's overlap objective its target: which visible objects of the event lie
+within Delta R of a masked one.
 """
 from __future__ import annotations
 
@@ -42,19 +45,22 @@ class KinematicsDecoder:
         layout = vocab.get("groups") or {obj: [[None, len(r)]] for obj, r in vocab["ranges"].items()}
         # (type id, tokenizer, first slot, first id of each level, codes per level, output prefix, mass when not decoded)
         self.types = []
+        self.transverse = set()  # the type ids without eta (MET), decoded at eta 0
         for obj, ranges in vocab["ranges"].items():
             slots = {group: (sum(n for _, n in layout[obj][:i]), n) for i, (group, n) in enumerate(layout[obj])}
             group = None if None in slots else KINEMATICS_GROUP
             if group not in slots:
                 raise ValueError(f"{obj}: no '{KINEMATICS_GROUP}' feature group in these token files; "
-                                 "the pair-kinematics bias decodes it")
+                                 "decoding the objects' kinematics reads it")
             first, n = slots[group]
-            tok = vocab_tokenizer(vocab, tok_dir, tokenizer_name(obj, group), "the pair-kinematics bias")
+            tok = vocab_tokenizer(vocab, tok_dir, tokenizer_name(obj, group), "decoding the objects' kinematics")
             prefix = f"{obj}/" if vocab.get("mode") == "combined" else ""
             missing = [k for k in ("pt", "phi") if prefix + k not in tok.features]
             if missing:
                 raise ValueError(f"{tok.path}: the {obj} tokenizer encodes no {' and no '.join(missing)}; "
-                                 "the pair-kinematics bias needs them")
+                                 "decoding the objects' kinematics needs them")
+            if prefix + "eta" not in tok.features:
+                self.transverse.add(vocab["type_ids"][obj])
             start, count = np.asarray(ranges[first : first + n], np.int64).T
             self.types.append((vocab["type_ids"][obj], tok, first, start, count, prefix, LEPTON_MASS.get(obj, 0.0)))
 
@@ -116,6 +122,16 @@ def _four_momentum(pt, eta, phi, m):
     """(E (...), p (..., 3)) of (pT, eta, phi, mass): common.physics.p4 in torch."""
     p = torch.stack([pt * torch.cos(phi), pt * torch.sin(phi), pt * torch.sinh(eta)], -1)
     return torch.sqrt((p**2).sum(-1) + m**2), p
+
+
+def overlap_targets(masked: torch.Tensor, kin: torch.Tensor, visible: torch.Tensor, dr: float) -> torch.Tensor:
+    """masked (M, 4): the decoded (pT, eta, phi, mass) of M masked objects; kin (M, L, 4): those of each one's event;
+    visible (M, L) bool: the positions it may point at -> (M, L + 1) float: uniform over the visible positions within
+    Delta R < dr of the masked object, else all on the last slot (nothing visible overlaps it)."""
+    d2 = (masked[:, None, 1] - kin[..., 1]) ** 2 + delta_phi(masked[:, None, 2], kin[..., 2]) ** 2
+    near = visible & (d2 < dr**2)
+    near = torch.cat([near, ~near.any(1, keepdim=True)], 1).to(kin.dtype)
+    return near / near.sum(1, keepdim=True)
 
 
 class PairBias(nn.Module):

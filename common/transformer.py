@@ -419,24 +419,52 @@ class TypedRegressionHead(nn.Module):
         return (torch.einsum("md,mdk->mk", h, self.weight[types]) + self.bias[types]).float()
 
 
+class OverlapPointer(nn.Module):
+    """step3's overlap objective: each masked position attends once more over the visible objects of its event and
+    a null slot ("nothing visible overlaps me"). The attention logits are the objective's prediction, trained
+    toward the objects that overlap the masked one (common.pair_kinematics.overlap_targets); what the attention
+    reads is added to the masked position's state before the other heads. A masked tau, which lies on the jet it was
+    reconstructed from, so learns to find that jet and read it: every type's context gain rose, the taus' most
+    (bench/README.md, "The overlap objective")."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(d_model, d_model) for _ in range(3))
+
+    def forward(self, states, hidden, rows, visible):
+        """states (B, L, d), hidden (M, d) of the masked positions, rows (M,) their events, visible (B, L) bool
+        -> (hidden + what it reads (M, d), logits (M, L + 1), the last the null slot's)."""
+        keys, values = self.key(states)[rows], self.value(states)[rows]  # (M, L, d)
+        logits = torch.einsum("md,mld->ml", self.query(hidden), keys) * hidden.shape[-1] ** -0.5
+        logits = torch.cat([logits.masked_fill(~visible[rows], float("-inf")), torch.zeros_like(logits[:, :1])], 1)
+        weights = torch.softmax(logits.float(), -1).to(values.dtype)
+        return hidden + torch.einsum("ml,mld->md", weights[:, :-1], values), logits
+
+
 class PretrainModel(nn.Module):
     """Backbone + the heads of the pretraining objectives in one module (DDP wraps both):
-    hidden states of the masked positions go to each head."""
+    hidden states of the masked positions go to each head (through the overlap pointer first, when there is one)."""
 
     def __init__(self, backbone: EventTransformer, token_head: MaskedTokenHead | None = None,
-                 regression_heads: dict[str, nn.Module] | None = None, pooling: str = "mean"):
+                 regression_heads: dict[str, nn.Module] | None = None, pooling: str = "mean", overlap: bool = False):
         super().__init__()
         self.backbone, self.token_head, self.pooling = backbone, token_head, pooling
         self.regression_heads = nn.ModuleDict(regression_heads or {})
+        self.overlap = OverlapPointer(backbone.cfg.d_model) if overlap else None
 
-    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None, constituents=None, kinematics=None):
+    def forward(self, input_ids, token_type_ids, attention_mask, chosen, labels=None, constituents=None, kinematics=None,
+                visible=None):
         """-> {objective: output}: for the M chosen positions (row-major) 'tokens' gives (loss (M,Q),
-        correct (M,Q)) and an object regression its prediction (M, dim); 'event' predicts (B, dim)
-        with the backbone's observables head from the pooled state that fine-tuning reads."""
+        correct (M,Q)), an object regression its prediction (M, dim) and 'overlap' the pointer's logits
+        (M, L + 1) over the `visible` (B, L) positions; 'event' predicts (B, dim) with the backbone's
+        observables head from the pooled state that fine-tuning reads."""
         states = self.backbone(input_ids, token_type_ids, attention_mask, constituents=constituents, kinematics=kinematics)
         hidden = states[chosen]
         types = token_type_ids[chosen].long()
-        out = {name: head(hidden, types) for name, head in self.regression_heads.items()}
+        out = {}
+        if self.overlap is not None:
+            hidden, out["overlap"] = self.overlap(states, hidden, torch.nonzero(chosen)[:, 0], visible)
+        out.update({name: head(hidden, types) for name, head in self.regression_heads.items()})
         if self.token_head is not None:
             out["tokens"] = self.token_head(hidden, types, labels)
         if self.backbone.observables is not None:

@@ -31,6 +31,10 @@ def plot_pretraining(metrics_path, out_dir) -> list[Path]:
         if name == "tokens":
             b.plot(ep, [h["val_acc"] / h["val_frequency_baseline_acc"] for h in hist], "s-",
                    label="tokens: accuracy / frequency baseline")
+        elif name == "overlap":
+            b.plot(ep, [h["val_overlap_acc"] for h in hist], "s-", label="overlap: pointer accuracy")
+            b.plot(ep, [h["val_overlap_null_baseline_acc"] for h in hist], ":", color=b.lines[-1].get_color(),
+                   label="overlap: null-slot baseline")
         else:
             b.plot(ep, [h[f"val_{name}_context_gain"] for h in hist], "s-", label=f"{name}: 1 - MSE / no-context MSE")
     b.set(xlabel="epoch", ylabel="validation context gain")

@@ -551,16 +551,26 @@ def pass_mark(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
+ACCURACY_OBJECTIVES = ("tokens", "overlap")  # the objectives scored by an accuracy, the others by a context gain
+
+
 def objective_tables(metrics: dict) -> str:
-    """Loss per split, and for the token objective the accuracy per level."""
+    """Loss per split; for the token objective the accuracy per level, for the overlap objective per object type."""
     splits = {k: metrics[k] for k in ("train", "val") if metrics[k]}
-    out = table(["split", "loss"] + [f"{o}: {'accuracy' if o == 'tokens' else 'context gain'}" for o in metrics["objectives"]],
-                [[k, v["loss"]] + [v[o]["acc"] if o == "tokens" else v[o]["context_gain"] for o in metrics["objectives"]]
+    objectives = metrics["objectives"]
+    out = table(["split", "loss"] + [f"{o}: {'accuracy' if o in ACCURACY_OBJECTIVES else 'context gain'}" for o in objectives],
+                [[k, v["loss"]] + [v[o]["acc" if o in ACCURACY_OBJECTIVES else "context_gain"] for o in objectives]
                  for k, v in splits.items()])
-    if "tokens" in metrics["objectives"] and "val" in splits:
+    if "tokens" in objectives and "val" in splits:
         levels = splits["val"]["tokens"]["per_level"]
         out += "<p><b>val: masked-token accuracy per quantizer level</b></p>" + table(
             ["level", "masked", "accuracy", "loss"], [[lv, v["n"], v["acc"], v["loss"]] for lv, v in levels.items()])
+    if "overlap" in objectives and "val" in splits:
+        per_type = splits["val"]["overlap"]["per_type"]
+        out += ("<p><b>val: the overlap pointer per object type</b> (a masked object points at the visible objects "
+                "within its Delta R, or at nothing; the null baseline always answers nothing)</p>" + table(
+                    ["type", "masked", "with an overlapping visible object", "accuracy", "null baseline", "cross-entropy"],
+                    [[t, v["n"], v["overlapped"], v["acc"], v["null_baseline_acc"], v["loss"]] for t, v in per_type.items()]))
     return out
 
 

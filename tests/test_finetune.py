@@ -23,6 +23,9 @@ from finetune_fixtures import call_main, make_sample, make_vocab, shared_sample 
 
 import step4_finetune  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+import compare_classifiers  # noqa: E402
+
 from common import highlevel  # noqa: E402
 from common import training as T  # noqa: E402
 from common.classifier_metrics import binary_metrics  # noqa: E402
@@ -136,6 +139,21 @@ def test_all_arms_protocols_and_plots(sample, tmp_path, capsys):
     scores = np.load(out / "test_scores.npz", allow_pickle=False)
     assert len(scores["score_scratch"]) == len(scores["score_standard_gbdt"]) == len(scores["process"])
     assert {"hzz4l", "zz4l", "ttbar", "dy"} == set(scores["process"]), "test set: signal, backgrounds, test-only dy"
+    assert (scores["label"][scores["process"] == "dy"] == -1).all() and (scores["label"][scores["process"] == "hzz4l"] == 1).all()
+    assert np.array_equal(scores["score_finetune"], scores["score_finetune_1_seed1"])
+    # two runs compared pair by pair (bench/compare_classifiers.py): a copy whose fine-tuned scores are scratch's
+    # differs from this run by step4's own fine-tuned - scratch verdict
+    other = tmp_path / "other"
+    other.mkdir()
+    np.savez(other / "test_scores.npz", **{k: scores[k.replace("finetune", "scratch")] for k in scores.files})
+    rows = compare_classifiers.compare(out, other, ["finetune"], 50, 0)
+    assert {(r["fraction"], tuple(r["seeds"])) for r in rows} == {(0.2, (1, 2)), (1.0, (1, 2))}
+    for r in rows:
+        assert r["delta_auc"] == pytest.approx(m["pretraining_verdict"][str(r["fraction"])]["finetune_minus_scratch"]["delta_auc"])
+    np.savez(other / "test_scores.npz", **{k: scores[k][::-1] for k in scores.files})
+    with pytest.raises(SystemExit) as exit_info:
+        compare_classifiers.compare(out, other, None, 50, 0)
+    assert exit_info.value.code == 2 and "not the same test events" in capsys.readouterr().err
     for png in ("roc", "score_distributions", "training_curves", "data_efficiency", "generalisation"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 5000
 

@@ -18,11 +18,11 @@ import step4_finetune
 from common import token_parquet
 from common import training as T
 from common.event_data import code_ranges, mask_objects
-from common.pair_kinematics import KINEMATICS, KinematicsDecoder, PairBias, pair_features
+from common.pair_kinematics import KINEMATICS, KinematicsDecoder, PairBias, overlap_targets, pair_features
 from common.physics import LEPTON_MASS, delta_r, invariant_mass, p4
 from common.schema import MASK, TYPE_IDS
 from common.tokenizer import load_tokenizer
-from common.transformer import EventTransformer, ModelConfig, load_backbone
+from common.transformer import EventTransformer, ModelConfig, OverlapPointer, load_backbone
 from finetune_fixtures import call_main, make_sample
 from test_tokenize import write_synthetic_h5
 
@@ -132,6 +132,67 @@ def test_step3_decodes_the_masked_ids(tokens, tmp_path, monkeypatch):
     assert len(seen) >= 2 and all((ids == MASK).any() for ids in seen), "the kinematics come from the masked ids"
 
 
+def test_overlap_targets_point_at_the_visible_objects_within_delta_r():
+    masked = torch.tensor([[40.0, 0.5, 3.10, 0.0], [30.0, -1.0, 0.0, 0.0]])
+    event = torch.tensor([[50.0, 0.55, -3.13, 5.0],  # 0.07 away across the phi wrap
+                          [45.0, 0.52, 3.12, 0.0],  # as near, but not visible (masked itself)
+                          [60.0, 0.5, 1.0, 8.0],  # far
+                          [20.0, 0.6, 3.2, 3.0]])  # 0.14 away
+    kin = event.expand(2, -1, -1)
+    visible = torch.tensor([True, False, True, True]).expand(2, -1)
+    target = overlap_targets(masked, kin, visible, 0.2)
+    assert torch.equal(target[0], torch.tensor([0.5, 0.0, 0.0, 0.5, 0.0])), "uniform over the visible overlaps"
+    assert torch.equal(target[1], torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])), "nothing near: the null slot"
+    assert torch.equal(overlap_targets(masked, kin, visible, 0.1)[0], torch.tensor([1.0, 0, 0, 0, 0]))
+
+    torch.manual_seed(0)
+    pointer = OverlapPointer(8)
+    states, hidden = torch.randn(2, 4, 8), torch.randn(2, 8)
+    read, logits = pointer(states, hidden, torch.tensor([0, 1]), torch.tensor([[True, False, True, True], [False] * 4]))
+    assert logits.shape == (2, 5) and logits[0, 1] == float("-inf") and torch.isfinite(logits[0, [0, 2, 3, 4]]).all()
+    assert torch.equal(read[1], hidden[1]), "with nothing visible the pointer reads nothing"
+    assert not torch.allclose(read[0], hidden[0])
+
+
+def test_step3_overlap_objective_on_real_tokens(tokens, tmp_path, capsys):
+    vocab, b = batch_of(tokens)
+    decode = KinematicsDecoder(vocab, tokens / "tok")
+    assert decode.transverse == {TYPE_IDS["met"]}
+    ids, _, chosen = mask_objects(b["input_ids"], b["token_type_ids"], b["attention_mask"], code_ranges(vocab),
+                                  np.random.default_rng(1), 0.3)
+    types = b["token_type_ids"]
+    kin, truth = step3_pretrain.decode_kinematics(decode, ids, b, chosen)
+    assert torch.allclose(kin, torch.from_numpy(decode(ids, types)), atol=1e-5), "one call decodes as two would"
+    own = torch.from_numpy(decode(b["input_ids"], types))
+    assert torch.allclose(truth[torch.from_numpy(chosen)], own[torch.from_numpy(chosen)]) and not truth[~torch.from_numpy(chosen)].any()
+    visible, target = step3_pretrain.overlap_inputs(types, chosen, kin, truth, decode.transverse, 0.4)
+    assert not visible[torch.from_numpy(chosen | (types == TYPE_IDS["met"]))].any()
+    assert torch.equal(visible, (kin[..., 0] > 0) & ~torch.from_numpy(chosen | (types == TYPE_IDS["met"])))
+    assert target.shape == (chosen.sum(), ids.shape[1] + 1) and torch.allclose(target.sum(1), torch.ones(len(target)))
+    met_rows = torch.from_numpy(types[chosen] == TYPE_IDS["met"])
+    assert met_rows.any() and (target[met_rows, -1] == 1).all(), "MET has no eta: it points at nothing"
+    jets = torch.from_numpy(types[chosen] == TYPE_IDS["jets"])
+    assert 0 < (target[jets, -1] < 1).float().mean() < 1, "some masked jets overlap a visible object, some do not"
+    # each masked object's target comes from its own, unmasked kinematics
+    truth = own[torch.from_numpy(chosen)]
+    rows = torch.nonzero(torch.from_numpy(chosen))[:, 0]
+    d = torch.hypot(truth[:, None, 1] - kin[rows][..., 1],
+                    torch.remainder(truth[:, None, 2] - kin[rows][..., 2] + np.pi, 2 * np.pi) - np.pi)
+    assert torch.equal(target[:, :-1] > 0, (d < 0.4) & visible[rows] & ~met_rows[:, None])
+
+    out = tmp_path / "pre"
+    code = call_main(step3_pretrain.main, "--parquet", tokens / "tokens", "--out-dir", out, "--objective", "overlap,latent",
+                     "--epochs", "1", "--max-steps", "3", "--batch-size", "32", *MODEL)
+    assert code == 0, capsys.readouterr().err[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["objectives"] == ["latent", "overlap"], "the first objective is the one whose context gain counts"
+    ov = m["val"]["overlap"]
+    assert ov["n_masked"] == m["val"]["latent"]["n_masked"] and 0 <= ov["acc"] <= 1 and ov["null_baseline_acc"] == 1 - ov["overlapped"]
+    assert ov["per_type"]["met"]["overlapped"] == 0 and 0 < ov["per_type"]["jets"]["overlapped"] < 1
+    assert m["history"][-1]["val_overlap_acc"] == ov["acc"] and set(m["context_gain"]) >= {"jets", "met"}
+    assert np.isclose(m["val"]["loss"], m["val"]["latent"]["mse"] + step3_pretrain.OVERLAP_WEIGHT * ov["loss"])
+
+
 def test_zero_bias_is_the_plain_attention_and_a_missing_input_is_refused():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=40, levels=2, n_types=12, max_length=8, d_model=16, n_heads=2, d_ff=32, dropout=0.0,
@@ -200,6 +261,11 @@ def test_bad_inputs_one_line_exit_2(tokens, backbone, tmp_path, capsys):
     code, err = run(step3_pretrain.main, "--parquet", tokens / "tokens", "--out-dir", tmp_path / "o2", "--pair-bias", "8",
                     "--tokenizers", tmp_path / "empty", "--no-code-geometry", "--objective", "tokens", *MODEL)
     assert code == 2 and "--pair-bias" in err and len(err.strip().splitlines()) == 1, err
+    code, err = run(step3_pretrain.main, "--parquet", tokens / "tokens", "--out-dir", tmp_path / "o4", "--tokenizers",
+                    tmp_path / "empty", "--no-code-geometry", "--pair-bias", "0", "--objective", "tokens,overlap", *MODEL)
+    assert code == 2 and "--objective overlap" in err and len(err.strip().splitlines()) == 1, err
+    code, err = run(step3_pretrain.main, "--parquet", tokens / "tokens", "--objective", "overlap,event", *MODEL)
+    assert code == 2 and "overlap reads into another masked-object objective" in err, err
     code, err = run(step3_pretrain.main, "--parquet", tokens / "tokens", "--pair-bias", "-1", *MODEL)
     assert code == 2 and "--pair-bias must be" in err
     code, err = run(step4_finetune.main, "--parquet", tokens / "tokens", "--signal", "ttbar", "--background", "dy",

@@ -140,7 +140,11 @@ def test_tokenizers_from_step2_sidecars(real_run):
 def test_pretraining_from_step3_metrics(real_run):
     pre = section(real_run["page"], "pretraining")
     m = json.loads((real_run["run"] / "pretrain" / "metrics.json").read_text())
-    assert f"objective {' + '.join(m['objectives'])}" in pre and m["objectives"] == ["latent", "event"]
+    assert f"objective {' + '.join(m['objectives'])}" in pre and m["objectives"] == ["latent", "event", "overlap"]
+    jets = m["val"]["overlap"]["per_type"]["jets"]  # the overlap pointer per type, against its null baseline
+    assert "the overlap pointer per object type" in pre and (
+        f"<td>jets</td><td>{shown(jets['n'])}</td><td>{shown(jets['overlapped'])}</td><td>{shown(jets['acc'])}</td>"
+        f"<td>{shown(jets['null_baseline_acc'])}</td>") in pre
     for split in ("train", "val"):
         assert f"<td>{split}</td><td>{shown(m[split]['loss'])}</td>" in pre
     for obj, v in m["context_gain"].items():
