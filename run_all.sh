@@ -21,6 +21,8 @@ PRETRAIN_PROCESSES="${PRETRAIN_PROCESSES:-wjets qcd singletop wz vbfh4l whh4l zh
 PRETRAIN_EVENTS="${PRETRAIN_EVENTS:-1200}"  # events generated per corpus process
 PRETRAIN_EPOCHS="${PRETRAIN_EPOCHS:-8}"  # step3 passes over task and corpus, about 17 s each on 2 cores: 8 bring every
                                     # object type's context gain past 0.2 (after 6 the taus' stands at 0.19: README.md)
+PRETRAIN_OBJECTIVE="${PRETRAIN_OBJECTIVE:-}"  # step3 --objective; empty: step3's default, latent,event,overlap
+                                    # (latent,event: the earlier default, 0.015 higher with 102 labels: README.md)
 SEEDS="${SEEDS:-1}"                 # every classifier training is repeated with these seeds (1,2,3: the
                                     # seed spread of every figure, about 3x step4's time: README.md)
 RUN="${RUN:-runs/default}"          # output folder of this run
@@ -164,9 +166,12 @@ redo_pretraining() {  # DIR FINETUNE_DIRS... : forget a backbone and the classif
 [ -e "$RUN/pretrain/metrics.json" ] && ! pretrained_on "$RUN/pretrain" "${parquet[@]}" &&
     redo_pretraining "$RUN/pretrain" "$RUN/finetune" "$RUN/finetune_generalisation" "$RUN/finetune_multiclass"
 cpu_ranks=$(( WORKERS >= 2 ? 2 : 1 ))  # on CPU step3 runs as 2 ranks of one thread: 1.63x one process on 2 cores
+objective=()
+[ -n "$PRETRAIN_OBJECTIVE" ] && objective=(--objective "$PRETRAIN_OBJECTIVE")
 run_step step3_pretrain "$RUN/pretrain/metrics.json" \
     python step3_pretrain.py --parquet "${parquet[@]}" --tokenizers "$RUN/tok" --h5-dir "$RUN/h5" \
-        --out-dir "$RUN/pretrain" --epochs "$PRETRAIN_EPOCHS" --seed "$SEED" --device "$DEVICE" --cpu-ranks "$cpu_ranks"
+        --out-dir "$RUN/pretrain" --epochs "$PRETRAIN_EPOCHS" --seed "$SEED" --device "$DEVICE" --cpu-ranks "$cpu_ranks" \
+        "${objective[@]}"
 
 # 4. fine-tuning and baselines on the main task, with the data-efficiency protocol;
 #    then (GENERALISATION=1) the generalisation protocol: trained against the first background only, tested on all
@@ -209,7 +214,7 @@ for v in $VARIANTS; do
     run_step "step3_$name" "$RUN/pretrain_$name/metrics.json" \
         python step3_pretrain.py --parquet "${vparquet[@]}" --tokenizers "$tok" --h5-dir "$RUN/h5" \
             --out-dir "$RUN/pretrain_$name" --epochs "$PRETRAIN_EPOCHS" --seed "$SEED" --device "$DEVICE" \
-            --cpu-ranks "$cpu_ranks" "${model[@]}"
+            --cpu-ranks "$cpu_ranks" "${model[@]}" "${objective[@]}"
     run_step "step4_$name" "$RUN/finetune_$name/metrics.json" \
         python step4_finetune.py --parquet "${vtask[@]}" --signal "$SIGNAL" \
             --background "$BACKGROUND" --arms "$VARIANT_ARMS" --init "$RUN/pretrain_$name/backbone.pt" --h5-dir "$RUN/h5" \

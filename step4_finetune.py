@@ -475,7 +475,7 @@ def verdicts(scores: dict, task, args) -> dict:
     return out
 
 
-def test_score_arrays(scores: dict, task, first_seed: int) -> dict[str, np.ndarray]:
+def score_arrays(scores: dict, task, first_seed: int) -> dict[str, np.ndarray]:
     """test_scores.npz: the test events' process, generator weight, task label (-1: not in the task) and task
     weight; each arm's scores at 100% of the labels and the first seed (score_<arm>, the plots'), and those of every
     label fraction and seed (score_<arm>_<fraction>_seed<seed>), so that two runs on the same test events can be
@@ -735,7 +735,7 @@ def main(argv=None) -> int:
         }
         out.mkdir(parents=True, exist_ok=True)
         if scores:
-            np.savez_compressed(out / "test_scores.npz", **test_score_arrays(scores, task, args.seed_list[0]))
+            np.savez_compressed(out / "test_scores.npz", **score_arrays(scores, task, args.seed_list[0]))
         write_json(out / "metrics.json", metrics)
         if not args.no_plots:
             from plotting.plot_classifier import plot_all

@@ -51,7 +51,8 @@ def synthetic(out: Path, n: int) -> list[str]:
 def child_epoch(paths, out, args, threads: int = 1, ranks: int = 1) -> tuple[float, float, float]:
     """(train events/s, peak RSS MB of the largest process, wall s) of one step3 epoch in a child process."""
     cmd = [sys.executable, str(ROOT / "step3_pretrain.py"), "--parquet", *paths, "--out-dir", str(out), "--epochs", "1",
-           "--batch-size", str(args.batch_size), "--no-plots", "--device", args.device, "--objective", args.objective]
+           "--batch-size", str(args.batch_size), "--no-plots", "--device", args.device]
+    cmd += ["--objective", args.objective] if args.objective else []  # none: step3's default
     cmd += ["--cpu-ranks", str(ranks)] if ranks > 1 else ["--threads", str(threads)]
     cmd += ["--h5-dir", args.h5_dir] if args.h5_dir else []
     cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
@@ -97,7 +98,7 @@ def main() -> int:
     p.add_argument("--h5-dir", default=None, help="step1 HDF5 of --parquet (the features objective)")
     p.add_argument("--tokenizers", default=None, help="step2 tokenizers of --parquet (code geometry)")
     p.add_argument("--objective", default=None,
-                   help="default: step3's (latent,event) with --tokenizers, else features,event (no codebooks to regress)")
+                   help="default: step3's own with --tokenizers, else features,event (no codebooks to regress)")
     p.add_argument("--events", type=int, default=EVENTS_PER_PROCESS, help="per process, synthetic sample")
     p.add_argument("--scales", default="1", help="synthetic corpus sizes in units of --events, e.g. 1,10")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the child's training steps")
@@ -109,7 +110,8 @@ def main() -> int:
     args = p.parse_args()
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    args.objective = args.objective or ("latent,event" if args.tokenizers else "features,event")
+    if not (args.objective or args.tokenizers):
+        args.objective = "features,event"
     torch.set_num_threads(1)  # one thread for both measurements, so the ratio compares like with like
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +135,7 @@ def main() -> int:
         if args.cpu_ranks > 1:  # on the last corpus: N ranks of one thread against one process of N threads
             one = child_epoch(paths, Path(tmp) / "one", args, threads=args.cpu_ranks)
             ranks = child_epoch(paths, Path(tmp) / "ranks", args, ranks=args.cpu_ranks)
-    print(f"device {args.device}, 1 torch thread, objective {args.objective}, batch {args.batch_size}, "
+    print(f"device {args.device}, 1 torch thread, objective {args.objective or 'that of step3'}, batch {args.batch_size}, "
           f"pair bias {T.PAIR_BIAS if args.tokenizers else 0}")
     print(f"medians of {args.repeats} repeats; the ratio's range over the repeats in brackets")
     print("| corpus | train events read | mean length | step3 train events/s | tokens/s | forward-only events/s, eval "
