@@ -34,7 +34,7 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 # (LD_PRELOAD=$MIMALLOC): under glibc's malloc step3's heap grows by some 50 MB a pass and its passes slow by
 # 12-16% over six (bench/README.md, "mimalloc"). Not preloaded here, so it touches no other program of your
 # shell; for a step run alone: LD_PRELOAD=$MIMALLOC python step3_pretrain.py ...  MIMALLOC= keeps glibc's.
-_lib="$(ls "$VENV"/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so 2>/dev/null | head -n 1)"
+_lib="$(ls "$VENV"/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so 2>/dev/null | head -n 1 || true)"  # none: glibc's malloc (run_all sets pipefail)
 [[ "$_lib" == *[[:space:]:]* ]] && _lib=""  # LD_PRELOAD splits at blanks and colons
 # an empty MIMALLOC is kept (glibc's malloc), as is a library of your own; a stale path is replaced
 if [ -z "${MIMALLOC+set}" ] || { [ -n "$MIMALLOC" ] && [ ! -f "$MIMALLOC" ]; }; then MIMALLOC="$_lib"; fi

@@ -83,12 +83,20 @@ def forward_seconds(model, kinematics, batches, mode: str) -> float:
     """Seconds of the forward passes alone over batches already read, no gradients; the decoding of the
     pair kinematics is counted, as the model cannot run without it."""
     model.train(mode == "train")
-    t0 = time.perf_counter()
+
+    def forward(raw, b):
+        kin = None if kinematics is None else torch.from_numpy(
+            kinematics(raw["input_ids"], raw["token_type_ids"])).to(b[0].device)
+        model(*b, kinematics=kin)
+
     with torch.no_grad():
+        forward(*batches[0])  # warm-up: a GPU's first call loads its kernels
+        synchronize = torch.cuda.synchronize if batches[0][1][0].is_cuda else lambda: None  # GPU work is asynchronous
+        synchronize()
+        t0 = time.perf_counter()
         for raw, b in batches:
-            kin = None if kinematics is None else torch.from_numpy(
-                kinematics(raw["input_ids"], raw["token_type_ids"])).to(b[0].device)
-            model(*b, kinematics=kin)
+            forward(raw, b)
+        synchronize()
     return time.perf_counter() - t0
 
 
@@ -117,7 +125,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for k, scale in enumerate(int(s) for s in args.scales.split(",")):
             paths = args.parquet or synthetic(Path(tmp) / f"x{scale}", args.events * scale)
-            vocab, paths, _ = open_sequences(paths)
+            vocab, paths, errors = open_sequences(paths)
+            if errors:  # as step3 would: one line per file, no traceback
+                sys.exit("\n".join(errors))
             stream = SequenceStream(paths, vocab["levels"], args.batch_size, split=SPLITS["train"])
             batches = list(stream.batches(max_steps=args.max_steps))  # the epoch the child trains on
             n_train = sum(len(b["length"]) for b in batches)

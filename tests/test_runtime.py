@@ -134,6 +134,11 @@ def test_env_sh_finds_the_mimalloc_that_run_all_preloads():
     kept = subprocess.run(["bash", "-c", find], env={**env, "VENV": sys.prefix, "MIMALLOC": ""}, capture_output=True,
                           text=True, check=True).stdout.strip()
     assert kept == ""
+    # an environment without it (not Linux, or a site's own interpreter) under run_all's `set -euo pipefail`: no
+    # mimalloc, and no silent exit (the failed `ls` of the pipeline once ended run_all with status 2 and no message)
+    strict = subprocess.run(["bash", "-c", "set -euo pipefail; " + find], env={**env, "VENV": str(root / "nowhere")},
+                            capture_output=True, text=True)
+    assert (strict.returncode, strict.stdout.strip()) == (0, ""), strict.stderr
     code = ("import torch; from common.runtime import provenance; torch.randn(512, 512).matmul(torch.randn(512, 512)); "
             "print(provenance('x', None)['allocator'])")
     for preload, want in ((lib, "mimalloc"), ("", "system")):
