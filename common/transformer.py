@@ -431,14 +431,16 @@ class OverlapPointer(nn.Module):
         super().__init__()
         self.query, self.key, self.value = (nn.Linear(d_model, d_model) for _ in range(3))
 
-    def forward(self, states, hidden, rows, visible):
-        """states (B, L, d), hidden (M, d) of the masked positions, rows (M,) their events, visible (B, L) bool
-        -> (hidden + what it reads (M, d), logits (M, L + 1), the last the null slot's)."""
-        keys, values = self.key(states)[rows], self.value(states)[rows]  # (M, L, d)
-        logits = torch.einsum("md,mld->ml", self.query(hidden), keys) * hidden.shape[-1] ** -0.5
-        logits = torch.cat([logits.masked_fill(~visible[rows], float("-inf")), torch.zeros_like(logits[:, :1])], 1)
-        weights = torch.softmax(logits.float(), -1).to(values.dtype)
-        return hidden + torch.einsum("ml,mld->md", weights[:, :-1], values), logits
+    def forward(self, states, chosen, visible):
+        """states (B, L, d), chosen (B, L) bool: the masked positions, visible (B, L) bool -> (the masked positions'
+        states + what each reads (M, d), row-major, and their logits (M, L + 1), the last the null slot's).
+        Every position attends, in one batched product per event, and the masked rows are taken after: on the CPU its
+        forward and backward run 1.7x faster than with each masked position's event gathered (M, L, d), the same
+        figures to four decimals (bench/README.md, "The overlap objective")."""
+        logits = torch.bmm(self.query(states), self.key(states).transpose(1, 2)) * states.shape[-1] ** -0.5
+        logits = torch.cat([logits.masked_fill(~visible[:, None], float("-inf")), logits.new_zeros(logits.shape[:2] + (1,))], -1)
+        weights = torch.softmax(logits.float(), -1)[..., :-1].to(states.dtype)
+        return states[chosen] + torch.bmm(weights, self.value(states))[chosen], logits[chosen]
 
 
 class PretrainModel(nn.Module):
@@ -463,7 +465,7 @@ class PretrainModel(nn.Module):
         types = token_type_ids[chosen].long()
         out = {}
         if self.overlap is not None:
-            hidden, out["overlap"] = self.overlap(states, hidden, torch.nonzero(chosen)[:, 0], visible)
+            hidden, out["overlap"] = self.overlap(states, chosen, visible)
         out.update({name: head(hidden, types) for name, head in self.regression_heads.items()})
         if self.token_head is not None:
             out["tokens"] = self.token_head(hidden, types, labels)

@@ -147,11 +147,17 @@ def test_overlap_targets_point_at_the_visible_objects_within_delta_r():
 
     torch.manual_seed(0)
     pointer = OverlapPointer(8)
-    states, hidden = torch.randn(2, 4, 8), torch.randn(2, 8)
-    read, logits = pointer(states, hidden, torch.tensor([0, 1]), torch.tensor([[True, False, True, True], [False] * 4]))
-    assert logits.shape == (2, 5) and logits[0, 1] == float("-inf") and torch.isfinite(logits[0, [0, 2, 3, 4]]).all()
-    assert torch.equal(read[1], hidden[1]), "with nothing visible the pointer reads nothing"
-    assert not torch.allclose(read[0], hidden[0])
+    states = torch.randn(2, 4, 8)
+    chosen = torch.tensor([[False, True, False, False], [True, False, False, True]])
+    visible = torch.tensor([[True, False, True, True], [False] * 4])
+    read, logits = pointer(states, chosen, visible)
+    assert logits.shape == (3, 5) and logits[0, 1] == float("-inf") and torch.isfinite(logits[0, [0, 2, 3, 4]]).all()
+    assert torch.equal(read[1:], states[1, [0, 3]]), "with nothing visible the pointer reads nothing"
+    # the batched product against one masked object's attention written out: event 0, position 1
+    q, k, v = pointer.query(states[0, 1]), pointer.key(states[0]), pointer.value(states[0])
+    weights = torch.softmax(torch.cat([(k @ q / 8**0.5).masked_fill(~visible[0], float("-inf")), torch.zeros(1)]), 0)
+    assert torch.allclose(logits[0, :4][visible[0]], (k @ q / 8**0.5)[visible[0]], atol=1e-6)
+    assert torch.allclose(read[0], states[0, 1] + weights[:4] @ v, atol=1e-6)
 
 
 def test_step3_overlap_objective_on_real_tokens(tokens, tmp_path, capsys):
