@@ -89,9 +89,11 @@ def forward_seconds(model, kinematics, batches, mode: str) -> float:
             kinematics(raw["input_ids"], raw["token_type_ids"])).to(b[0].device)
         model(*b, kinematics=kin)
 
-    with torch.no_grad():
+    device = batches[0][1][0].device
+    amp = T.use_amp("auto", device)  # as step3 trains there: bf16 autocast on a GPU
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         forward(*batches[0])  # warm-up: a GPU's first call loads its kernels
-        synchronize = torch.cuda.synchronize if batches[0][1][0].is_cuda else lambda: None  # GPU work is asynchronous
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
         synchronize()
         t0 = time.perf_counter()
         for raw, b in batches:
