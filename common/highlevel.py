@@ -10,13 +10,13 @@ events; events without a valid candidate get NaN (gradient boosting handles it).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
 import h5py
 import numpy as np
 
-from common.h5io import iter_chunks
 from common.physics import BJET_TAGGER, LEPTON_MASS, invariant_mass, is_bjet, p4, z_pairing
 from common.schema import OBJECTS, dataset_path
 
@@ -98,25 +98,39 @@ def dijet(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "deta_jj": np.where(two, np.abs(eta[:, 0] - eta[:, 1]), np.nan)}
 
 
-def for_rows(path: str | os.PathLike, rows: Sequence[int], step: int = 65536) -> np.ndarray:
-    """High-level variables of the given event rows of one HDF5 file, read chunk by chunk."""
+BLOCK_CACHE = 64  # blocks of computed variables kept: at most 64 x 4096 events x 21 x 4 bytes = 22 MB
+DEFAULT_BLOCK = 4096  # events per block of a file without HDF5 chunks
+
+
+def for_rows(path: str | os.PathLike, rows: Sequence[int]) -> np.ndarray:
+    """High-level variables of the given event rows of one HDF5 file, computed a block of events at a time (the
+    file's HDF5 chunk) and the last BLOCK_CACHE blocks kept: step3 asks for about 1 000 rows at a time, and each ask
+    used to decompress and compute the whole chunk again, 3.6% of a pass (bench/README.md, "The kept blocks")."""
     rows = np.asarray(rows, dtype=np.int64)
-    out = np.full((len(rows), len(NAMES)), np.nan, dtype=np.float32)
-    order = np.argsort(rows)
-    sorted_rows = rows[order]
+    with h5py.File(path, "r") as f:
+        met = f["common/met/pt"]
+        total, block = met.shape[0], (met.chunks or (DEFAULT_BLOCK,))[0]
+    if len(rows) and (rows.min() < 0 or rows.max() >= total):
+        raise ValueError(f"{path}: an event_index outside the file's {total} events")
+    stat = os.stat(path)
+    out = np.empty((len(rows), len(NAMES)), dtype=np.float32)
+    index = rows // block
+    for b in np.unique(index):
+        sel = index == b
+        out[sel] = _block(os.fspath(path), stat.st_mtime_ns, stat.st_size, int(b) * block, block)[rows[sel] - b * block]
+    return out
+
+
+@functools.lru_cache(maxsize=BLOCK_CACHE)
+def _block(path: str, mtime_ns: int, size: int, lo: int, n: int) -> np.ndarray:
+    """The variables of events lo..lo+n of one file; its modification time and size are in the cache's key, so a
+    rewritten file is read again."""
     with h5py.File(path, "r") as f:
         keys = _keys(f)
-        total = f["common/met/pt"].shape[0]
-    if len(rows) and (sorted_rows[0] < 0 or sorted_rows[-1] >= total):
-        raise ValueError(f"{path}: event_index {int(sorted_rows[-1])} beyond the file's {total} events")
-    span = (int(sorted_rows[0]), int(sorted_rows[-1]) + 1) if len(rows) else (0, 0)
-    for lo, chunk in iter_chunks(path, keys, step=step, start=span[0], stop=span[1]):  # only the rows' span
-        a, b = np.searchsorted(sorted_rows, [lo, lo + step])
-        if a == b:
-            continue
-        local = sorted_rows[a:b] - lo
-        out[order[a:b]] = compute({k: v[local] for k, v in chunk.items()})
-    return out
+        missing = [k for k in keys if k not in f]
+        if missing:
+            raise KeyError(f"{path}: missing dataset(s) {', '.join(missing)}")
+        return compute({k: f[k][lo : lo + n] for k in keys})
 
 
 def for_events(source_files: np.ndarray, rows: np.ndarray, h5_files: dict) -> np.ndarray:

@@ -74,6 +74,31 @@ def test_z_candidates_standard_pairing():
     assert np.isnan(x["m_jj"][1]) and x["jet2_pt"][0] == 40 and x["n_extra_leptons"][0] == 0
 
 
+def test_highlevel_rows_of_a_file_in_blocks_and_a_rewritten_file(tmp_path):
+    """for_rows computes a file's variables a block (HDF5 chunk) at a time and keeps the blocks: any rows, in any
+    order, across blocks, give the variables computed on the whole file; a file rewritten in place is read again."""
+    import h5py
+    from finetune_fixtures import make_h5
+    arrays = {k: v for k, v in make_h5(tmp_path / "src.h5", "hzz4l", 250, 1).items() if k.startswith("common/")}
+    path = tmp_path / "chunked.h5"
+
+    def write(met_scale):
+        with h5py.File(path, "w") as f:  # chunks of 64 events: four blocks
+            for k, v in arrays.items():
+                f.create_dataset(k, data=v * met_scale if k == "common/met/pt" else v, chunks=(64,) + v.shape[1:])
+    write(1.0)
+    whole = highlevel.compute(arrays)
+    rows = np.random.default_rng(0).permutation(250)[:180]
+    np.testing.assert_array_equal(highlevel.for_rows(path, rows), whole[rows])
+    np.testing.assert_array_equal(highlevel.for_rows(path, rows[:7]), whole[rows[:7]])  # from the kept blocks
+    write(2.0)
+    os.utime(path, ns=(os.stat(path).st_mtime_ns + 10**9,) * 2)  # a rewrite within the clock's resolution
+    met = highlevel.NAMES.index("met")
+    np.testing.assert_allclose(highlevel.for_rows(path, rows)[:, met], 2 * whole[rows, met], rtol=1e-6)
+    with pytest.raises(ValueError, match="outside the file's 250 events"):
+        highlevel.for_rows(path, [250])
+
+
 def test_schedule_holds_a_group_then_warms_it_up():
     """--head-first: the backbone's lr is 0 while the head trains alone, then warms up and decays
     over the steps left; without a hold every group follows the plain warm-up + cosine."""
