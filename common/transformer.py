@@ -436,7 +436,7 @@ class OverlapPointer(nn.Module):
         states + what each reads (M, d), row-major, and their logits (M, L + 1), the last the null slot's).
         Every position attends, in one batched product per event, and the masked rows are taken after: on the CPU its
         forward and backward run 1.7x faster than with each masked position's event gathered (M, L, d), the same
-        figures to four decimals (bench/README.md, "The overlap objective")."""
+        figures to three decimals (bench/README.md, "The overlap objective")."""
         logits = torch.bmm(self.query(states), self.key(states).transpose(1, 2)) * states.shape[-1] ** -0.5
         logits = torch.cat([logits.masked_fill(~visible[:, None], float("-inf")), logits.new_zeros(logits.shape[:2] + (1,))], -1)
         weights = torch.softmax(logits.float(), -1)[..., :-1].to(states.dtype)
