@@ -17,6 +17,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from common.h5io import iter_chunks
 from common.physics import BJET_TAGGER, LEPTON_MASS, invariant_mass, is_bjet, p4, z_pairing
 from common.schema import OBJECTS, dataset_path
 
@@ -108,7 +109,7 @@ def for_rows(path: str | os.PathLike, rows: Sequence[int]) -> np.ndarray:
     used to decompress and compute the whole chunk again, 3.6% of a pass (bench/README.md, "The kept blocks")."""
     rows = np.asarray(rows, dtype=np.int64)
     with h5py.File(path, "r") as f:
-        met = f["common/met/pt"]
+        keys, met = tuple(_keys(f)), f["common/met/pt"]
         total, block = met.shape[0], (met.chunks or (DEFAULT_BLOCK,))[0]
     if len(rows) and (rows.min() < 0 or rows.max() >= total):
         raise ValueError(f"{path}: an event_index outside the file's {total} events")
@@ -117,20 +118,17 @@ def for_rows(path: str | os.PathLike, rows: Sequence[int]) -> np.ndarray:
     index = rows // block
     for b in np.unique(index):
         sel = index == b
-        out[sel] = _block(os.fspath(path), stat.st_mtime_ns, stat.st_size, int(b) * block, block)[rows[sel] - b * block]
+        lo = int(b) * block
+        out[sel] = _block(os.fspath(path), stat.st_mtime_ns, stat.st_size, keys, lo, block)[rows[sel] - lo]
     return out
 
 
 @functools.lru_cache(maxsize=BLOCK_CACHE)
-def _block(path: str, mtime_ns: int, size: int, lo: int, n: int) -> np.ndarray:
+def _block(path: str, mtime_ns: int, size: int, keys: tuple[str, ...], lo: int, n: int) -> np.ndarray:
     """The variables of events lo..lo+n of one file; its modification time and size are in the cache's key, so a
     rewritten file is read again."""
-    with h5py.File(path, "r") as f:
-        keys = _keys(f)
-        missing = [k for k in keys if k not in f]
-        if missing:
-            raise KeyError(f"{path}: missing dataset(s) {', '.join(missing)}")
-        return compute({k: f[k][lo : lo + n] for k in keys})
+    _, chunk = next(iter_chunks(path, keys, step=n, start=lo, stop=lo + n))
+    return compute(chunk)
 
 
 def for_events(source_files: np.ndarray, rows: np.ndarray, h5_files: dict) -> np.ndarray:

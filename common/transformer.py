@@ -461,11 +461,12 @@ class PretrainModel(nn.Module):
         (M, L + 1) over the `visible` (B, L) positions; 'event' predicts (B, dim) with the backbone's
         observables head from the pooled state that fine-tuning reads."""
         states = self.backbone(input_ids, token_type_ids, attention_mask, constituents=constituents, kinematics=kinematics)
-        hidden = states[chosen]
         types = token_type_ids[chosen].long()
         out = {}
         if self.overlap is not None:
             hidden, out["overlap"] = self.overlap(states, chosen, visible)
+        else:
+            hidden = states[chosen]
         out.update({name: head(hidden, types) for name, head in self.regression_heads.items()})
         if self.token_head is not None:
             out["tokens"] = self.token_head(hidden, types, labels)
