@@ -401,7 +401,7 @@ def run_epoch(model, stream, epoch, steps, ctx, args, dist, stats, opt=None, sch
             T.optimiser_step(loss, model, opt, sched, args.grad_clip)
         n_events += len(ids) // copies
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # shown at the bar's next refresh, not written every step
     bar.close()
     return n_events
 

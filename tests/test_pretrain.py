@@ -398,6 +398,36 @@ def test_dropout_drops_at_its_rate_keeps_the_expectation_and_repeats_with_the_se
     assert kinds == {Dropout}, "the encoder layers' dropouts too"
 
 
+def test_encoder_layer_written_out_attention_is_torchs_and_drops_its_weights():
+    """On CPU in training the self-attention is EncoderLayer's own: without dropout it must give torch's attention
+    (the pair-bias mask and the padding mask), with dropout it must drop attention weights, repeat with the seed and
+    pass gradients to the projections."""
+    from common.transformer import EncoderLayer, cheap_dropouts
+
+    torch.manual_seed(0)
+    layer = cheap_dropouts(EncoderLayer(16, 4, 32, 0.1, activation="gelu", batch_first=True, norm_first=True))
+    x = torch.randn(5, 9, 16)
+    pad = torch.zeros(5, 9, dtype=torch.bool)
+    pad[:, 6:] = True
+    bias = torch.randn(20, 9, 9).masked_fill(pad.repeat_interleave(4, 0)[:, None, :], float("-inf"))
+    torch_own = {k: layer.eval()(x, **m) for k, m in (("bias", {"src_mask": bias}), ("pad", {"src_key_padding_mask": pad}))}
+    for m in layer.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 1e-9  # rounds to no dropped element, yet takes the training path
+    layer.train()
+    assert torch.allclose(layer(x, src_mask=bias), torch_own["bias"], atol=1e-5)
+    assert torch.allclose(layer(x, src_key_padding_mask=pad), torch_own["pad"], atol=1e-5)
+
+    layer.attn_drop.p = 0.5  # only the attention weights dropped
+    torch.manual_seed(1)
+    y = layer(x, src_mask=bias)
+    assert (y - torch_own["bias"]).abs().max() > 1e-2, "the attention weights were not dropped"
+    torch.manual_seed(1)
+    assert torch.equal(layer(x, src_mask=bias), y)
+    y.sum().backward()
+    assert layer.self_attn.in_proj_weight.grad.abs().sum() > 0 and layer.self_attn.out_proj.weight.grad.abs().sum() > 0
+
+
 def test_damaged_inputs_skip_the_file_and_keep_the_run(sample, tmp_path, capsys):
     """A Parquet file with a corrupted data page (its footer still reads) is skipped where it is found and
     listed in metrics.json; a file of another vocabulary given first loses to the majority; a checkpoint
