@@ -121,25 +121,30 @@ class GroupAttentionLayer(nn.Module):
         return self.norm(s + self.attn(s, s, s, need_weights=False)[0]).reshape(x.shape)
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout whose mask, on CPU, comes from 15 random bits per element, four elements to a 64-bit draw. torch's
-    CPU dropout draws a Bernoulli per element, 5.5 ns each, about 15% of a run_all pretraining step on one thread;
-    this one takes 2.6 ns (bench/README.md, "Dropout and the unused embedding rows"). The drop probability is
-    rounded to a multiple of 2^-15 (0.1 -> 0.100006) and the scale keeps the expectation exact. Elsewhere (CUDA)
-    torch's own."""
+DROPOUT_BITS = 15  # random bits per element of cpu_dropout's mask
 
-    BITS = 15
+
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout on CPU with a mask of 15 random bits per element, four elements to a 64-bit draw. torch's CPU dropout
+    draws a Bernoulli per element, 5.5 ns each, about 15% of a run_all pretraining step on one thread; this one takes
+    2.6 ns (bench/README.md, "Dropout and the unused embedding rows"). p is rounded to a multiple of 2^-15
+    (0.1 -> 0.100006) and the scale keeps the expectation exact."""
+    n, one = x.numel(), 1 << DROPOUT_BITS
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
+    cut = round(p * one)  # the top 16-bit word of each draw has 15 random bits: 15 of every word are read
+    # keep = 1 + ((bits mod 2^15) - cut >> 15): 1 where bits mod 2^15 >= cut, else 0, in int16 arithmetic. The same
+    # mask as a comparison, but 1.7x faster: a bool tensor's compare and conversion to float are slow on CPU
+    keep = (bits & (one - 1)).sub_(cut).bitwise_right_shift_(DROPOUT_BITS).add_(1)
+    return x * keep.to(x.dtype).mul_(one / (one - cut))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that trains with cpu_dropout on CPU; elsewhere (CUDA) torch's own."""
 
     def forward(self, x):
         if not self.training or not 0 < self.p < 1 or x.device.type != "cpu":
             return super().forward(x)
-        n, one = x.numel(), 1 << self.BITS
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
-        cut = round(self.p * one)  # the top 16-bit word of each draw has 15 random bits: 15 of every word are read
-        # keep = 1 + ((bits mod 2^15) - cut >> 15): 1 where bits mod 2^15 >= cut, else 0, in int16 arithmetic. The same
-        # mask as a comparison, but 1.7x faster: a bool tensor's compare and conversion to float are slow on CPU
-        keep = (bits & (one - 1)).sub_(cut).bitwise_right_shift_(self.BITS).add_(1)
-        return x * keep.to(x.dtype).mul_(one / (one - cut))
+        return cpu_dropout(x, self.p)
 
 
 def cheap_dropouts(module: nn.Module) -> nn.Module:
@@ -153,21 +158,19 @@ def cheap_dropouts(module: nn.Module) -> nn.Module:
 
 
 class EncoderLayer(nn.TransformerEncoderLayer):
-    """torch's encoder layer, whose self-attention, when it trains on CPU with dropout, is written out with Dropout on
-    the attention weights. torch's own runs its unfused path there: a Bernoulli draw per attention weight and a check
-    for rows with no visible key, 0.8 and 0.5 ms a layer in a run_all step3 step of 32 events on one thread; the step
-    runs 9% faster without them (bench/README.md, "The attention's dropout"). Every row here has a visible key
-    ([CLS]). Elsewhere (evaluation, CUDA, dropout 0) torch's own; the parameters are the same."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.attn_drop = Dropout(self.self_attn.dropout)
+    """torch's encoder layer, whose self-attention, when it trains on CPU with dropout, is written out with cpu_dropout
+    on the attention weights (at the attention's own rate). torch's own runs its unfused path there: a Bernoulli draw
+    per attention weight and a check for rows with no visible key, 0.8 and 0.5 ms a layer in a run_all step3 step of
+    32 events on one thread; the step runs 9% faster without them (bench/README.md, "The attention's dropout"). Every
+    row here has a visible key ([CLS]). Elsewhere (evaluation, CUDA, dropout 0) torch's own; the parameters are the
+    same."""
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
-        if not (self.training and x.device.type == "cpu" and self.attn_drop.p > 0) or is_causal:
+        attn = self.self_attn
+        if not (self.training and x.device.type == "cpu" and 0 < attn.dropout < 1) or is_causal:
             return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
         b, length, d = x.shape
-        heads, attn = self.self_attn.num_heads, self.self_attn
+        heads = attn.num_heads
         q, k, v = nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(
             b, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4).flatten(1, 2)  # each (b * heads, L, d / heads)
         # the masks arrive as float, -inf where hidden (torch's _canonical_mask); the pair bias is (b * heads, L, L)
@@ -175,7 +178,7 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         if key_padding_mask is not None:
             bias = bias + key_padding_mask[:, None, None, :].expand(b, heads, 1, length).reshape(b * heads, 1, length)
         scores = torch.baddbmm(bias.to(q.dtype), q, k.transpose(1, 2), alpha=(d // heads) ** -0.5)
-        weights = self.attn_drop(torch.softmax(scores, -1))
+        weights = cpu_dropout(torch.softmax(scores, -1), attn.dropout)
         out = torch.bmm(weights, v).view(b, heads, length, d // heads).transpose(1, 2).reshape(b, length, d)
         return self.dropout1(attn.out_proj(out))
 

@@ -414,11 +414,12 @@ def test_encoder_layer_written_out_attention_is_torchs_and_drops_its_weights():
     for m in layer.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 1e-9  # rounds to no dropped element, yet takes the training path
+    layer.self_attn.dropout = 1e-9
     layer.train()
     assert torch.allclose(layer(x, src_mask=bias), torch_own["bias"], atol=1e-5)
     assert torch.allclose(layer(x, src_key_padding_mask=pad), torch_own["pad"], atol=1e-5)
 
-    layer.attn_drop.p = 0.5  # only the attention weights dropped
+    layer.self_attn.dropout = 0.5  # only the attention weights dropped
     torch.manual_seed(1)
     y = layer(x, src_mask=bias)
     assert (y - torch_own["bias"]).abs().max() > 1e-2, "the attention weights were not dropped"
